@@ -1,0 +1,3 @@
+//! tenantsync-client: a partial replica that syncs with a tenantsync server.
+//!
+//! Module map: nothing yet.

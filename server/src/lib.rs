@@ -1,0 +1,3 @@
+//! tenantsync-server: the multi-tenant partial-sync service (tokio + axum).
+//!
+//! Module map: nothing yet.
