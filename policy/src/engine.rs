@@ -500,18 +500,144 @@ fn and(mut items: Vec<Expr>) -> Expr {
     Expr::And(flat)
 }
 
-/// The highest parameter slot (exclusive) an expression uses, including the
-/// filters of the memberships it prints inline.
-fn max_param(e: &Expr, ms: &[BoundMembership]) -> usize {
-    let own = match e {
-        Expr::Param(i) => i + 1,
-        Expr::InMembership { membership, .. } => max_param(&ms[membership.0 as usize].filter, ms),
-        _ => 0,
-    };
-    e.children()
-        .into_iter()
-        .map(|c| max_param(c, ms))
-        .fold(own, usize::max)
+/// Renumbers the parameters of an expression (and of the memberships it
+/// prints inline) from 1 in print order, for SQL that stands alone.
+struct Localizer<'a> {
+    ms: &'a [BoundMembership],
+    params: &'a [Value],
+    map: BTreeMap<usize, usize>,
+    out_params: Vec<Value>,
+    out_ms: Vec<BoundMembership>,
+}
+
+impl Localizer<'_> {
+    fn expr(&mut self, e: &Expr) -> Expr {
+        match e {
+            Expr::Param(i) => {
+                let next = self.out_params.len();
+                let slot = *self.map.entry(*i).or_insert(next);
+                if slot == next {
+                    self.out_params.push(self.params[*i].clone());
+                }
+                Expr::Param(slot)
+            }
+            Expr::InMembership {
+                expr,
+                membership,
+                negated,
+            } => {
+                let lhs = self.expr(expr);
+                let m = &self.ms[membership.0 as usize];
+                let filter = self.expr(&m.filter);
+                self.out_ms.push(BoundMembership {
+                    filter,
+                    ..m.clone()
+                });
+                Expr::InMembership {
+                    expr: Box::new(lhs),
+                    membership: MembershipId((self.out_ms.len() - 1) as u32),
+                    negated: *negated,
+                }
+            }
+            other => map_children(other, &mut |c| self.expr(c)),
+        }
+    }
+}
+
+/// Rebuilds a node with its children mapped (leaves are cloned).
+fn map_children(e: &Expr, f: &mut dyn FnMut(&Expr) -> Expr) -> Expr {
+    let mut b = |x: &Expr| Box::new(f(x));
+    match e {
+        Expr::Column(_)
+        | Expr::Param(_)
+        | Expr::Literal(_)
+        | Expr::Claim(_)
+        | Expr::Const(_)
+        | Expr::InSubquery { .. } => e.clone(),
+        Expr::InMembership {
+            expr,
+            membership,
+            negated,
+        } => Expr::InMembership {
+            expr: b(expr),
+            membership: *membership,
+            negated: *negated,
+        },
+        Expr::Not(x) => Expr::Not(b(x)),
+        Expr::And(v) => Expr::And(v.iter().map(|x| *b(x)).collect()),
+        Expr::Or(v) => Expr::Or(v.iter().map(|x| *b(x)).collect()),
+        Expr::Compare {
+            op,
+            left,
+            right,
+            aff,
+        } => Expr::Compare {
+            op: *op,
+            left: b(left),
+            right: b(right),
+            aff: *aff,
+        },
+        Expr::IsNull { expr, negated } => Expr::IsNull {
+            expr: b(expr),
+            negated: *negated,
+        },
+        Expr::InList {
+            expr,
+            list,
+            negated,
+            aff,
+        } => Expr::InList {
+            expr: b(expr),
+            list: list.iter().map(|x| *b(x)).collect(),
+            negated: *negated,
+            aff: *aff,
+        },
+        Expr::Between {
+            expr,
+            low,
+            high,
+            negated,
+            aff,
+        } => Expr::Between {
+            expr: b(expr),
+            low: b(low),
+            high: b(high),
+            negated: *negated,
+            aff: *aff,
+        },
+        Expr::Like {
+            expr,
+            pattern,
+            escape,
+            negated,
+        } => Expr::Like {
+            expr: b(expr),
+            pattern: b(pattern),
+            escape: *escape,
+            negated: *negated,
+        },
+        Expr::Arith { op, left, right } => Expr::Arith {
+            op: *op,
+            left: b(left),
+            right: b(right),
+        },
+        Expr::Concat(x, y) => Expr::Concat(b(x), b(y)),
+        Expr::Negate(x) => Expr::Negate(b(x)),
+        Expr::Plus(x) => Expr::Plus(b(x)),
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => Expr::Case {
+            operand: operand.as_ref().map(|o| b(o)),
+            whens: whens.iter().map(|(w, t, a)| (*b(w), *b(t), *a)).collect(),
+            otherwise: otherwise.as_ref().map(|o| b(o)),
+        },
+        Expr::Coalesce(v) => Expr::Coalesce(v.iter().map(|x| *b(x)).collect()),
+        Expr::Lower(x) => Expr::Lower(b(x)),
+        Expr::Upper(x) => Expr::Upper(b(x)),
+        Expr::Length(x) => Expr::Length(b(x)),
+    }
 }
 
 fn public_memberships(
@@ -519,24 +645,31 @@ fn public_memberships(
     ms: &[BoundMembership],
     params: &[Value],
 ) -> Vec<Membership> {
-    let printer = Printer {
-        schema,
-        memberships: ms,
-        qualify: true,
-    };
     ms.iter()
         .enumerate()
         .map(|(i, m)| {
+            let mut loc = Localizer {
+                ms,
+                params,
+                map: BTreeMap::new(),
+                out_params: Vec::new(),
+                out_ms: Vec::new(),
+            };
+            let filter = loc.expr(&m.filter);
+            let printer = Printer {
+                schema,
+                memberships: &loc.out_ms,
+                qualify: true,
+            };
             let inner = &schema.tables[m.table];
             let mut sql = String::new();
-            printer.subquery(inner, m.column, Some(&m.filter), &mut sql);
-            let n = max_param(&m.filter, ms);
+            printer.subquery(inner, m.column, Some(&filter), &mut sql);
             Membership {
                 id: MembershipId(i as u32),
                 table: inner.name.clone(),
                 column: inner.columns[m.column].name.clone(),
                 sql,
-                params: params[..n].to_vec(),
+                params: loc.out_params,
                 direct: m.direct,
                 affinity: m.aff,
             }
@@ -881,9 +1014,17 @@ fn parse_query(
     let dialect = SQLiteDialect {};
     let stmts = Parser::parse_sql(&dialect, sql).map_err(|e| {
         let (loc, message) = split_parser_error(&e);
+        let (line, column) = if loc.line == 0 {
+            // sqlparser has no position for "end of input": point just past it.
+            let line = sql.lines().count().max(1) as u64;
+            let last = sql.lines().last().unwrap_or("");
+            (line, last.chars().count() as u64 + 1)
+        } else {
+            (loc.line, loc.column)
+        };
         QueryError::Syntax {
-            line: loc.line,
-            column: loc.column,
+            line,
+            column,
             message,
         }
     })?;
