@@ -188,6 +188,14 @@ impl<'a> Lowerer<'a> {
             },
             A::Value(v) => self.literal(&v.value, v.span),
             A::Nested(inner) => self.expr(inner, scope),
+            A::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr: inner,
+            } if matches!(inner.as_ref(), A::Value(v) if matches!(&v.value, ast::Value::Number(n, _) if n == "9223372036854775808")) =>
+            {
+                // As SQLite: the one integer literal whose negation fits.
+                Some(Expr::Literal(Value::Integer(i64::MIN)))
+            }
             A::UnaryOp { op, expr } => {
                 let inner = self.expr(expr, scope)?;
                 match op {

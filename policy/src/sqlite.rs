@@ -381,7 +381,9 @@ pub(crate) fn arith(op: ArithOp, a: &Val<'_>, b: &Val<'_>) -> Val<'static> {
             rx / ry
         }
         ArithOp::Rem => {
-            let (ix, iy) = (x.as_int(), y.as_int());
+            // `sqlite3VdbeIntValue` of the operands as they were: text is
+            // read by its integer prefix, not by its numeric value.
+            let (ix, iy) = (int_value(a, x), int_value(b, y));
             if iy == 0 {
                 return Val::Null;
             }
@@ -390,6 +392,35 @@ pub(crate) fn arith(op: ArithOp, a: &Val<'_>, b: &Val<'_>) -> Val<'static> {
         }
     };
     if r.is_nan() { Val::Null } else { Val::Real(r) }
+}
+
+fn int_value(v: &Val<'_>, n: Num) -> i64 {
+    match v {
+        Val::Text(t) => atoi_prefix(t.as_bytes()),
+        Val::Blob(b) => atoi_prefix(b),
+        _ => n.as_int(),
+    }
+}
+
+/// `sqlite3Atoi64` as `memIntValue` uses it: the integer prefix after
+/// optional whitespace and sign, saturating on overflow, 0 when none.
+fn atoi_prefix(s: &[u8]) -> i64 {
+    let mut i = 0;
+    while i < s.len() && is_space(s[i]) {
+        i += 1;
+    }
+    let mut neg = false;
+    if i < s.len() && (s[i] == b'+' || s[i] == b'-') {
+        neg = s[i] == b'-';
+        i += 1;
+    }
+    let mut v: i128 = 0;
+    while i < s.len() && s[i].is_ascii_digit() {
+        v = (v * 10 + i128::from(s[i] - b'0')).min(i128::from(i64::MAX) + 1);
+        i += 1;
+    }
+    let v = if neg { -v } else { v };
+    v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// SQLite's truth value of a WHERE/CASE/AND operand: NULL is unknown,
@@ -461,8 +492,10 @@ pub fn real_to_text(r: f64) -> String {
 /// case-insensitively, other characters exactly; `escape` makes the next
 /// character literal.
 pub(crate) fn like(pattern: &str, text: &str, escape: Option<char>) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    // SQLite reads both as NUL-terminated C strings.
+    let upto_nul = |s: &str| -> Vec<char> { s.chars().take_while(|c| *c != '\0').collect() };
+    let p = upto_nul(pattern);
+    let t = upto_nul(text);
     like_at(&p, &t, escape)
 }
 
