@@ -1,1 +1,15 @@
 //! Shared helpers for the cross-crate integration tests in `tests/tests/`.
+//!
+//! Module map:
+//! - [`crsqlite`]: a real cr-sqlite 0.16.0 peer (`@vlcn.io/crsqlite-wasm` under
+//!   Node, `tests/interop/peer.mjs`) driven over JSON lines: [`RealCrsqlite`]
+//!   (the process) and [`RealPeer`] (one database in it).
+//! - [`peer`]: [`SqlPeer`], what both kinds of peer (real cr-sqlite and a
+//!   tenantsync-core connection) do through SQL, and [`Dump`], a canonical
+//!   typed dump of a peer's CRR tables and clocks for comparing peers.
+
+pub mod crsqlite;
+pub mod peer;
+
+pub use crsqlite::{RealCrsqlite, RealPeer};
+pub use peer::{Dump, SqlPeer, TieRule, dump};

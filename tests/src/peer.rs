@@ -1,0 +1,330 @@
+//! What every kind of peer can do through SQL, and a canonical dump of a
+//! peer's CRR state for comparing peers.
+//!
+//! [`SqlPeer`] is implemented by the real cr-sqlite peer
+//! ([`crate::crsqlite::RealPeer`]) and by any `rusqlite::Connection` (a
+//! tenantsync-core database through `CrrConnection::conn()`), so one dump
+//! function reads both kinds through the interface they share:
+//! `sqlite_master`, the CRR tables themselves and `crsql_changes`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use anyhow::{Context, Result, bail};
+use tenantsync_types::Value;
+
+/// Result rows, each value with its exact storage class.
+pub type Rows = Vec<Vec<Value>>;
+
+/// A database reachable through SQL.
+pub trait SqlPeer {
+    /// Runs every statement of `sql`.
+    fn exec(&self, sql: &str) -> Result<()>;
+    /// Runs one statement with parameters and returns its rows.
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Rows>;
+}
+
+impl SqlPeer for rusqlite::Connection {
+    fn exec(&self, sql: &str) -> Result<()> {
+        self.execute_batch(sql)
+            .with_context(|| format!("exec {sql:?}"))
+    }
+
+    fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        let mut stmt = self
+            .prepare(sql)
+            .with_context(|| format!("prepare {sql:?}"))?;
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |row| {
+                (0..n).map(|i| row.get::<_, Value>(i)).collect()
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Rows>>())
+            .with_context(|| format!("query {sql:?} {params:?}"))?;
+        Ok(rows)
+    }
+}
+
+/// The `crsql_changes` columns, in their positional order.
+pub const CHANGES_COLUMNS: &str =
+    r#""table", pk, cid, val, col_version, db_version, site_id, cl, seq"#;
+
+/// One clock row as `crsql_changes` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Clock {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub cid: String,
+    pub val: Value,
+    pub col_version: i64,
+    pub db_version: i64,
+    pub site_id: Vec<u8>,
+    pub cl: i64,
+    pub seq: i64,
+}
+
+impl Clock {
+    /// Reads one `crsql_changes` row (nine values in [`CHANGES_COLUMNS`] order).
+    pub fn from_row(row: &[Value]) -> Result<Clock> {
+        let text = |v: &Value| match v {
+            Value::Text(s) => Ok(s.clone()),
+            other => bail!("expected TEXT, got {other:?} in {row:?}"),
+        };
+        let blob = |v: &Value| match v {
+            Value::Blob(b) => Ok(b.clone()),
+            other => bail!("expected BLOB, got {other:?} in {row:?}"),
+        };
+        let int = |v: &Value| match v {
+            Value::Integer(i) => Ok(*i),
+            other => bail!("expected INTEGER, got {other:?} in {row:?}"),
+        };
+        let [table, pk, cid, val, cv, dbv, site, cl, seq] = row else {
+            bail!("a crsql_changes row has 9 values, got {row:?}");
+        };
+        Ok(Clock {
+            table: text(table)?,
+            pk: blob(pk)?,
+            cid: text(cid)?,
+            val: val.clone(),
+            col_version: int(cv)?,
+            db_version: int(dbv)?,
+            site_id: blob(site)?,
+            cl: int(cl)?,
+            seq: int(seq)?,
+        })
+    }
+
+    /// The row as the nine values `INSERT INTO crsql_changes VALUES (...)` takes.
+    pub fn to_row(&self) -> Vec<Value> {
+        vec![
+            Value::Text(self.table.clone()),
+            Value::Blob(self.pk.clone()),
+            Value::Text(self.cid.clone()),
+            self.val.clone(),
+            Value::Integer(self.col_version),
+            Value::Integer(self.db_version),
+            Value::Blob(self.site_id.clone()),
+            Value::Integer(self.cl),
+            Value::Integer(self.seq),
+        ]
+    }
+
+    /// (table, pk, cid): what identifies a clock across peers.
+    pub fn key(&self) -> (&str, &[u8], &str) {
+        (&self.table, &self.pk, &self.cid)
+    }
+}
+
+impl fmt::Display for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "({} {} {} val={} cv={} dbv={} site={} cl={} seq={})",
+            self.table,
+            hex::encode(&self.pk),
+            self.cid,
+            self.val,
+            self.col_version,
+            self.db_version,
+            short_site(&self.site_id),
+            self.cl,
+            self.seq
+        )
+    }
+}
+
+/// The first 3 bytes of a site id in hex, enough to tell peers apart in logs.
+pub fn short_site(site: &[u8]) -> String {
+    hex::encode(&site[..site.len().min(3)])
+}
+
+/// Every CRR table's rows (ordered by primary key) and every clock row
+/// (ordered by table, pk bytes, cid) of one peer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dump {
+    /// Table name -> (column names, rows in primary-key order).
+    pub tables: BTreeMap<String, (Vec<String>, Rows)>,
+    pub clocks: Vec<Clock>,
+}
+
+/// Names of the CRR tables: those with a `<name>__crsql_clock` table (both
+/// cr-sqlite and tenantsync-core keep one per CRR).
+pub fn crr_tables(peer: &impl SqlPeer) -> Result<Vec<String>> {
+    let rows = peer.query(
+        r"SELECT substr(name, 1, length(name) - 14) FROM sqlite_master
+           WHERE type = 'table' AND name LIKE '%\_\_crsql\_clock' ESCAPE '\' ORDER BY 1",
+        &[],
+    )?;
+    rows.into_iter()
+        .map(|r| match &r[0] {
+            Value::Text(t) => Ok(t.clone()),
+            other => bail!("table name {other:?}"),
+        })
+        .collect()
+}
+
+/// Reads a canonical dump of `peer`.
+pub fn dump(peer: &impl SqlPeer) -> Result<Dump> {
+    let mut tables = BTreeMap::new();
+    for table in crr_tables(peer)? {
+        let info = peer.query(
+            "SELECT name, pk FROM pragma_table_info(?) ORDER BY cid",
+            &[Value::Text(table.clone())],
+        )?;
+        let mut columns = Vec::new();
+        let mut pks = Vec::new();
+        for row in &info {
+            let (Value::Text(name), Value::Integer(pk)) = (&row[0], &row[1]) else {
+                bail!("pragma_table_info({table}) row {row:?}");
+            };
+            columns.push(name.clone());
+            if *pk > 0 {
+                pks.push((*pk, format!("\"{name}\"")));
+            }
+        }
+        pks.sort();
+        let order: Vec<String> = pks.into_iter().map(|(_, c)| c).collect();
+        let rows = peer.query(
+            &format!("SELECT * FROM \"{table}\" ORDER BY {}", order.join(", ")),
+            &[],
+        )?;
+        tables.insert(table, (columns, rows));
+    }
+    let mut clocks = peer
+        .query(&format!("SELECT {CHANGES_COLUMNS} FROM crsql_changes"), &[])?
+        .iter()
+        .map(|r| Clock::from_row(r))
+        .collect::<Result<Vec<_>>>()?;
+    clocks.sort_by(|a, b| a.key().cmp(&b.key()));
+    Ok(Dump { tables, clocks })
+}
+
+/// What two peers may legitimately disagree on, beyond db_version and seq
+/// (always local: a merge stamps its own db_version, and a receiver that keeps
+/// its clock keeps its seq).
+#[derive(Clone, Debug, Default)]
+pub struct TieRule {
+    /// Every (table, pk, cid, col_version, val, site) that a peer wrote
+    /// locally. In cr-sqlite 0.16.0 (`merge-equal-values` off, our default) a
+    /// change whose col_version and value equal the receiver's is a no-op: the
+    /// receiver keeps its own site id for the cell. Two peers may therefore end
+    /// with different site ids on a cell when both sites really wrote that
+    /// same value at that same col_version (concurrent equal writes, concurrent
+    /// deletes, concurrent resurrections). A difference is accepted only then:
+    /// both site ids must be authors of exactly that (cell, col_version, value),
+    /// so a peer that stamps a remote change with a wrong site is still caught.
+    pub authored: BTreeSet<AuthoredCell>,
+}
+
+/// One locally written cell clock, as [`TieRule`] records it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuthoredCell {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub cid: String,
+    pub col_version: i64,
+    /// The value's JSON encoding (REALs compared bit for bit through it).
+    pub val: String,
+    pub site_id: Vec<u8>,
+}
+
+impl AuthoredCell {
+    pub fn of(c: &Clock) -> AuthoredCell {
+        AuthoredCell {
+            table: c.table.clone(),
+            pk: c.pk.clone(),
+            cid: c.cid.clone(),
+            col_version: c.col_version,
+            val: serde_json::to_string(&c.val).expect("values serialize"),
+            site_id: c.site_id.clone(),
+        }
+    }
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
+}
+
+fn same_rows(a: &Rows, b: &Rows) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(u, v)| same_value(u, v)))
+}
+
+impl Dump {
+    /// Every difference between two peers' dumps that [`TieRule`] does not
+    /// excuse, one line each (empty: the peers converged).
+    pub fn diff(&self, other: &Dump, rule: &TieRule) -> Vec<String> {
+        let mut out = Vec::new();
+        let names: BTreeSet<&String> = self.tables.keys().chain(other.tables.keys()).collect();
+        for name in names {
+            match (self.tables.get(name), other.tables.get(name)) {
+                (Some((ca, ra)), Some((cb, rb))) => {
+                    if ca != cb {
+                        out.push(format!("table {name}: columns {ca:?} vs {cb:?}"));
+                    } else if !same_rows(ra, rb) {
+                        out.push(format!(
+                            "table {name}: rows\n  {}\n  vs\n  {}",
+                            fmt_rows(ra),
+                            fmt_rows(rb)
+                        ));
+                    }
+                }
+                (a, b) => out.push(format!(
+                    "table {name}: present {} vs {}",
+                    a.is_some(),
+                    b.is_some()
+                )),
+            }
+        }
+        let mut a = self.clocks.iter().peekable();
+        let mut b = other.clocks.iter().peekable();
+        loop {
+            match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(x), Some(y)) if x.key() == y.key() => {
+                    if x.col_version != y.col_version || x.cl != y.cl || !same_value(&x.val, &y.val)
+                    {
+                        out.push(format!("clock {x} vs {y}"));
+                    } else if x.site_id != y.site_id
+                        && !(rule.authored.contains(&AuthoredCell::of(x))
+                            && rule.authored.contains(&AuthoredCell::of(y)))
+                    {
+                        out.push(format!(
+                            "clock {x} vs {y}: site ids differ and are not both authors of this value"
+                        ));
+                    }
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.key() < y.key() => {
+                    out.push(format!("clock {x} only on the first peer"));
+                    a.next();
+                }
+                (Some(x), None) => {
+                    out.push(format!("clock {x} only on the first peer"));
+                    a.next();
+                }
+                (_, Some(y)) => {
+                    out.push(format!("clock {y} only on the second peer"));
+                    b.next();
+                }
+            }
+        }
+        out
+    }
+}
+
+fn fmt_rows(rows: &Rows) -> String {
+    rows.iter()
+        .map(|r| {
+            let cells: Vec<String> = r.iter().map(Value::to_string).collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
