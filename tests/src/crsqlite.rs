@@ -213,6 +213,11 @@ fn rows(v: serde_json::Value) -> Result<Rows> {
 }
 
 impl RealPeer {
+    /// The database's name inside its process (`db1`, `db2`, ...).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The process this database lives in.
     pub fn process(&self) -> &RealCrsqlite {
         &self.real

@@ -6,10 +6,13 @@
 //!   (the process) and [`RealPeer`] (one database in it).
 //! - [`peer`]: [`SqlPeer`], what both kinds of peer (real cr-sqlite and a
 //!   tenantsync-core connection) do through SQL, and [`Dump`], a canonical
-//!   typed dump of a peer's CRR tables and clocks for comparing peers.
+//!   typed dump of a peer's CRR tables and clocks for comparing peers, and
+//!   [`CrPeer`], the change feed and merges of either kind of peer.
+//! - [`fuzz`]: the seeded random convergence run of the interop test.
 
 pub mod crsqlite;
+pub mod fuzz;
 pub mod peer;
 
 pub use crsqlite::{RealCrsqlite, RealPeer};
-pub use peer::{Dump, SqlPeer, TieRule, dump};
+pub use peer::{CrPeer, Dump, SqlPeer, TieRule, dump};

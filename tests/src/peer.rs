@@ -149,9 +149,9 @@ pub struct Dump {
 
 /// Names of the CRR tables: those with a `<name>__crsql_clock` table (both
 /// cr-sqlite and tenantsync-core keep one per CRR).
-pub fn crr_tables(peer: &impl SqlPeer) -> Result<Vec<String>> {
+pub fn crr_tables(peer: &(impl SqlPeer + ?Sized)) -> Result<Vec<String>> {
     let rows = peer.query(
-        r"SELECT substr(name, 1, length(name) - 14) FROM sqlite_master
+        r"SELECT substr(name, 1, length(name) - 13) FROM sqlite_master
            WHERE type = 'table' AND name LIKE '%\_\_crsql\_clock' ESCAPE '\' ORDER BY 1",
         &[],
     )?;
@@ -164,7 +164,7 @@ pub fn crr_tables(peer: &impl SqlPeer) -> Result<Vec<String>> {
 }
 
 /// Reads a canonical dump of `peer`.
-pub fn dump(peer: &impl SqlPeer) -> Result<Dump> {
+pub fn dump(peer: &(impl SqlPeer + ?Sized)) -> Result<Dump> {
     let mut tables = BTreeMap::new();
     for table in crr_tables(peer)? {
         let info = peer.query(
@@ -214,6 +214,39 @@ pub struct TieRule {
     /// both site ids must be authors of exactly that (cell, col_version, value),
     /// so a peer that stamps a remote change with a wrong site is still caught.
     pub authored: BTreeSet<AuthoredCell>,
+    /// Every (table, pk, site) where the site wrote some clock of the row
+    /// locally. Sentinels (`cid = '-1'`) need this wider rule: when a column
+    /// change with a higher causal length reaches a peer before the sentinel
+    /// that made it, the peer creates the sentinel from the column change and
+    /// copies *its* site id (reference §3 "out-of-order delivery"); the real
+    /// sentinel arriving later is a no-op (same cl). A relay can even forward
+    /// an old cell clock zeroed by a resurrection (col_version 0, its site
+    /// kept) under the new causal length. So two converged peers may show a
+    /// sentinel with equal causal length under any two sites that wrote
+    /// clocks of that row.
+    pub row_authors: BTreeSet<(String, Vec<u8>, Vec<u8>)>,
+}
+
+impl TieRule {
+    /// Records a clock row a peer wrote locally (site = its own).
+    pub fn record_local(&mut self, c: &Clock) {
+        self.authored.insert(AuthoredCell::of(c));
+        self.row_authors
+            .insert((c.table.clone(), c.pk.clone(), c.site_id.clone()));
+    }
+
+    fn excuses(&self, x: &Clock, y: &Clock) -> bool {
+        if x.cid == "-1" {
+            let author = |c: &Clock| {
+                self.row_authors
+                    .contains(&(c.table.clone(), c.pk.clone(), c.site_id.clone()))
+            };
+            author(x) && author(y)
+        } else {
+            self.authored.contains(&AuthoredCell::of(x))
+                && self.authored.contains(&AuthoredCell::of(y))
+        }
+    }
 }
 
 /// One locally written cell clock, as [`TieRule`] records it.
@@ -223,7 +256,7 @@ pub struct AuthoredCell {
     pub pk: Vec<u8>,
     pub cid: String,
     pub col_version: i64,
-    /// The value's JSON encoding (REALs compared bit for bit through it).
+    /// The value's JSON encoding (0.0 for -0.0, see [`same_value`]).
     pub val: String,
     pub site_id: Vec<u8>,
 }
@@ -235,16 +268,28 @@ impl AuthoredCell {
             pk: c.pk.clone(),
             cid: c.cid.clone(),
             col_version: c.col_version,
-            val: serde_json::to_string(&c.val).expect("values serialize"),
+            val: canonical_json(&c.val),
             site_id: c.site_id.clone(),
         }
     }
 }
 
-fn same_value(a: &Value, b: &Value) -> bool {
+/// Same storage class and same value. REALs compare with `==`: bit for bit
+/// except that 0.0 equals -0.0, as in SQLite's comparison and cr-sqlite's
+/// merge rule (a tie on equal values keeps the receiver's), so the sign of a
+/// zero legitimately differs between converged peers.
+pub fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
+        (Value::Real(x), Value::Real(y)) => x == y,
         _ => a == b,
+    }
+}
+
+/// A value's JSON encoding with -0.0 written as 0.0 (see [`same_value`]).
+fn canonical_json(v: &Value) -> String {
+    match v {
+        Value::Real(r) if *r == 0.0 => "0.0".to_owned(),
+        other => serde_json::to_string(other).expect("values serialize"),
     }
 }
 
@@ -290,10 +335,7 @@ impl Dump {
                     if x.col_version != y.col_version || x.cl != y.cl || !same_value(&x.val, &y.val)
                     {
                         out.push(format!("clock {x} vs {y}"));
-                    } else if x.site_id != y.site_id
-                        && !(rule.authored.contains(&AuthoredCell::of(x))
-                            && rule.authored.contains(&AuthoredCell::of(y)))
-                    {
+                    } else if x.site_id != y.site_id && !rule.excuses(x, y) {
                         out.push(format!(
                             "clock {x} vs {y}: site ids differ and are not both authors of this value"
                         ));
@@ -327,4 +369,62 @@ fn fmt_rows(rows: &Rows) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A cr-sqlite peer of either kind, as the interop tests drive it: SQL, the
+/// change feed and merges.
+pub trait CrPeer: SqlPeer {
+    /// A short name for logs: `real#1`, `core#2`.
+    fn label(&self) -> String;
+    /// `crsql_site_id()`.
+    fn site_id(&self) -> Result<Vec<u8>>;
+    /// `crsql_db_version()`.
+    fn db_version(&self) -> Result<i64>;
+    /// `crsql_changes` rows matching `filter` (SQL after the FROM, e.g.
+    /// `WHERE db_version > ?`), in the order the peer gives them.
+    fn changes(&self, filter: &str, params: &[Value]) -> Result<Vec<Clock>>;
+    /// Merges `changes` in one transaction, all or nothing.
+    fn apply(&self, changes: &[Clock]) -> Result<()>;
+}
+
+/// Rows of `SELECT <CHANGES_COLUMNS> FROM crsql_changes <filter>` through SQL.
+pub fn changes_by_sql(
+    peer: &(impl SqlPeer + ?Sized),
+    filter: &str,
+    params: &[Value],
+) -> Result<Vec<Clock>> {
+    peer.query(
+        &format!("SELECT {CHANGES_COLUMNS} FROM crsql_changes {filter}"),
+        params,
+    )?
+    .iter()
+    .map(|r| Clock::from_row(r))
+    .collect()
+}
+
+impl CrPeer for crate::crsqlite::RealPeer {
+    fn label(&self) -> String {
+        format!("real#{}", self.name())
+    }
+
+    fn site_id(&self) -> Result<Vec<u8>> {
+        self.site_id_bytes()
+    }
+
+    fn db_version(&self) -> Result<i64> {
+        crate::crsqlite::RealPeer::db_version(self)
+    }
+
+    fn changes(&self, filter: &str, params: &[Value]) -> Result<Vec<Clock>> {
+        self.change_rows(filter, params)?
+            .iter()
+            .map(|r| Clock::from_row(r))
+            .collect()
+    }
+
+    fn apply(&self, changes: &[Clock]) -> Result<()> {
+        let rows: Vec<Vec<Value>> = changes.iter().map(Clock::to_row).collect();
+        self.apply_rows(&rows)?;
+        Ok(())
+    }
 }
