@@ -449,14 +449,11 @@ impl<'p> Run<'p> {
             Pull::Full => 0,
             _ => self.cursors[dst][src],
         };
-        let (filter, params) = match mode {
-            Pull::IncrementalNotEcho => (
-                "WHERE db_version > ? AND site_id IS NOT ?",
-                vec![Value::Integer(since), Value::Blob(self.sites[dst].clone())],
-            ),
-            _ => ("WHERE db_version > ?", vec![Value::Integer(since)]),
+        let exclude = match mode {
+            Pull::IncrementalNotEcho => Some(self.sites[dst].clone()),
+            _ => None,
         };
-        let rows = self.peers[src].changes(filter, &params)?;
+        let rows = self.peers[src].changes_since(since, exclude.as_deref())?;
         let shipped_max = rows.iter().map(|c| c.db_version).max();
         let mut batch: Vec<Clock> = rows;
         if mode == Pull::Lossy {

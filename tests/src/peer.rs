@@ -383,6 +383,12 @@ pub trait CrPeer: SqlPeer {
     /// `crsql_changes` rows matching `filter` (SQL after the FROM, e.g.
     /// `WHERE db_version > ?`), in the order the peer gives them.
     fn changes(&self, filter: &str, params: &[Value]) -> Result<Vec<Clock>>;
+    /// The delta feed: changes with `db_version > since`, without those
+    /// authored by `exclude` when given, in (db_version, seq) order. Through
+    /// SQL unless the peer has a typed API.
+    fn changes_since(&self, since: i64, exclude: Option<&[u8]>) -> Result<Vec<Clock>> {
+        changes_since_by_sql(self, since, exclude)
+    }
     /// Merges `changes` in one transaction, all or nothing.
     fn apply(&self, changes: &[Clock]) -> Result<()>;
 }
@@ -400,6 +406,21 @@ pub fn changes_by_sql(
     .iter()
     .map(|r| Clock::from_row(r))
     .collect()
+}
+
+/// [`CrPeer::changes_since`] through `crsql_changes`.
+pub fn changes_since_by_sql(
+    peer: &(impl CrPeer + ?Sized),
+    since: i64,
+    exclude: Option<&[u8]>,
+) -> Result<Vec<Clock>> {
+    match exclude {
+        Some(site) => peer.changes(
+            "WHERE db_version > ? AND site_id IS NOT ?",
+            &[Value::Integer(since), Value::Blob(site.to_vec())],
+        ),
+        None => peer.changes("WHERE db_version > ?", &[Value::Integer(since)]),
+    }
 }
 
 impl CrPeer for crate::crsqlite::RealPeer {
