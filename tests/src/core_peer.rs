@@ -69,7 +69,7 @@ impl CorePeer {
         match self.path {
             Path::Typed => true,
             Path::Sql => false,
-            Path::Alternate => n % 2 == 0,
+            Path::Alternate => n.is_multiple_of(2),
         }
     }
 }
@@ -151,8 +151,9 @@ impl CrPeer for CorePeer {
             let mut guard = self.conn.borrow_mut();
             let tx = guard.conn_mut().transaction()?;
             {
-                let mut stmt =
-                    tx.prepare_cached("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")?;
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )?;
                 for (i, c) in changes.iter().enumerate() {
                     stmt.execute(rusqlite::params_from_iter(c.to_row()))
                         .with_context(|| format!("INSERT INTO crsql_changes row {i}: {c}"))?;
