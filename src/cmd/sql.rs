@@ -119,7 +119,7 @@ fn snippet(sql: &str) -> String {
 /// Runs the command: opens the database, runs the script, prints the rows.
 pub fn run(args: &SqlArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let conn = open(&args.db_path)?;
-    let rows = run_script(&conn, &args.sql)?;
+    let rows = run_script(conn.conn(), &args.sql)?;
     for row in rows {
         serde_json::to_writer(&mut *out, &row)?;
         out.write_all(b"\n")?;
@@ -128,16 +128,10 @@ pub fn run(args: &SqlArgs, out: &mut impl Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens (creating if needed) the database.
-// The core's CrrConnection replaces this plain connection when it lands.
-pub fn open(path: &Path) -> Result<Connection, SqlError> {
-    let opened = Connection::open(path).and_then(|c| {
-        c.pragma_update(None, "journal_mode", "WAL")?;
-        c.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(c)
-    });
-    opened.map_err(|e| {
-        let mut reason = describe(&e);
+/// Opens (creating if needed) the database with the core installed.
+pub fn open(path: &Path) -> Result<tenantsync_core::CrrConnection, SqlError> {
+    tenantsync_core::CrrConnection::open(path).map_err(|e| {
+        let mut reason = e.to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.is_dir()
         {

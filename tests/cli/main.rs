@@ -263,3 +263,102 @@ fn usage_errors_exit_2() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_core_is_loaded_and_crsql_changes_prints_typed_rows() {
+    let s = scratch();
+    check(
+        &s.db,
+        "CREATE TABLE todos (id INTEGER PRIMARY KEY NOT NULL, title TEXT, done DEFAULT 0, w REAL);
+         SELECT crsql_as_crr('todos')",
+        "[\"OK\"]\n",
+    );
+    // One script = one transaction = one db_version; seq runs on within it;
+    // a cell written twice keeps its last seq.
+    check(
+        &s.db,
+        "INSERT INTO todos (id, title, w) VALUES (1, 'milk', 1), (2, 'bread', 2.5);
+         UPDATE todos SET done = 1 WHERE id = 1;
+         SELECT \"table\", hex(pk), cid, val, col_version, db_version, cl, seq
+           FROM crsql_changes ORDER BY db_version, seq",
+        concat!(
+            "[\"todos\",\"010901\",\"title\",\"milk\",1,1,1,0]\n",
+            "[\"todos\",\"010901\",\"w\",1.0,1,1,1,2]\n",
+            "[\"todos\",\"010902\",\"title\",\"bread\",1,1,1,3]\n",
+            "[\"todos\",\"010902\",\"done\",0,1,1,1,4]\n",
+            "[\"todos\",\"010902\",\"w\",2.5,1,1,1,5]\n",
+            "[\"todos\",\"010901\",\"done\",1,2,1,1,6]\n",
+        ),
+    );
+    // Blobs (pk, site id) in the value encoding; the site id is the
+    // database's own, stable across invocations.
+    let site = sql(&s.db, "SELECT crsql_site_id()");
+    let site = text(&site.stdout);
+    assert!(
+        site.starts_with("[{\"blob\":\"") && site.len() == "[{\"blob\":\"\"}]\n".len() + 32,
+        "{site}"
+    );
+    check(
+        &s.db,
+        "SELECT pk, site_id FROM crsql_changes WHERE cid = 'title' AND pk = x'010902'",
+        &format!("[{{\"blob\":\"010902\"}},{}", &site[1..]),
+    );
+    check(
+        &s.db,
+        "SELECT crsql_db_version(), crsql_pack_columns(1, 'a', 2.0, NULL, x'ff')",
+        "[1,{\"blob\":\"0509010b0161024000000000000000050c01ff\"}]\n",
+    );
+    // A failed script leaves no clock behind either.
+    check_err(
+        &s.db,
+        "UPDATE todos SET title = 'oat milk' WHERE id = 1; INSERT INTO todos (id) VALUES (1)",
+        &["UNIQUE constraint failed: todos.id", "nothing was written"],
+    );
+    check(
+        &s.db,
+        "SELECT crsql_db_version(), (SELECT count(*) FROM crsql_changes WHERE db_version > 1), title FROM todos WHERE id = 1",
+        "[1,0,\"milk\"]\n",
+    );
+}
+
+#[test]
+fn merges_through_sql_work() {
+    let s = scratch();
+    check(
+        &s.db,
+        "CREATE TABLE t (id PRIMARY KEY NOT NULL, v); SELECT crsql_as_crr('t');
+         INSERT INTO crsql_changes VALUES ('t', x'010907', 'v', 2.0, 1, 5, x'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 1, 0);
+         SELECT id, v, typeof(v), crsql_db_version() FROM t",
+        // Inside the script's transaction crsql_db_version() is still the
+        // committed version, as in cr-sqlite; the merge stamped 5.
+        "[7,2.0,\"real\",0]\n",
+    );
+    check(&s.db, "SELECT crsql_db_version()", "[5]\n");
+    check_err(
+        &s.db,
+        "UPDATE crsql_changes SET val = 1",
+        &["statement 1 failed", "Only INSERT and SELECT"],
+    );
+}
+
+#[test]
+fn a_database_of_the_real_cr_sqlite_is_refused() {
+    let s = scratch();
+    // What the cr-sqlite extension records in every database it lays out.
+    {
+        let conn = rusqlite::Connection::open(&s.db).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE crsql_master (key TEXT PRIMARY KEY, value ANY);
+             INSERT INTO crsql_master VALUES ('crsqlite_version', 150000);",
+        )
+        .unwrap();
+    }
+    check_err(
+        &s.db,
+        "SELECT 1",
+        &[
+            "cannot open database",
+            "laid out by the cr-sqlite extension",
+        ],
+    );
+}

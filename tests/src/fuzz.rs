@@ -208,11 +208,15 @@ impl<'p> Run<'p> {
             clocks: dumps[0].clocks.len(),
             tie_differences: (1..n)
                 .map(|i| {
+                    let sites: BTreeMap<_, _> = dumps[i]
+                        .clocks
+                        .iter()
+                        .map(|c| (c.key(), &c.site_id))
+                        .collect();
                     dumps[0]
                         .clocks
                         .iter()
-                        .zip(&dumps[i].clocks)
-                        .filter(|(a, b)| a.site_id != b.site_id)
+                        .filter(|c| sites.get(&c.key()).is_some_and(|s| **s != c.site_id))
                         .count()
                 })
                 .sum(),
@@ -410,12 +414,10 @@ impl<'p> Run<'p> {
         let before = peer.db_version()?;
         peer.exec(&sql)
             .with_context(|| format!("step {step}: peer {p} ({})", peer.label()))?;
-        // What this write authored: its clock rows carry this site id and a
-        // db_version above the one before the write.
-        let own = peer.changes(
-            "WHERE db_version > ? AND site_id = ?",
-            &[Value::Integer(before), Value::Blob(self.sites[p].clone())],
-        )?;
+        // What this write produced: the clock rows with a db_version above
+        // the one before it. They carry this peer's site id, except cells a
+        // primary-key UPDATE moved to the new key (they keep their author).
+        let own = peer.changes("WHERE db_version > ?", &[Value::Integer(before)])?;
         for c in &own {
             self.rule.record_local(c);
         }

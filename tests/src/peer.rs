@@ -204,8 +204,9 @@ pub fn dump(peer: &(impl SqlPeer + ?Sized)) -> Result<Dump> {
 /// its clock keeps its seq).
 #[derive(Clone, Debug, Default)]
 pub struct TieRule {
-    /// Every (table, pk, cid, col_version, val, site) that a peer wrote
-    /// locally. In cr-sqlite 0.16.0 (`merge-equal-values` off, our default) a
+    /// Every (table, pk, cid, col_version, val, site) that a local write of
+    /// some peer produced (its own writes; and cells a primary-key UPDATE
+    /// moved to a new key, which keep their author's site). In cr-sqlite 0.16.0 (`merge-equal-values` off, our default) a
     /// change whose col_version and value equal the receiver's is a no-op: the
     /// receiver keeps its own site id for the cell. Two peers may therefore end
     /// with different site ids on a cell when both sites really wrote that
@@ -228,7 +229,7 @@ pub struct TieRule {
 }
 
 impl TieRule {
-    /// Records a clock row a peer wrote locally (site = its own).
+    /// Records a clock row a local write produced (not a merge).
     pub fn record_local(&mut self, c: &Clock) {
         self.authored.insert(AuthoredCell::of(c));
         self.row_authors

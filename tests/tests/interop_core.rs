@@ -4,7 +4,8 @@
 //! - Random runs: mixed peers (2 real + 2 core) make random writes and
 //!   exchange changes in random order with drops and duplicates; all converge
 //!   to identical tables and clocks. Seeds: `TENANTSYNC_INTEROP_SEEDS=<n>`
-//!   runs seeds 1..=n (default 40), `TENANTSYNC_INTEROP_SEED=<s>` one seed.
+//!   runs seeds 1..=n (default 40), `=<a>..<b>` seeds a..b,
+//!   `TENANTSYNC_INTEROP_SEED=<s>` one seed (a failure prints it).
 //! - Targeted checks: `crsql_pack_columns` bytes, every local-tracking rule,
 //!   every merge rule, each run on both kinds and compared; the primary-key
 //!   UPDATE where tenantsync deliberately fixes cr-sqlite.
@@ -18,14 +19,23 @@ use tenantsync_tests::fuzz::{Config, Run, Summary};
 use tenantsync_tests::peer::{Clock, CrPeer, Dump, SqlPeer, dump, short_site};
 use tenantsync_types::Value;
 
+/// The seeds to run: `TENANTSYNC_INTEROP_SEED=<s>` (one), or
+/// `TENANTSYNC_INTEROP_SEEDS=<n>` (1..=n) or `=<a>..<b>` (a..b), default 1..=40.
 fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("TENANTSYNC_INTEROP_SEED") {
         return vec![s.parse().expect("TENANTSYNC_INTEROP_SEED is a number")];
     }
-    let n = std::env::var("TENANTSYNC_INTEROP_SEEDS")
-        .map(|s| s.parse().expect("TENANTSYNC_INTEROP_SEEDS is a number"))
-        .unwrap_or(40);
-    (1..=n).collect()
+    match std::env::var("TENANTSYNC_INTEROP_SEEDS") {
+        Ok(v) => match v.split_once("..") {
+            Some((a, b)) => {
+                let a: u64 = a.parse().expect("TENANTSYNC_INTEROP_SEEDS=<a>..<b>");
+                let b: u64 = b.parse().expect("TENANTSYNC_INTEROP_SEEDS=<a>..<b>");
+                (a..b).collect()
+            }
+            None => (1..=v.parse().expect("TENANTSYNC_INTEROP_SEEDS is a number")).collect(),
+        },
+        Err(_) => (1..=40).collect(),
+    }
 }
 
 const STEPS: usize = 150;
