@@ -1,13 +1,40 @@
 //! The `tenantsync` command-line tool.
+//!
+//! Module map:
+//! - `cmd`: one module per subcommand; [`cmd::sql`] is `tenantsync sql
+//!   <DB_PATH> <SQL>` (contract: docs/CLI.md).
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
 
 /// Multi-tenant partial sync for cr-sqlite databases.
 #[derive(Parser, Debug)]
 #[command(name = "tenantsync", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run SQL against a database with the tenantsync core loaded; print the
+    /// rows of the last query as JSON arrays, one per line (docs/CLI.md).
+    Sql(cmd::sql::SqlArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Sql(args) => cmd::sql::run(args, &mut std::io::stdout().lock()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,3 @@
+//! The subcommands of the `tenantsync` CLI, one module each.
+
+pub mod sql;
