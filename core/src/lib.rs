@@ -1,4 +1,56 @@
-//! tenantsync-core: a single-tenant CRR engine, wire-compatible with cr-sqlite 0.16.
+//! tenantsync-core: a single-tenant CRR engine on rusqlite, wire-compatible
+//! with cr-sqlite 0.16 (same `crsql_changes` rows, same packed keys, same
+//! merge rules), with its own compact clock storage.
 //!
-//! Module map (filled in as the engine lands; see docs/ARCHITECTURE.md):
-//! nothing yet.
+//! Module map:
+//! - [`connection`]: [`CrrConnection`] (open, the typed API), [`Options`],
+//!   [`MergeStamping`].
+//! - `functions`: the SQL surface installed on a connection (`crsql_*`
+//!   functions, `tenantsync_pk_value`).
+//! - `vtab`: the `crsql_changes` virtual table (reads with index-served
+//!   constraints, merges on INSERT) and `crsql_unpack_columns`.
+//! - `tracking`: what the CRR triggers do on local INSERT/UPDATE/DELETE.
+//! - `merge`: cr-sqlite's merge rules, row-grouped ([`ApplyStats`]).
+//! - `read`: change reads over the db_version index.
+//! - `crr`: `crsql_as_crr`, backfill, begin/commit alter, eviction.
+//! - `schema`: CRR metadata, compatibility rules, DDL; [`Schema`].
+//! - `state`: per-connection engine state (db_version, seq, caches).
+//! - `clock`: the per-row clock record encoding.
+//! - [`pack`]: cr-sqlite's packed primary keys, [`PackedPk`].
+//! - [`change`]: the change types [`Change`], [`ChangesQuery`], [`RowRef`].
+//! - [`site`]: the [`SiteId`] type.
+//! - [`error`]: the [`Error`] type.
+//!
+//! See docs/arch/core.md for the storage layout and the invariants.
+
+pub mod change;
+mod clock;
+pub mod connection;
+mod crr;
+pub mod error;
+mod functions;
+mod merge;
+pub mod pack;
+mod read;
+pub mod schema;
+pub mod site;
+mod state;
+mod tracking;
+mod vtab;
+
+pub use change::{Change, ChangesQuery, RowRef, SiteFilter};
+pub use connection::{CrrConnection, LAYOUT_VERSION, MergeStamping, Options};
+pub use error::{Error, Result};
+pub use merge::ApplyStats;
+pub use pack::{PackedPk, PkError};
+pub use schema::{ColumnSchema, Schema, TableSchema};
+pub use site::SiteId;
+pub use tenantsync_types::Value;
+
+/// The name of cr-sqlite's one setting (`crsql_config_set`).
+pub const MERGE_EQUAL_VALUES: &str = "merge-equal-values";
+
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<CrrConnection>();
+};

@@ -1,0 +1,455 @@
+//! Merging remote changes (`INSERT INTO crsql_changes`, [`crate::CrrConnection::apply`]),
+//! exactly as cr-sqlite 0.16 decides (reference §3).
+//!
+//! Consecutive changes of one row are merged as a group: the row's clock
+//! record is read once, every change is decided against the in-memory clock,
+//! the winning column values are written with one upsert per group (flushed
+//! before a delete), and the clock record is written once.
+
+use std::cmp::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use tenantsync_types::Value;
+
+use crate::clock::{Clock, RowClock};
+use crate::error::{Error, Result};
+use crate::pack::{canonicalize, unpack_refs};
+use crate::schema::TableInfo;
+use crate::state::{Shared, State, read_clock, write_clock};
+
+/// cr-sqlite's tie order when col_versions are equal: storage class first,
+/// INTEGER > REAL > TEXT > BLOB > NULL, then numeric / bytewise.
+pub(crate) fn compare_values(a: ValueRef<'_>, b: ValueRef<'_>) -> Ordering {
+    fn rank(v: ValueRef<'_>) -> u8 {
+        match v {
+            ValueRef::Integer(_) => 5,
+            ValueRef::Real(_) => 4,
+            ValueRef::Text(_) => 3,
+            ValueRef::Blob(_) => 2,
+            ValueRef::Null => 1,
+        }
+    }
+    match (a, b) {
+        (ValueRef::Integer(x), ValueRef::Integer(y)) => x.cmp(&y),
+        (ValueRef::Real(x), ValueRef::Real(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+        (ValueRef::Text(x), ValueRef::Text(y)) => x.cmp(y),
+        (ValueRef::Blob(x), ValueRef::Blob(y)) => x.cmp(y),
+        _ => rank(a).cmp(&rank(b)),
+    }
+}
+
+/// One incoming change, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChangeRef<'a> {
+    pub table: &'a str,
+    pub pk: &'a [u8],
+    pub cid: &'a str,
+    pub val: ValueRef<'a>,
+    pub col_version: i64,
+    pub db_version: i64,
+    /// Empty = NULL (stored as the local ordinal, as cr-sqlite does).
+    pub site_id: &'a [u8],
+    pub cl: i64,
+    pub seq: i64,
+}
+
+/// What a change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It won and was written.
+    Applied,
+    /// It lost (stale causal length, lower col_version, smaller value).
+    Lost,
+    /// The same state was already there (equal causal length for a delete
+    /// or sentinel; equal col_version and value for a cell).
+    Duplicate,
+}
+
+/// The sentinel cid.
+pub(crate) const SENTINEL: &str = "-1";
+
+/// Base-table writes of a row not yet executed.
+#[derive(Default)]
+struct PendingRow {
+    /// The row must exist (INSERT OR IGNORE of the key).
+    ensure: bool,
+    /// Winning column values, by index into `TableInfo::cols`.
+    cols: Vec<(usize, Value)>,
+}
+
+/// The merge of a group of changes of one row.
+pub(crate) struct RowMerge {
+    pub t: Arc<TableInfo>,
+    /// Canonical packed pk.
+    pub pk: Vec<u8>,
+    pk_vals: Vec<Value>,
+    old: Option<RowClock>,
+    clock: RowClock,
+    pending: PendingRow,
+    dirty: bool,
+}
+
+impl RowMerge {
+    /// Starts merging changes of the row `pk` (any encoding) of `t`.
+    pub fn begin(st: &State, t: Arc<TableInfo>, pk: &[u8]) -> Result<RowMerge> {
+        let (canon, n) = canonicalize(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
+        if n != t.pks.len() {
+            return Err(Error::PkArity {
+                table: t.name.clone(),
+                pk: hex::encode(pk),
+                expected: t.pks.len(),
+                got: n,
+            });
+        }
+        let pk_vals = crate::pack::unpack(&canon).map_err(|e| Error::pk(&t.name, pk, e))?;
+        let old = read_clock(st.conn(), &t, &canon)?;
+        let clock = old.clone().unwrap_or_default();
+        Ok(RowMerge {
+            t,
+            pk: canon,
+            pk_vals,
+            old,
+            clock,
+            pending: PendingRow::default(),
+            dirty: false,
+        })
+    }
+
+    /// Decides one change against the row's clock (reference §3).
+    pub fn merge(&mut self, sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
+        if c.site_id.len() > 16 {
+            return Err(Error::SiteIdTooLong {
+                len: c.site_id.len(),
+            });
+        }
+        let local_cl = self.clock.local_cl();
+        if c.cl < local_cl {
+            return Ok(Outcome::Lost);
+        }
+        if c.cl.rem_euclid(2) == 0 {
+            if c.cl == local_cl {
+                return self.sentinel_tie(sh, st, c);
+            }
+            self.pending = PendingRow::default();
+            self.exec_pk(st, &self.t.sql.row_delete)?;
+            let sentinel = self.winner_clock(sh, st, c, c.col_version)?;
+            self.clock.sentinel = Some(sentinel);
+            self.clock.clear_cells();
+            self.dirty = true;
+            sh.rows_impacted.fetch_add(1, Relaxed);
+            return Ok(Outcome::Applied);
+        }
+        if c.cid == SENTINEL {
+            if c.cl == local_cl {
+                return self.sentinel_tie(sh, st, c);
+            }
+            self.resurrect(sh, st, c, c.col_version)?;
+            sh.rows_impacted.fetch_add(1, Relaxed);
+            return Ok(Outcome::Applied);
+        }
+        let col = self
+            .t
+            .col_index(c.cid)
+            .ok_or_else(|| Error::UnknownColumn {
+                table: self.t.name.clone(),
+                column: c.cid.to_owned(),
+            })?;
+        let needs_resurrect = c.cl > local_cl;
+        let exists = local_cl != 0;
+        if needs_resurrect && (exists || c.cl > 1) {
+            self.resurrect(sh, st, c, c.cl)?;
+            sh.rows_impacted.fetch_add(1, Relaxed);
+        }
+        let outcome = if needs_resurrect || !exists {
+            Outcome::Applied
+        } else {
+            self.cell_outcome(sh, st, c, col)?
+        };
+        if outcome != Outcome::Applied {
+            return Ok(outcome);
+        }
+        let value = Value::try_from(c.val).map_err(|e| Error::Invalid(format!("value: {e}")))?;
+        match self.pending.cols.iter_mut().find(|(i, _)| *i == col) {
+            Some(slot) => slot.1 = value,
+            None => self.pending.cols.push((col, value)),
+        }
+        let clock = self.winner_clock(sh, st, c, c.col_version)?;
+        *self.clock.cell_mut(self.t.cols[col].slot) = Some(clock);
+        self.dirty = true;
+        sh.rows_impacted.fetch_add(1, Relaxed);
+        Ok(Outcome::Applied)
+    }
+
+    /// Executes pending base-table writes and writes the clock record.
+    pub fn finish(mut self, sh: &Shared, st: &mut State) -> Result<()> {
+        self.flush(st)?;
+        if self.dirty {
+            write_clock(st.conn(), &self.t, &self.pk, self.old.as_ref(), &self.clock)?;
+            sh.wrote.store(true, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The clock a winning change is stored with: its col_version, seq and
+    /// author, stamped with the local version per the stamping rule.
+    fn winner_clock(
+        &self,
+        sh: &Shared,
+        st: &mut State,
+        c: &ChangeRef<'_>,
+        col_version: i64,
+    ) -> Result<Clock> {
+        let site = st.site_ordinal(c.site_id)?;
+        Ok(Clock {
+            col_version,
+            db_version: st.merge_version(sh, c.db_version)?,
+            site,
+            seq: c.seq,
+        })
+    }
+
+    /// Resurrects the row at causal length `cl`: the row is (re)created with
+    /// defaults, every cell clock drops to col_version 0 (so any value of the
+    /// new incarnation wins) and the sentinel takes the change's author.
+    fn resurrect(&mut self, sh: &Shared, st: &mut State, c: &ChangeRef<'_>, cl: i64) -> Result<()> {
+        self.pending.ensure = true;
+        if self.clock.has_cells() {
+            let v = st.merge_version(sh, c.db_version)?;
+            for cell in self.clock.cells.iter_mut().flatten() {
+                cell.col_version = 0;
+                cell.db_version = v;
+            }
+        }
+        let sentinel = self.winner_clock(sh, st, c, cl)?;
+        self.clock.sentinel = Some(sentinel);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A sentinel (or delete) at the causal length the row already has: a
+    /// no-op in cr-sqlite. With `merge-equal-values` on we extend 0.16.3's
+    /// site-id tie-break to it (as Corrosion's fork did for concurrent
+    /// deletes), so that peers also agree on who authored the sentinel; the
+    /// row itself is unchanged either way.
+    fn sentinel_tie(&mut self, sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
+        if !sh.merge_equal_values.load(Relaxed) || c.cid != SENTINEL || c.col_version != c.cl {
+            return Ok(Outcome::Duplicate);
+        }
+        let Some(local) = self.clock.sentinel else {
+            return Ok(Outcome::Duplicate);
+        };
+        if local.col_version != c.col_version {
+            return Ok(Outcome::Duplicate);
+        }
+        let local_site = st.site_blob(local.site)?.to_vec();
+        if c.site_id <= local_site.as_slice() {
+            return Ok(Outcome::Duplicate);
+        }
+        let clock = self.winner_clock(sh, st, c, c.col_version)?;
+        self.clock.sentinel = Some(clock);
+        self.dirty = true;
+        sh.rows_impacted.fetch_add(1, Relaxed);
+        Ok(Outcome::Applied)
+    }
+
+    /// cr-sqlite's `did_cid_win` for equal causal lengths.
+    fn cell_outcome(
+        &mut self,
+        sh: &Shared,
+        st: &mut State,
+        c: &ChangeRef<'_>,
+        col: usize,
+    ) -> Result<Outcome> {
+        let Some(local) = self.clock.cell(self.t.cols[col].slot) else {
+            return Ok(Outcome::Applied);
+        };
+        match c.col_version.cmp(&local.col_version) {
+            Ordering::Greater => return Ok(Outcome::Applied),
+            Ordering::Less => return Ok(Outcome::Lost),
+            Ordering::Equal => {}
+        }
+        let current = match self.pending.cols.iter().find(|(i, _)| *i == col) {
+            Some((_, v)) => Some(v.clone()),
+            None => self.read_col(st, col)?,
+        };
+        // A clock without a base row (never in a consistent database): the
+        // incoming value restores the row instead of failing the merge.
+        let Some(current) = current else {
+            return Ok(Outcome::Applied);
+        };
+        match compare_values(c.val, current.as_value_ref()) {
+            Ordering::Greater => Ok(Outcome::Applied),
+            Ordering::Less => Ok(Outcome::Lost),
+            Ordering::Equal => {
+                if sh.merge_equal_values.load(Relaxed) {
+                    let local_site = st.site_blob(local.site)?.to_vec();
+                    if c.site_id > local_site.as_slice() {
+                        return Ok(Outcome::Applied);
+                    }
+                }
+                Ok(Outcome::Duplicate)
+            }
+        }
+    }
+
+    /// The current value of one column of the row (None: no row).
+    fn read_col(&self, st: &State, col: usize) -> Result<Option<Value>> {
+        let mut stmt = st.conn().prepare_cached(&self.t.sql.row_get)?;
+        bind_pk(&mut stmt, &self.pk_vals, 0)?;
+        let mut rows = stmt.raw_query();
+        match rows.next()? {
+            Some(row) => Ok(Some(row.get::<_, Value>(col)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn exec_pk(&self, st: &State, sql: &str) -> Result<()> {
+        let mut stmt = st.conn().prepare_cached(sql)?;
+        bind_pk(&mut stmt, &self.pk_vals, 0)?;
+        stmt.raw_execute()?;
+        Ok(())
+    }
+
+    fn flush(&mut self, st: &mut State) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        if !pending.cols.is_empty() {
+            // The SQL is cached by column set: bind in column order.
+            pending.cols.sort_by_key(|(i, _)| *i);
+            let idx: Vec<usize> = pending.cols.iter().map(|(i, _)| *i).collect();
+            let sql = st.upsert_sql(&self.t, &idx);
+            let mut stmt = st.conn().prepare_cached(&sql)?;
+            bind_pk(&mut stmt, &self.pk_vals, 0)?;
+            for (k, (_, v)) in pending.cols.iter().enumerate() {
+                stmt.raw_bind_parameter(self.pk_vals.len() + k + 1, v)?;
+            }
+            stmt.raw_execute()?;
+        } else if pending.ensure {
+            self.exec_pk(st, &self.t.sql.row_insert_pk)?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds primary-key values to parameters `offset+1..`.
+pub(crate) fn bind_pk(
+    stmt: &mut rusqlite::Statement<'_>,
+    vals: &[Value],
+    offset: usize,
+) -> Result<()> {
+    for (i, v) in vals.iter().enumerate() {
+        stmt.raw_bind_parameter(offset + i + 1, ToSqlOutput::Borrowed(v.as_value_ref()))?;
+    }
+    Ok(())
+}
+
+/// Binds borrowed primary-key values to parameters `1..`.
+pub(crate) fn bind_pk_refs(
+    stmt: &mut rusqlite::Statement<'_>,
+    vals: &[ValueRef<'_>],
+) -> Result<()> {
+    for (i, v) in vals.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(*v))?;
+    }
+    Ok(())
+}
+
+/// Counts of what a batch of changes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApplyStats {
+    /// Changes that won and were written.
+    pub applied: usize,
+    /// Changes that lost (stale causal length, lower col_version, smaller
+    /// value on a tie).
+    pub lost: usize,
+    /// Changes whose state was already there.
+    pub duplicates: usize,
+    /// Distinct rows the batch touched (consecutive changes of a row count once).
+    pub rows: usize,
+    /// The highest local db_version a merged clock was stamped with, if any.
+    pub max_db_version: Option<i64>,
+}
+
+impl ApplyStats {
+    pub(crate) fn count(&mut self, o: Outcome) {
+        match o {
+            Outcome::Applied => self.applied += 1,
+            Outcome::Lost => self.lost += 1,
+            Outcome::Duplicate => self.duplicates += 1,
+        }
+    }
+}
+
+/// Merges one change on its own (the `crsql_changes` INSERT path).
+pub(crate) fn merge_single(sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
+    st.refresh(sh)?;
+    let t = st.table(c.table)?;
+    let mut m = RowMerge::begin(st, t, c.pk)?;
+    let outcome = m.merge(sh, st, c)?;
+    m.finish(sh, st)?;
+    Ok(outcome)
+}
+
+/// Merges a batch, grouping consecutive changes of one row. Errors carry the
+/// failing change's position and identity.
+pub(crate) fn merge_batch<'a>(
+    sh: &Shared,
+    st: &mut State,
+    changes: impl Iterator<Item = ChangeRef<'a>>,
+) -> Result<ApplyStats> {
+    st.refresh(sh)?;
+    let mut stats = ApplyStats::default();
+    // The row being merged, the raw pk it was named with, and the last change
+    // merged into it (for error context).
+    let mut current: Option<(RowMerge, &'a [u8], usize, ChangeRef<'a>)> = None;
+    let ctx = |i: usize, c: &ChangeRef<'_>, e: Error| Error::Change {
+        index: i,
+        table: c.table.to_owned(),
+        pk: hex::encode(c.pk),
+        cid: c.cid.to_owned(),
+        db_version: c.db_version,
+        source: Box::new(e),
+    };
+    for (i, c) in changes.enumerate() {
+        let same_row = match &current {
+            Some((m, raw, _, _)) => {
+                m.t.name == c.table
+                    && (*raw == c.pk || {
+                        // Same row in another encoding?
+                        matches!(canonicalize(c.pk), Ok((canon, _)) if canon == m.pk)
+                    })
+            }
+            None => false,
+        };
+        if !same_row {
+            if let Some((m, _, li, lc)) = current.take() {
+                m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
+            }
+            let t = st.table(c.table).map_err(|e| ctx(i, &c, e))?;
+            let m = RowMerge::begin(st, t, c.pk).map_err(|e| ctx(i, &c, e))?;
+            stats.rows += 1;
+            current = Some((m, c.pk, i, c));
+        }
+        let (m, _, li, lc) = current.as_mut().expect("set above");
+        let o = m.merge(sh, st, &c).map_err(|e| ctx(i, &c, e))?;
+        *li = i;
+        *lc = c;
+        stats.count(o);
+    }
+    if let Some((m, _, li, lc)) = current.take() {
+        m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
+    }
+    if stats.applied > 0 {
+        let p = sh.pending.load(Relaxed);
+        if p >= 0 {
+            stats.max_db_version = Some(p);
+        }
+    }
+    Ok(stats)
+}
+
+/// Unpacks a pk for binding (used by readers).
+pub(crate) fn pk_refs<'a>(t: &TableInfo, pk: &'a [u8]) -> Result<Vec<ValueRef<'a>>> {
+    unpack_refs(pk).map_err(|e| Error::pk(&t.name, pk, e))
+}

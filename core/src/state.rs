@@ -1,0 +1,491 @@
+//! The per-connection engine state shared by the SQL functions, the
+//! `crsql_changes` virtual table, the hooks and the typed API.
+//!
+//! [`Shared`] splits it in two:
+//! - transaction counters in atomics (db_version cache, pending version, seq,
+//!   rows impacted, sync bit) that the commit/rollback hooks and the trigger
+//!   `WHEN` clause touch without locking — a hook may run while the engine is
+//!   inside a call (e.g. `RELEASE` of `crsql_as_crr`'s savepoint commits);
+//! - [`State`] behind a mutex: the non-owning inner [`Connection`] with its
+//!   statement cache, the CRR table cache and the site-ordinal cache.
+//!
+//! All callbacks run on the thread that is using the connection (SQLite calls
+//! them synchronously), so the mutex is never contended: `try_lock` failing
+//! means re-entrancy (a user trigger fired by a merge calling back into the
+//! engine), which is refused with [`Error::Reentrant`] instead of deadlocking.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::clock::RowClock;
+use crate::connection::MergeStamping;
+use crate::error::{Error, Result};
+use crate::schema::{self, TableInfo};
+use crate::site::SiteId;
+
+/// State shared by everything installed on one connection.
+pub(crate) struct Shared {
+    pub site_id: SiteId,
+    pub read_only: bool,
+    /// `crsql_internal_sync_bit()`: non-zero while the engine merges, so the
+    /// tracking triggers do not fire.
+    pub sync_bit: AtomicI64,
+    /// Committed db_version; -1 = unknown (read from storage on next use).
+    pub db_version: AtomicI64,
+    /// Version reserved by the current write transaction; -1 = none.
+    pub pending: AtomicI64,
+    /// Whether the current write transaction wrote clock records.
+    pub wrote: AtomicBool,
+    pub seq: AtomicI64,
+    pub rows_impacted: AtomicI64,
+    /// Whether data/schema versions were checked in the current write tx.
+    pub checked: AtomicBool,
+    /// A rollback happened: cached site ordinals may be gone.
+    pub dirty: AtomicBool,
+    pub merge_equal_values: AtomicBool,
+    pub state: Mutex<State>,
+}
+
+impl Shared {
+    pub fn new(site_id: SiteId, read_only: bool, merge_equal_values: bool, state: State) -> Self {
+        Shared {
+            site_id,
+            read_only,
+            sync_bit: AtomicI64::new(0),
+            db_version: AtomicI64::new(-1),
+            pending: AtomicI64::new(-1),
+            wrote: AtomicBool::new(false),
+            seq: AtomicI64::new(0),
+            rows_impacted: AtomicI64::new(0),
+            checked: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            merge_equal_values: AtomicBool::new(merge_equal_values),
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Locks the engine state; fails on re-entrancy instead of deadlocking.
+    pub fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        match self.state.try_lock() {
+            Ok(g) => Ok(g),
+            Err(TryLockError::WouldBlock) => Err(Error::Reentrant),
+            // A panic inside a callback: every write the engine makes is
+            // transactional, so the caches are the only thing at stake.
+            Err(TryLockError::Poisoned(p)) => {
+                let mut g = p.into_inner();
+                g.invalidate();
+                Ok(g)
+            }
+        }
+    }
+
+    /// Commit hook: a transaction that wrote clock records makes its pending
+    /// version durable; one that did not leaves db_version alone (fix of
+    /// cr-sqlite's no-op-write / next_db_version leaks).
+    pub fn on_commit(&self) {
+        if self.wrote.swap(false, Relaxed) {
+            let pending = self.pending.load(Relaxed);
+            let current = self.db_version.load(Relaxed);
+            if current >= 0 {
+                self.db_version.store(current.max(pending), Relaxed);
+            }
+        }
+        self.reset_tx();
+    }
+
+    pub fn on_rollback(&self) {
+        self.wrote.store(false, Relaxed);
+        self.dirty.store(true, Relaxed);
+        self.reset_tx();
+    }
+
+    fn reset_tx(&self) {
+        self.pending.store(-1, Relaxed);
+        self.seq.store(0, Relaxed);
+        self.rows_impacted.store(0, Relaxed);
+        self.checked.store(false, Relaxed);
+    }
+
+    pub fn bump_seq(&self) -> i64 {
+        self.seq.fetch_add(1, Relaxed)
+    }
+}
+
+/// Sets the sync bit for its lifetime (restoring the previous value), so the
+/// engine's own base-table writes are not tracked.
+pub(crate) struct SyncBitGuard<'a> {
+    sh: &'a Shared,
+    prev: i64,
+}
+
+impl<'a> SyncBitGuard<'a> {
+    pub fn new(sh: &'a Shared) -> Self {
+        let prev = sh.sync_bit.swap(1, Relaxed);
+        SyncBitGuard { sh, prev }
+    }
+}
+
+impl Drop for SyncBitGuard<'_> {
+    fn drop(&mut self) {
+        self.sh.sync_bit.store(self.prev, Relaxed);
+    }
+}
+
+/// Whether the main database is in a write transaction right now.
+pub(crate) fn in_write_tx(conn: &Connection) -> bool {
+    matches!(
+        conn.transaction_state(Some(c"main")),
+        Ok(rusqlite::TransactionState::Write)
+    )
+}
+
+/// Site id ordinals (`crsql_site_id`), cached both ways.
+#[derive(Default)]
+pub(crate) struct SiteCache {
+    by_ord: HashMap<i64, Vec<u8>>,
+    by_blob: HashMap<Vec<u8>, i64>,
+    /// Ordinals inserted by the current transaction: verified before reuse,
+    /// since a `ROLLBACK TO` may have removed them.
+    fresh: HashSet<i64>,
+}
+
+impl SiteCache {
+    fn clear(&mut self) {
+        self.by_ord.clear();
+        self.by_blob.clear();
+        self.fresh.clear();
+    }
+
+    /// The ordinal of a site id, creating it when new. NULL/empty = 0.
+    pub fn ordinal(&mut self, conn: &Connection, blob: &[u8]) -> Result<i64> {
+        if blob.is_empty() {
+            return Ok(0);
+        }
+        if blob.len() > 16 {
+            return Err(Error::SiteIdTooLong { len: blob.len() });
+        }
+        if let Some(&ord) = self.by_blob.get(blob)
+            && !self.fresh.contains(&ord)
+        {
+            return Ok(ord);
+        }
+        let found: Option<i64> = conn
+            .prepare_cached("SELECT ordinal FROM crsql_site_id WHERE site_id = ?1")?
+            .query_row([blob], |r| r.get(0))
+            .optional()?;
+        let ord = match found {
+            Some(ord) => ord,
+            None => {
+                let ord: i64 = conn
+                    .prepare_cached(
+                        "INSERT INTO crsql_site_id (site_id) VALUES (?1) RETURNING ordinal",
+                    )?
+                    .query_row([blob], |r| r.get(0))?;
+                self.fresh.insert(ord);
+                ord
+            }
+        };
+        self.by_blob.insert(blob.to_vec(), ord);
+        self.by_ord.insert(ord, blob.to_vec());
+        Ok(ord)
+    }
+
+    /// The site id blob of an ordinal.
+    pub fn blob(&mut self, conn: &Connection, ord: i64) -> Result<&[u8]> {
+        if !self.by_ord.contains_key(&ord) {
+            let blob: Vec<u8> = conn
+                .prepare_cached("SELECT site_id FROM crsql_site_id WHERE ordinal = ?1")?
+                .query_row([ord], |r| r.get(0))
+                .optional()?
+                .ok_or_else(|| {
+                    Error::Invalid(format!("clock references unknown site ordinal {ord}"))
+                })?;
+            self.by_blob.insert(blob.clone(), ord);
+            self.by_ord.insert(ord, blob);
+        }
+        Ok(&self.by_ord[&ord])
+    }
+}
+
+/// The mutex-protected part of the engine state.
+pub(crate) struct State {
+    conn: Option<Connection>,
+    tables: Vec<Arc<TableInfo>>,
+    by_name: HashMap<String, usize>,
+    schema_version: i64,
+    data_version: i64,
+    db_version_sql: String,
+    pub sites: SiteCache,
+    pub stamping: MergeStamping,
+    upserts: HashMap<String, HashMap<u64, Arc<str>>>,
+}
+
+impl State {
+    pub fn new(conn: Connection, stamping: MergeStamping) -> Self {
+        State {
+            conn: Some(conn),
+            tables: Vec::new(),
+            by_name: HashMap::new(),
+            schema_version: -1,
+            data_version: -1,
+            db_version_sql: String::new(),
+            sites: SiteCache::default(),
+            stamping,
+            upserts: HashMap::new(),
+        }
+    }
+
+    /// The inner connection (same SQLite handle as the user's).
+    pub fn conn(&self) -> &Connection {
+        self.conn
+            .as_ref()
+            .expect("the engine state outlived its connection")
+    }
+
+    /// Drops the inner connection, finalizing its cached statements. Must run
+    /// before the real connection closes.
+    pub fn close(&mut self) {
+        self.conn = None;
+    }
+
+    /// Forgets every cache (after a panic or an aborted batch).
+    pub fn invalidate(&mut self) {
+        self.sites.clear();
+        self.schema_version = -1;
+        self.data_version = -1;
+        self.tables.clear();
+        self.by_name.clear();
+    }
+
+    /// Makes the caches current: re-reads the CRR list when the schema
+    /// changed, forgets the db_version when another connection committed.
+    /// Free inside a write transaction after the first call.
+    pub fn refresh(&mut self, sh: &Shared) -> Result<()> {
+        let in_write = in_write_tx(self.conn());
+        if in_write && sh.checked.load(Relaxed) && !sh.dirty.load(Relaxed) {
+            return Ok(());
+        }
+        if sh.dirty.swap(false, Relaxed) {
+            self.sites.clear();
+            self.schema_version = -1;
+        }
+        let (dv, sv) = {
+            let conn = self.conn();
+            let dv: i64 = conn
+                .prepare_cached("PRAGMA data_version")?
+                .query_row([], |r| r.get(0))?;
+            let sv: i64 = conn
+                .prepare_cached("PRAGMA schema_version")?
+                .query_row([], |r| r.get(0))?;
+            (dv, sv)
+        };
+        if dv != self.data_version {
+            self.data_version = dv;
+            sh.db_version.store(-1, Relaxed);
+        }
+        if sv != self.schema_version {
+            self.reload_schema()?;
+            self.schema_version = sv;
+            sh.db_version.store(-1, Relaxed);
+        }
+        if in_write && !sh.checked.swap(true, Relaxed) {
+            self.sites.fresh.clear();
+        }
+        Ok(())
+    }
+
+    /// Re-reads every CRR's metadata.
+    pub fn reload_schema(&mut self) -> Result<()> {
+        let tables = schema::load_tables(self.conn())?;
+        self.by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let mut parts: Vec<String> = tables
+            .iter()
+            .map(|t| {
+                format!(
+                    "SELECT max(db_version) AS v FROM {}",
+                    schema::dbv_table(&t.name)
+                )
+            })
+            .collect();
+        parts.push(
+            "SELECT CAST(value AS INTEGER) AS v FROM crsql_master WHERE key = 'pre_compact_dbversion'"
+                .to_owned(),
+        );
+        self.db_version_sql = format!(
+            "SELECT coalesce(max(v), 0) FROM ({})",
+            parts.join(" UNION ALL ")
+        );
+        self.tables = tables.into_iter().map(Arc::new).collect();
+        self.upserts.clear();
+        Ok(())
+    }
+
+    /// The CRR with this name (re-reading the metadata once on a miss).
+    pub fn table(&mut self, name: &str) -> Result<Arc<TableInfo>> {
+        if let Some(&i) = self.by_name.get(name) {
+            return Ok(self.tables[i].clone());
+        }
+        self.reload_schema()?;
+        self.by_name
+            .get(name)
+            .map(|&i| self.tables[i].clone())
+            .ok_or_else(|| Error::UnknownTable {
+                table: name.to_owned(),
+            })
+    }
+
+    /// The ordinal of a site id (created when new; NULL/empty = 0).
+    pub fn site_ordinal(&mut self, blob: &[u8]) -> Result<i64> {
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("the engine state outlived its connection");
+        self.sites.ordinal(conn, blob)
+    }
+
+    /// The site id of an ordinal.
+    pub fn site_blob(&mut self, ord: i64) -> Result<&[u8]> {
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("the engine state outlived its connection");
+        self.sites.blob(conn, ord)
+    }
+
+    /// Every CRR, in name order.
+    pub fn tables(&self) -> &[Arc<TableInfo>] {
+        &self.tables
+    }
+
+    /// The committed db_version (cached).
+    pub fn db_version(&mut self, sh: &Shared) -> Result<i64> {
+        self.refresh(sh)?;
+        let v = sh.db_version.load(Relaxed);
+        if v >= 0 {
+            return Ok(v);
+        }
+        if self.db_version_sql.is_empty() {
+            self.reload_schema()?;
+        }
+        let v: i64 = self
+            .conn()
+            .prepare_cached(&self.db_version_sql)?
+            .query_row([], |r| r.get(0))?;
+        sh.db_version.store(v, Relaxed);
+        Ok(v)
+    }
+
+    /// The version the current write transaction stamps: `max(db_version + 1,
+    /// pending, merging)`, recorded as pending.
+    pub fn next_version(&mut self, sh: &Shared, merging: Option<i64>) -> Result<i64> {
+        let current = self.db_version(sh)?;
+        let mut v = current.saturating_add(1).max(sh.pending.load(Relaxed));
+        if let Some(m) = merging {
+            v = v.max(m);
+        }
+        sh.pending.store(v, Relaxed);
+        Ok(v)
+    }
+
+    /// The version a merged clock gets under the configured stamping.
+    pub fn merge_version(&mut self, sh: &Shared, change_version: i64) -> Result<i64> {
+        match self.stamping {
+            MergeStamping::CrSqlite => self.next_version(sh, Some(change_version)),
+            MergeStamping::Local => self.next_version(sh, None),
+        }
+    }
+
+    /// The cached upsert SQL for a set of columns (`cols`: indexes in
+    /// increasing order; cached by bitmask).
+    pub fn upsert_sql(&mut self, t: &TableInfo, cols: &[usize]) -> Arc<str> {
+        if cols.len() > 64 || cols.iter().any(|&i| i >= 64) {
+            return t.upsert_sql(cols).into();
+        }
+        let mask = cols.iter().fold(0u64, |m, &i| m | (1 << i));
+        if let Some(sql) = self.upserts.get(&t.name).and_then(|m| m.get(&mask)) {
+            return sql.clone();
+        }
+        let sql: Arc<str> = t.upsert_sql(cols).into();
+        self.upserts
+            .entry(t.name.clone())
+            .or_default()
+            .insert(mask, sql.clone());
+        sql
+    }
+}
+
+/// Reads a row's clock record.
+pub(crate) fn read_clock(conn: &Connection, t: &TableInfo, pk: &[u8]) -> Result<Option<RowClock>> {
+    let mut stmt = conn.prepare_cached(&t.sql.clock_get)?;
+    let mut rows = stmt.query([pk])?;
+    match rows.next()? {
+        None => Ok(None),
+        Some(row) => {
+            let bytes = match row.get_ref(0)? {
+                rusqlite::types::ValueRef::Blob(b) => b,
+                _ => &[],
+            };
+            RowClock::decode(bytes).map(Some).map_err(|e| {
+                Error::Invalid(format!("table {:?}, pk {}: {e}", t.name, hex::encode(pk)))
+            })
+        }
+    }
+}
+
+/// Inserts the clock record of a row that has none; false if it had one.
+pub(crate) fn insert_new_clock(
+    conn: &Connection,
+    t: &TableInfo,
+    pk: &[u8],
+    clock: &RowClock,
+    version: i64,
+) -> Result<bool> {
+    let n = conn
+        .prepare_cached(&t.sql.clock_insert_new)?
+        .execute(rusqlite::params![pk, clock.encode()])?;
+    if n == 0 {
+        return Ok(false);
+    }
+    conn.prepare_cached(&t.sql.dbv_insert)?
+        .execute(rusqlite::params![version, pk])?;
+    Ok(true)
+}
+
+/// Writes a row's clock record (deleting it when empty) and keeps the dbv
+/// index in step: versions that disappeared are removed, new ones added.
+pub(crate) fn write_clock(
+    conn: &Connection,
+    t: &TableInfo,
+    pk: &[u8],
+    old: Option<&RowClock>,
+    new: &RowClock,
+) -> Result<()> {
+    let old_versions = old.map(RowClock::versions).unwrap_or_default();
+    let new_versions = new.versions();
+    if new.is_empty() {
+        conn.prepare_cached(&t.sql.clock_delete)?.execute([pk])?;
+    } else {
+        conn.prepare_cached(&t.sql.clock_put)?
+            .execute(rusqlite::params![pk, new.encode()])?;
+    }
+    for v in &old_versions {
+        if new_versions.binary_search(v).is_err() {
+            conn.prepare_cached(&t.sql.dbv_delete)?
+                .execute(rusqlite::params![v, pk])?;
+        }
+    }
+    for v in &new_versions {
+        if old_versions.binary_search(v).is_err() {
+            conn.prepare_cached(&t.sql.dbv_insert)?
+                .execute(rusqlite::params![v, pk])?;
+        }
+    }
+    Ok(())
+}
