@@ -225,7 +225,10 @@ mod tests {
             &format!(r#"[["t","zz","a",1,1,1,"{site}",1,0]]"#),
             "element 1 (pk) is not hex",
         );
-        check_refused(r#"[["t","0109","a",1,1,1,"abc",1,0]]"#, "element 6 (site_id)");
+        check_refused(
+            r#"[["t","0109","a",1,1,1,"abc",1,0]]"#,
+            "element 6 (site_id)",
+        );
         check_refused(
             &format!(r#"[["t","0109","a",1,"1",1,"{site}",1,0]]"#),
             "element 4 (col_version)",

@@ -349,7 +349,8 @@ mod tests {
     fn check_client(json: &str, expected: ClientMsg) {
         let parsed: ClientMsg = serde_json::from_str(json).unwrap();
         assert_eq!(parsed, expected);
-        let again: ClientMsg = serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+        let again: ClientMsg =
+            serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
         assert_eq!(again, expected);
     }
 
@@ -358,28 +359,54 @@ mod tests {
         let site = SiteId([0x11; 16]);
         check_client(
             r#"{"type":"hello","protocol":1,"site_id":"11111111111111111111111111111111"}"#,
-            ClientMsg::Hello { protocol: 1, site_id: site, client: None },
+            ClientMsg::Hello {
+                protocol: 1,
+                site_id: site,
+                client: None,
+            },
         );
         check_client(
             r#"{"type":"subscribe","id":"s","query":"SELECT * FROM todos","cursor":5}"#,
-            ClientMsg::Subscribe { id: "s".into(), query: "SELECT * FROM todos".into(), cursor: Some(5) },
+            ClientMsg::Subscribe {
+                id: "s".into(),
+                query: "SELECT * FROM todos".into(),
+                cursor: Some(5),
+            },
         );
         check_client(
             r#"{"type":"ack","cursors":{"a":1,"b":2}}"#,
-            ClientMsg::Ack { cursors: [("a".to_owned(), 1), ("b".to_owned(), 2)].into() },
+            ClientMsg::Ack {
+                cursors: [("a".to_owned(), 1), ("b".to_owned(), 2)].into(),
+            },
         );
         check_client(
             r#"{"type":"push","id":"p","from":0,"to":1,"changes":[["todos","010907","title","x",1,12,"07070707070707070707070707070707",1,0]]}"#,
-            ClientMsg::Push { id: "p".into(), from: 0, to: 1, changes: vec![change("title", Value::Text("x".into()))] },
+            ClientMsg::Push {
+                id: "p".into(),
+                from: 0,
+                to: 1,
+                changes: vec![change("title", Value::Text("x".into()))],
+            },
         );
-        check_client(r#"{"type":"resync","sub":"s","cursor":3}"#, ClientMsg::Resync { sub: "s".into(), cursor: 3 });
-        check_client(r#"{"type":"unsubscribe","id":"s"}"#, ClientMsg::Unsubscribe { id: "s".into() });
+        check_client(
+            r#"{"type":"resync","sub":"s","cursor":3}"#,
+            ClientMsg::Resync {
+                sub: "s".into(),
+                cursor: 3,
+            },
+        );
+        check_client(
+            r#"{"type":"unsubscribe","id":"s"}"#,
+            ClientMsg::Unsubscribe { id: "s".into() },
+        );
         check_client(r#"{"type":"ping"}"#, ClientMsg::Ping { id: None });
     }
 
     #[track_caller]
     fn check_bad(json: &str, expected: &str) {
-        let err = serde_json::from_str::<ClientMsg>(json).unwrap_err().to_string();
+        let err = serde_json::from_str::<ClientMsg>(json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(expected), "{json}: {err}");
     }
 
@@ -387,7 +414,10 @@ mod tests {
     fn bad_client_messages_say_what_is_wrong() {
         check_bad(r#"{"type":"launch"}"#, "unknown variant `launch`");
         check_bad(r#"{"type":"subscribe","id":"s"}"#, "missing field `query`");
-        check_bad(r#"{"type":"subscribe","id":1,"query":"x"}"#, "invalid type: integer `1`");
+        check_bad(
+            r#"{"type":"subscribe","id":1,"query":"x"}"#,
+            "invalid type: integer `1`",
+        );
         check_bad(r#"{"type":"ping","extra":1}"#, "unknown field `extra`");
         check_bad(r#"{"query":"x"}"#, "missing field `type`");
     }
@@ -404,7 +434,10 @@ mod tests {
                 s
             })
             .collect();
-        let evict = vec![RowKey { table: "todos".into(), pk: PackedPk(vec![1, 9, 8]) }];
+        let evict = vec![RowKey {
+            table: "todos".into(),
+            pk: PackedPk(vec![1, 9, 8]),
+        }];
         let mut b = ChangesMessageBuilder::new(20);
         b.part("a\"b", 12, encoded.iter().map(String::as_str), &[]);
         b.part("quiet", 15, std::iter::empty(), &[]);
@@ -414,9 +447,30 @@ mod tests {
         let expected = ServerMsg::Changes {
             version: 20,
             subs: [
-                ("a\"b".to_owned(), SubPart { from: 12, changes: vec![c1, c2], evict: vec![] }),
-                ("quiet".to_owned(), SubPart { from: 15, changes: vec![], evict: vec![] }),
-                ("z".to_owned(), SubPart { from: 12, changes: vec![], evict }),
+                (
+                    "a\"b".to_owned(),
+                    SubPart {
+                        from: 12,
+                        changes: vec![c1, c2],
+                        evict: vec![],
+                    },
+                ),
+                (
+                    "quiet".to_owned(),
+                    SubPart {
+                        from: 15,
+                        changes: vec![],
+                        evict: vec![],
+                    },
+                ),
+                (
+                    "z".to_owned(),
+                    SubPart {
+                        from: 12,
+                        changes: vec![],
+                        evict,
+                    },
+                ),
             ]
             .into(),
         };
@@ -426,7 +480,9 @@ mod tests {
 
     #[test]
     fn server_errors_carry_their_reference() {
-        let e = ServerMsg::Error(ErrorMsg::new(ErrorCode::Gap, "push starts at 9, server holds 4").with_ref("p1"));
+        let e = ServerMsg::Error(
+            ErrorMsg::new(ErrorCode::Gap, "push starts at 9, server holds 4").with_ref("p1"),
+        );
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(
             json,
