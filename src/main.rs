@@ -1,13 +1,40 @@
 //! The `tenantsync` command-line tool.
+//!
+//! Module map:
+//! - `cmd`: one module per subcommand; [`cmd::policy`] is `tenantsync policy
+//!   check|explain|diff` (contract: docs/POLICY.md).
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
 
 /// Multi-tenant partial sync for cr-sqlite databases.
 #[derive(Parser, Debug)]
 #[command(name = "tenantsync", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Row-level-security policy files: check, explain, diff (docs/POLICY.md).
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Policy(c) => {
+            let code = cmd::policy::run(
+                c,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            ExitCode::from(code)
+        }
+    }
 }
