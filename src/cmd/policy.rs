@@ -716,4 +716,71 @@ mod tests {
           no change
         "#);
     }
+
+    #[test]
+    fn explain_with_a_bad_policy_file_prints_its_diagnostics() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.sql");
+        std::fs::write(
+            &bad,
+            "CREATE POLICY p ON todos FOR SELECT USING (now() > 0);\n",
+        )
+        .unwrap();
+        let (code, out, err) = run_cli(&[
+            "explain",
+            "--schema",
+            SCHEMA,
+            "--policy",
+            bad.to_str().unwrap(),
+            "--claims",
+            ALICE,
+            "--query",
+            "SELECT * FROM todos",
+        ]);
+        assert_eq!((code, out.as_str()), (1, ""));
+        let first = err
+            .lines()
+            .next()
+            .unwrap()
+            .replace(bad.to_str().unwrap(), "bad.sql");
+        assert_eq!(
+            first,
+            "bad.sql:1:44: function `now()` is not allowed (its result is not a function of the row): allowed functions are auth.uid(), auth.role(), auth.claim('name'), coalesce, ifnull, lower, upper, length"
+        );
+    }
+
+    #[test]
+    fn diff_json_is_one_object_per_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = demo_db(dir.path());
+        let (code, out, _) = run_cli(&[
+            "diff",
+            "--schema",
+            SCHEMA,
+            "--db",
+            db.to_str().unwrap(),
+            "--from",
+            POLICY,
+            "--to",
+            POLICY,
+            "--claims",
+            ALICE,
+            "--claims",
+            "{}",
+            "--format",
+            "json",
+        ]);
+        assert_eq!(code, 0);
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                serde_json::json!({"claims": {"sub": "alice", "role": "authenticated", "tenant_id": "t1"}, "tables": {}}),
+                serde_json::json!({"claims": {}, "tables": {}}),
+            ]
+        );
+    }
 }
