@@ -285,6 +285,14 @@ fn sqlite_spellings_are_accepted() {
         sql("SELECT * FROM todos WHERE done = 1")
     );
     assert_eq!(sql("SELECT * FROM main.todos"), sql("SELECT * FROM todos"));
+    // As in SQLite, -9223372036854775808 is the INTEGER i64::MIN, not a REAL.
+    let q = engine
+        .rewrite(
+            &identity(ALICE),
+            "SELECT * FROM todos WHERE priority > -9223372036854775808",
+        )
+        .unwrap();
+    assert_eq!(q.params[0], Value::Integer(i64::MIN));
 }
 
 #[test]
