@@ -1,16 +1,18 @@
 -- Tenants' todo lists: the schema the demo, the docs and the tests use.
 -- Plain SQL as cr-sqlite users write it; `crsql_as_crr` marks synced tables.
+-- As in cr-sqlite, a CRR's non-key columns are nullable or have a DEFAULT:
+-- a merge may insert a row before all its columns arrive.
 
 CREATE TABLE lists (
   id INTEGER PRIMARY KEY NOT NULL,
-  tenant_id TEXT NOT NULL,
-  owner TEXT NOT NULL,
+  tenant_id TEXT,
+  owner TEXT,
   name TEXT
 );
 
 CREATE TABLE todos (
   id INTEGER PRIMARY KEY NOT NULL,
-  tenant_id TEXT NOT NULL,
+  tenant_id TEXT,
   list_id INTEGER,
   owner TEXT,
   title TEXT,
@@ -23,7 +25,7 @@ CREATE INDEX todos_list ON todos (list_id);
 CREATE TABLE members (
   list_id INTEGER NOT NULL,
   user_id TEXT NOT NULL,
-  tenant_id TEXT NOT NULL,
+  tenant_id TEXT,
   PRIMARY KEY (list_id, user_id)
 );
 

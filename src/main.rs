@@ -1,8 +1,9 @@
 //! The `tenantsync` command-line tool.
 //!
 //! Module map:
-//! - `cmd`: one module per subcommand; [`cmd::sql`] is `tenantsync sql
-//!   <DB_PATH> <SQL>` (contract: docs/CLI.md).
+//! - `cmd`: one module per subcommand: [`cmd::sql`] is `tenantsync sql
+//!   <DB_PATH> <SQL>` (contract: docs/CLI.md); [`cmd::policy`] is
+//!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md).
 
 use std::process::ExitCode;
 
@@ -23,18 +24,28 @@ enum Command {
     /// Run SQL against a database with the tenantsync core loaded; print the
     /// rows of the last query as JSON arrays, one per line (docs/CLI.md).
     Sql(cmd::sql::SqlArgs),
+    /// Row-level-security policy files: check, explain, diff (docs/POLICY.md).
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Sql(args) => cmd::sql::run(args, &mut std::io::stdout().lock()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+    match &cli.command {
+        Command::Sql(args) => match cmd::sql::run(args, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Policy(c) => {
+            let code = cmd::policy::run(
+                c,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            ExitCode::from(code)
         }
     }
 }

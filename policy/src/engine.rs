@@ -151,8 +151,10 @@ impl IndexKey {
             Value::Null => return None,
             Value::Integer(i) => IndexKey::Int(*i),
             Value::Real(r) => {
+                // Exactly the REALs that equal some INTEGER: integral, in
+                // [-2^63, 2^63).
                 if r.fract() == 0.0
-                    && (-9.223_372_036_854_775e18..9.223_372_036_854_775e18).contains(r)
+                    && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(r)
                 {
                     IndexKey::Int(*r as i64)
                 } else {

@@ -257,6 +257,12 @@ impl MembershipSet {
         self.values.is_empty()
     }
 
+    /// Whether a (non-NULL) value is in the set, with the `IN`'s affinity
+    /// applied as SQLite would.
+    pub fn contains_value(&self, v: &Value) -> bool {
+        !v.is_null() && self.contains(&Val::borrow(v))
+    }
+
     fn contains(&self, v: &Val<'_>) -> bool {
         let conv = sqlite::apply_affinity(v, self.aff);
         let probe = conv.as_ref().unwrap_or(v);

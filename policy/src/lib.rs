@@ -42,3 +42,12 @@ pub use identity::{Identity, IdentityError};
 pub use policy::{Policy, PolicyCommand, PolicyKind, PolicySet};
 pub use schema::{Affinity, ColumnSchema, Schema, TableSchema};
 pub use sqlite::{ArithOp, real_to_text};
+
+// The server shares engines, views and plans across threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    assert_send_sync::<EffectiveQuery>();
+    assert_send_sync::<WritePlan>();
+    assert_send_sync::<MembershipResults>();
+};

@@ -138,10 +138,18 @@ impl<'a> Lowerer<'a> {
         match scope.table.column_index(&id.value) {
             Some(i) => Some(Expr::Column(i)),
             None => {
+                let hint = if id.quote_style == Some('"') {
+                    format!(
+                        " (\"{}\" is an identifier: write text in single quotes, '{}')",
+                        id.value, id.value
+                    )
+                } else {
+                    String::new()
+                };
                 self.problem(
                     id.span,
                     format!(
-                        "unknown column `{}` in table `{}`",
+                        "unknown column `{}` in table `{}`{hint}",
                         id.value, scope.table.name
                     ),
                 );
@@ -512,6 +520,8 @@ impl<'a> Lowerer<'a> {
                 | B::Divide
                 | B::Modulo
                 | B::StringConcat
+                | B::Is
+                | B::IsNot
         );
         if !allowed {
             self.problem(e.span(), format!("operator `{op}` is not allowed"));
@@ -533,6 +543,8 @@ impl<'a> Lowerer<'a> {
             B::LtEq => self.compare(CmpOp::Le, l, r, scope),
             B::Gt => self.compare(CmpOp::Gt, l, r, scope),
             B::GtEq => self.compare(CmpOp::Ge, l, r, scope),
+            B::Is => self.compare(CmpOp::Is, l, r, scope),
+            B::IsNot => self.compare(CmpOp::IsNot, l, r, scope),
             B::Plus => arith(ArithOp::Add, l, r),
             B::Minus => arith(ArithOp::Sub, l, r),
             B::Multiply => arith(ArithOp::Mul, l, r),

@@ -146,9 +146,9 @@ pub(crate) fn numeric_affinity(v: &Val<'_>) -> Option<Val<'static>> {
     if let (false, Some(i)) = (n.has_dot_or_exp, n.int) {
         return Some(Val::Int(i));
     }
-    if !n.has_dot_or_exp && real_same_as_int(n.real) {
-        return Some(Val::Int(n.real as i64));
-    }
+    // An integer too large for 64 bits (SQLite's `alsoAnInt` then fails too:
+    // such values are beyond +-2^51) stays REAL, as does anything with a `.`
+    // or an exponent.
     Some(Val::Real(n.real))
 }
 
@@ -169,10 +169,6 @@ fn text_affinity(v: &Val<'_>) -> Option<Val<'static>> {
         Val::Real(r) => Some(Val::Text(Cow::Owned(real_to_text(*r)))),
         _ => None,
     }
-}
-
-fn real_same_as_int(r: f64) -> bool {
-    r.fract() == 0.0 && (-9.223_372_036_854_775e18..9.223_372_036_854_775e18).contains(&r)
 }
 
 /// What SQLite's `sqlite3AtoF` sees in a text.

@@ -258,12 +258,41 @@ fn refusals_are_clear_errors() {
         "SELECT * FROM todos WHERE",
         "",
         "SELEC * FROM todos",
+        "SELECT * FROM todos WHERE title = \"x\"",
+        "SELECT * FROM todos WHERE title GLOB 'a*'",
     ];
     let out: Vec<String> = cases
         .iter()
         .map(|q| format!("{q:?}\n  -> {}", refused(q)))
         .collect();
     insta::assert_snapshot!(out.join("\n"));
+}
+
+#[test]
+fn sqlite_spellings_are_accepted() {
+    let engine = example_engine();
+    let sql = |q: &str| engine.rewrite(&identity(ALICE), q).unwrap().snapshot_sql;
+    let is =
+        sql("SELECT * FROM todos WHERE done IS 1 AND priority IS NOT NULL AND owner IS NOT 'bob'");
+    assert_eq!(
+        is,
+        sql(
+            "SELECT * FROM todos WHERE done IS NOT DISTINCT FROM 1 AND priority IS NOT NULL AND owner IS DISTINCT FROM 'bob'"
+        )
+    );
+    assert_eq!(
+        sql("SELECT * FROM todos WHERE done == 1"),
+        sql("SELECT * FROM todos WHERE done = 1")
+    );
+    assert_eq!(sql("SELECT * FROM main.todos"), sql("SELECT * FROM todos"));
+    // As in SQLite, -9223372036854775808 is the INTEGER i64::MIN, not a REAL.
+    let q = engine
+        .rewrite(
+            &identity(ALICE),
+            "SELECT * FROM todos WHERE priority > -9223372036854775808",
+        )
+        .unwrap();
+    assert_eq!(q.params[0], Value::Integer(i64::MIN));
 }
 
 #[test]

@@ -1,3 +1,4 @@
 //! The subcommands of the `tenantsync` CLI, one module each.
 
+pub mod policy;
 pub mod sql;
