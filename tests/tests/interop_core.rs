@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail, ensure};
+use tenantsync_core::{MergeStamping, Options};
 use tenantsync_tests::RealCrsqlite;
 use tenantsync_tests::core_peer::{CorePeer, Path};
 use tenantsync_tests::fuzz::{Config, Run, Summary};
@@ -50,9 +51,9 @@ fn report(name: &str, results: &[(u64, Summary)], start: std::time::Instant) {
     );
 }
 
-/// Two real cr-sqlite peers and two tenantsync-core peers: random writes on
-/// all four (primary-key UPDATEs only on the core ones, see
-/// `Config::pk_updates`), random exchanges; all converge.
+/// Two real cr-sqlite peers and two tenantsync-core peers (one with each
+/// merge stamping): random writes on all four (primary-key UPDATEs only on
+/// the core ones, see `Config::pk_updates`), random exchanges; all converge.
 #[test]
 fn mixed_peers_converge() -> Result<()> {
     let real = RealCrsqlite::spawn()?;
@@ -60,7 +61,18 @@ fn mixed_peers_converge() -> Result<()> {
     let mut results = Vec::new();
     for seed in seeds() {
         let (r1, r2) = (real.open()?, real.open()?);
-        let (c1, c2) = (CorePeer::open("1")?, CorePeer::open("2")?);
+        // The second core peer stamps merged clocks with its own transaction's
+        // version (MergeStamping::Local, what the server uses): db_versions
+        // are local, so convergence must not depend on the stamping.
+        let c1 = CorePeer::open("1")?;
+        let c2 = CorePeer::open_with(
+            "2-local-stamping",
+            Path::Alternate,
+            Options {
+                merge_stamping: MergeStamping::Local,
+                ..Options::default()
+            },
+        )?;
         // The order of kinds varies with the seed, so either kind is peer 0
         // (the reference of the comparison) and the relays mix.
         let mut peers: Vec<(&dyn CrPeer, bool)> =
@@ -194,6 +206,32 @@ fn pack_columns_gives_the_same_bytes() -> Result<()> {
         // And the core decodes what the real one encoded.
         let back = tenantsync_core::PackedPk(hex::decode(&real_hex)?).unpack()?;
         ensure!(back == *values, "unpack {real_hex}: {back:?} != {values:?}");
+        // crsql_unpack_columns agrees in both.
+        let unpack = "SELECT cell, typeof(cell) FROM crsql_unpack_columns(?)";
+        let blob = [Value::Blob(hex::decode(&real_hex)?)];
+        let (ur, uc) = (real.query(unpack, &blob)?, core.query(unpack, &blob)?);
+        ensure!(
+            ur == uc,
+            "crsql_unpack_columns({real_hex}): real {ur:?}, core {uc:?}"
+        );
+    }
+    // Lenient decoding: a non-canonical 8-byte 1, an integer with zero bytes,
+    // and a one-byte 0x80 (zero-extended: +128) decode alike; a truncated blob
+    // fails in both.
+    for (blob, ok) in [
+        ("01410000000000000001", true),
+        ("0209800101", true),
+        ("0101", true),
+        ("020980", false),
+        ("0109", false),
+    ] {
+        let unpack = "SELECT cell, typeof(cell) FROM crsql_unpack_columns(?)";
+        let arg = [Value::Blob(hex::decode(blob)?)];
+        match (real.query(unpack, &arg), core.query(unpack, &arg)) {
+            (Ok(r), Ok(c)) if ok => ensure!(r == c, "unpack {blob}: real {r:?}, core {c:?}"),
+            (Err(_), Err(_)) if !ok => {}
+            (r, c) => bail!("unpack {blob}: real {r:?}, core {c:?}"),
+        }
     }
     Ok(())
 }
