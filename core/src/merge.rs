@@ -130,7 +130,7 @@ impl RowMerge {
         }
         if c.cl.rem_euclid(2) == 0 {
             if c.cl == local_cl {
-                return Ok(Outcome::Duplicate);
+                return self.sentinel_tie(sh, st, c);
             }
             self.pending = PendingRow::default();
             self.exec_pk(st, &self.t.sql.row_delete)?;
@@ -143,7 +143,7 @@ impl RowMerge {
         }
         if c.cid == SENTINEL {
             if c.cl == local_cl {
-                return Ok(Outcome::Duplicate);
+                return self.sentinel_tie(sh, st, c);
             }
             self.resurrect(sh, st, c, c.col_version)?;
             sh.rows_impacted.fetch_add(1, Relaxed);
@@ -228,6 +228,32 @@ impl RowMerge {
         Ok(())
     }
 
+    /// A sentinel (or delete) at the causal length the row already has: a
+    /// no-op in cr-sqlite. With `merge-equal-values` on we extend 0.16.3's
+    /// site-id tie-break to it (as Corrosion's fork did for concurrent
+    /// deletes), so that peers also agree on who authored the sentinel; the
+    /// row itself is unchanged either way.
+    fn sentinel_tie(&mut self, sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
+        if !sh.merge_equal_values.load(Relaxed) || c.cid != SENTINEL || c.col_version != c.cl {
+            return Ok(Outcome::Duplicate);
+        }
+        let Some(local) = self.clock.sentinel else {
+            return Ok(Outcome::Duplicate);
+        };
+        if local.col_version != c.col_version {
+            return Ok(Outcome::Duplicate);
+        }
+        let local_site = st.site_blob(local.site)?.to_vec();
+        if c.site_id <= local_site.as_slice() {
+            return Ok(Outcome::Duplicate);
+        }
+        let clock = self.winner_clock(sh, st, c, c.col_version)?;
+        self.clock.sentinel = Some(clock);
+        self.dirty = true;
+        sh.rows_impacted.fetch_add(1, Relaxed);
+        Ok(Outcome::Applied)
+    }
+
     /// cr-sqlite's `did_cid_win` for equal causal lengths.
     fn cell_outcome(
         &mut self,
@@ -287,8 +313,10 @@ impl RowMerge {
     }
 
     fn flush(&mut self, st: &mut State) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         if !pending.cols.is_empty() {
+            // The SQL is cached by column set: bind in column order.
+            pending.cols.sort_by_key(|(i, _)| *i);
             let idx: Vec<usize> = pending.cols.iter().map(|(i, _)| *i).collect();
             let sql = st.upsert_sql(&self.t, &idx);
             let mut stmt = st.conn().prepare_cached(&sql)?;

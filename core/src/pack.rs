@@ -420,13 +420,12 @@ mod tests {
             },
         );
         check_error(
-            "02090105",
+            "0209010B",
             PkError::Truncated {
-                offset: 3,
+                offset: 4,
                 index: 1,
                 needed: 1,
-            }
-            .clone(),
+            },
         );
         check_error(
             "010B0561",

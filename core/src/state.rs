@@ -402,7 +402,8 @@ impl State {
         }
     }
 
-    /// The cached upsert SQL for a set of columns (bitmask of `cols` indexes).
+    /// The cached upsert SQL for a set of columns (`cols`: indexes in
+    /// increasing order; cached by bitmask).
     pub fn upsert_sql(&mut self, t: &TableInfo, cols: &[usize]) -> Arc<str> {
         if cols.len() > 64 || cols.iter().any(|&i| i >= 64) {
             return t.upsert_sql(cols).into();

@@ -109,3 +109,30 @@ pub fn sync_sql(from: &CrrConnection, to: &CrrConnection, filter: &str) -> usize
 pub fn table(d: &CrrConnection, name: &str) -> Vec<String> {
     rows(d, &format!("SELECT * FROM \"{name}\" ORDER BY 1, 2"))
 }
+
+/// Merges typed changes through SQL (`INSERT INTO crsql_changes`), in one
+/// transaction.
+pub fn apply_sql(to: &CrrConnection, changes: &[tenantsync_core::Change]) {
+    to.conn().execute_batch("BEGIN").expect("begin");
+    {
+        let mut ins = to
+            .conn()
+            .prepare_cached("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            .expect("prepare insert");
+        for c in changes {
+            ins.execute(rusqlite::params![
+                c.table,
+                c.pk.0,
+                c.cid,
+                c.val,
+                c.col_version,
+                c.db_version,
+                c.site_id.0.as_slice(),
+                c.cl,
+                c.seq
+            ])
+            .expect("insert into crsql_changes");
+        }
+    }
+    to.conn().execute_batch("COMMIT").expect("commit");
+}

@@ -569,3 +569,15 @@ fn apply_inside_a_callers_transaction_uses_a_savepoint() {
     b.apply(&ch).unwrap();
     assert_eq!(table(&b, "t"), ["1|'x'|'y'"]);
 }
+
+#[test]
+fn a_row_group_writes_each_value_to_its_column_whatever_the_order() {
+    let a = db_with(0xA0, T);
+    a.conn()
+        .execute_batch("INSERT INTO t VALUES (0, NULL, NULL); UPDATE t SET a = 1 WHERE id = 0; INSERT INTO t VALUES (1, NULL, 1);")
+        .unwrap();
+    // Row 0's first group merges b before a, row 1's a before b.
+    let mut b = db_with(0xB0, T);
+    b.apply(&a.changes_since(0, None).unwrap()).unwrap();
+    assert_eq!(table(&b, "t"), ["0|1|NULL", "1|NULL|1"]);
+}
