@@ -5,7 +5,8 @@
 //!   exchange changes in random order with drops and duplicates; all converge
 //!   to identical tables and clocks. Seeds: `TENANTSYNC_INTEROP_SEEDS=<n>`
 //!   runs seeds 1..=n (default 40), `=<a>..<b>` seeds a..b,
-//!   `TENANTSYNC_INTEROP_SEED=<s>` one seed (a failure prints it).
+//!   `TENANTSYNC_INTEROP_SEED=<s>` one seed (a failure prints it);
+//!   `TENANTSYNC_INTEROP_STEPS=<k>` steps per seed (default 150).
 //! - Targeted checks: `crsql_pack_columns` bytes, every local-tracking rule,
 //!   every merge rule, each run on both kinds and compared; the primary-key
 //!   UPDATE where tenantsync deliberately fixes cr-sqlite.
@@ -39,14 +40,20 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-const STEPS: usize = 150;
+/// Steps per seed: `TENANTSYNC_INTEROP_STEPS`, default 150.
+fn steps() -> usize {
+    std::env::var("TENANTSYNC_INTEROP_STEPS")
+        .map(|s| s.parse().expect("TENANTSYNC_INTEROP_STEPS is a number"))
+        .unwrap_or(150)
+}
 
 fn report(name: &str, results: &[(u64, Summary)], start: std::time::Instant) {
     let ties: usize = results.iter().map(|(_, s)| s.tie_differences).sum();
     let clocks: usize = results.iter().map(|(_, s)| s.clocks).sum();
     eprintln!(
-        "{name}: {} seeds x {STEPS} steps converged in {:.1?} ({clocks} clocks compared, {ties} equal-value tie site differences excused)",
+        "{name}: {} seeds x {} steps converged in {:.1?} ({clocks} clocks compared, {ties} equal-value tie site differences excused)",
         results.len(),
+        steps(),
         start.elapsed()
     );
 }
@@ -82,7 +89,7 @@ fn mixed_peers_converge() -> Result<()> {
             peers.iter().map(|(p, _)| *p).collect(),
             Config {
                 seed,
-                steps: STEPS,
+                steps: steps(),
                 pk_updates: peers.iter().map(|(_, pk)| *pk).collect(),
             },
         )?
@@ -108,7 +115,7 @@ fn real_peers_converge_among_themselves() -> Result<()> {
             peers.iter().map(|p| p as &dyn CrPeer).collect(),
             Config {
                 seed,
-                steps: STEPS,
+                steps: steps(),
                 pk_updates: vec![false; 3],
             },
         )?
@@ -976,5 +983,69 @@ fn change_filters_select_the_same_rows() -> Result<()> {
     let mut descending = ascending.clone();
     descending.reverse();
     ensure!(vc == descending, "core: {vc:?}");
+    Ok(())
+}
+
+/// Where the core deliberately or knowingly differs from cr-sqlite 0.16.0
+/// outside the wire format, pinned so that a change on either side shows up
+/// (docs/arch/interop.md "Known differences").
+#[test]
+fn known_differences_from_cr_sqlite() -> Result<()> {
+    let real = RealCrsqlite::spawn()?.open()?;
+    let core = CorePeer::open("differences")?;
+    let one = |peer: &dyn CrPeer, sql: &str| -> Result<Vec<Vec<Value>>> { peer.query(sql, &[]) };
+    let script = "CREATE TABLE t (id PRIMARY KEY NOT NULL, a); SELECT crsql_as_crr('t');
+        CREATE TABLE log (what);
+        CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN INSERT INTO log VALUES ('ins a=' || quote(NEW.a)); END;
+        CREATE TRIGGER t_upd AFTER UPDATE ON t BEGIN INSERT INTO log VALUES ('upd a=' || quote(NEW.a)); END;";
+    for peer in [&real as &dyn CrPeer, &core] {
+        peer.exec(script)?;
+        peer.exec(
+            "BEGIN; INSERT INTO crsql_changes VALUES ('t', x'010902', 'a', 1, 1, 1, x'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 1, 0); ROLLBACK",
+        )?;
+    }
+    // 1. crsql_rows_impacted() after a ROLLBACK: cr-sqlite keeps the rolled
+    //    back count (it resets only at COMMIT); the core resets it.
+    let q = "SELECT crsql_rows_impacted()";
+    ensure!(
+        one(&real, q)? == vec![vec![Value::Integer(1)]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(
+        one(&core, q)? == vec![vec![Value::Integer(0)]],
+        "core: {:?}",
+        one(&core, q)?
+    );
+    for peer in [&real as &dyn CrPeer, &core] {
+        // A cl-3 column change for an unknown row (an out-of-order
+        // resurrection): cr-sqlite inserts the key, then updates the column.
+        peer.exec(
+            "INSERT INTO crsql_changes VALUES ('t', x'010901', 'a', 'x3', 1, 6, x'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 3, 1)",
+        )?;
+    }
+    // 2. User triggers on merged rows: the core writes a row once with its
+    //    merged values (AFTER INSERT sees them); cr-sqlite inserts the key
+    //    alone, then updates.
+    let q = "SELECT what FROM log ORDER BY rowid";
+    ensure!(
+        one(&real, q)? == vec![vec![text("ins a=NULL")], vec![text("upd a='x3'")]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(
+        one(&core, q)? == vec![vec![text("ins a='x3'")]],
+        "core: {:?}",
+        one(&core, q)?
+    );
+    // 3. crsql_unpack_columns of a TEXT argument: cr-sqlite decodes the
+    //    text's bytes; the core takes only BLOBs and returns no rows.
+    let q = "SELECT cell FROM crsql_unpack_columns(x'020980' || x'01')";
+    ensure!(
+        one(&real, q)? == vec![vec![Value::Integer(128)], vec![Value::Integer(0)]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(one(&core, q)?.is_empty(), "core: {:?}", one(&core, q)?);
     Ok(())
 }
