@@ -252,7 +252,7 @@ fn pack_columns_gives_the_same_bytes() -> Result<()> {
 /// does not, so the numbers may differ while the order agrees), the local
 /// site id by `local`, foreign ones by their first bytes.
 fn normalized_changes(peer: &dyn CrPeer) -> Result<Vec<String>> {
-    let own = peer.site_id()?;
+    let own = peer.site()?;
     let mut rows = peer.changes("", &[])?;
     rows.sort_by(|a, b| (a.db_version, a.seq, a.key()).cmp(&(b.db_version, b.seq, b.key())));
     let ranks: BTreeMap<i64, usize> = {
@@ -446,7 +446,7 @@ fn case(name: impl Into<String>, setup: impl Into<String>, batches: Vec<Vec<Cloc
 /// The receiver's state after a merge case: tables, the user trigger's log,
 /// and every clock with the local site id written `local`.
 fn merge_state(peer: &dyn CrPeer) -> Result<(Dump, Vec<String>)> {
-    let own = peer.site_id()?;
+    let own = peer.site()?;
     let mut d = dump(peer)?;
     for c in &mut d.clocks {
         if c.site_id == own {
@@ -467,7 +467,7 @@ fn run_merge_case(peer: &dyn CrPeer, case: &MergeCase) -> Result<(Dump, Vec<Stri
         peer.exec(&case.setup)?;
     }
     for b in &case.batches {
-        peer.apply(b)?;
+        peer.merge(b)?;
     }
     if !case.after.is_empty() {
         peer.exec(case.after)?;
@@ -758,7 +758,7 @@ fn bad_changes_are_refused_by_both() -> Result<()> {
         let c2 = CorePeer::open_path("bad-sql", Path::Sql)?;
         for peer in [&r as &dyn CrPeer, &c, &c2] {
             peer.exec(MERGE_SCHEMA)?;
-            let result = peer.apply(&[good.clone(), change.clone()]);
+            let result = peer.merge(&[good.clone(), change.clone()]);
             ensure!(
                 result.is_err(),
                 "{what}: {} accepted {change}",
@@ -825,11 +825,11 @@ fn pk_update_incremental(a: &dyn CrPeer, b: &dyn CrPeer) -> Result<Vec<Vec<Value
     a.exec(PK_SCHEMA)?;
     b.exec(PK_SCHEMA)?;
     a.exec("INSERT INTO t VALUES (10, 'x', 'y')")?;
-    let first = a.changes_since(0, None)?;
+    let first = a.feed(0, None)?;
     let seen = first.iter().map(|c| c.db_version).max().unwrap_or(0);
-    b.apply(&first)?;
+    b.merge(&first)?;
     a.exec("UPDATE t SET id = 11 WHERE id = 10")?;
-    b.apply(&a.changes_since(seen, None)?)?;
+    b.merge(&a.feed(seen, None)?)?;
     b.query("SELECT id, a, b FROM t ORDER BY id", &[])
 }
 
@@ -884,14 +884,14 @@ fn pk_update_reaches_incremental_peers_whole() -> Result<()> {
         p.exec(PK_SCHEMA)?;
     }
     c.exec("INSERT INTO t VALUES (1, 'a', 'b'), (2, 'c', 'd')")?;
-    r1.apply(&c.changes_since(0, None)?)?;
+    r1.merge(&c.feed(0, None)?)?;
     r1.exec("UPDATE t SET b = 'r1' WHERE id = 2")?;
     c.exec("UPDATE t SET id = 3 WHERE id = 1; UPDATE t SET id = 4 WHERE id = 2")?;
-    r2.apply(&c.changes_since(0, None)?)?;
-    r1.apply(&c.changes_since(1, None)?)?;
-    c.apply(&r1.changes_since(0, None)?)?;
-    r2.apply(&r1.changes_since(0, None)?)?;
-    r1.apply(&r2.changes_since(0, None)?)?;
+    r2.merge(&c.feed(0, None)?)?;
+    r1.merge(&c.feed(1, None)?)?;
+    c.merge(&r1.feed(0, None)?)?;
+    r2.merge(&r1.feed(0, None)?)?;
+    r1.merge(&r2.feed(0, None)?)?;
     let (dc, d1, d2) = (dump(&c)?, dump(&r1)?, dump(&r2)?);
     let rule = Default::default();
     for (name, d) in [("r1", &d1), ("r2", &d2)] {
@@ -936,7 +936,7 @@ fn change_filters_select_the_same_rows() -> Result<()> {
         ("ORDER BY db_version DESC", vec![]),
         ("WHERE db_version > 0 ORDER BY db_version, seq", vec![]),
     ];
-    let (sr, sc) = (real.site_id()?, core.site_id()?);
+    let (sr, sc) = (real.site()?, core.site()?);
     for (filter, params) in filters {
         let mut r = real.changes(filter, params)?;
         let mut c = core.changes(filter, params)?;
