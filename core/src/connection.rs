@@ -346,7 +346,7 @@ impl CrrConnection {
             let rows = stmt.query_map(rusqlite::params![since, upper], |r| {
                 Ok(RowRef {
                     table: t.name.clone(),
-                    pk: PackedPk(r.get(0)?),
+                    pk: PackedPk(crate::state::pk_of_key(&t, r.get_ref(0)?)),
                     db_version: r.get(1)?,
                 })
             })?;

@@ -10,7 +10,7 @@ use crate::clock::{Clock, RowClock};
 use crate::error::{Error, Result};
 use crate::pack::pack_into;
 use crate::schema::{self, TableInfo, ident};
-use crate::state::{Shared, State, SyncBitGuard, insert_new_clock, read_clock, write_clock};
+use crate::state::{Shared, State, SyncBitGuard, pk_of_key};
 
 /// Runs `f` inside `SAVEPOINT name`, rolling back to it on error.
 pub(crate) fn in_savepoint<T>(
@@ -61,7 +61,12 @@ pub(crate) fn as_crr(sh: &Shared, st: &mut State, schema: Option<&str>, table: &
     in_savepoint(st, "crsql_as_crr", |st| {
         let conn = st.conn();
         schema::create_meta_tables(conn)?;
-        schema::create_clock_tables(conn, table)?;
+        let int_key = match st.table(table) {
+            Ok(existing) => existing.int_key,
+            Err(_) => schema::has_rowid_alias_pk(st.conn(), table, &cols)?,
+        };
+        let conn = st.conn();
+        schema::create_clock_tables(conn, table, int_key)?;
         schema::sync_metadata(conn, table, &cols)?;
         let info = schema::load_table(conn, table.to_owned())?;
         schema::create_triggers(conn, &info)?;
@@ -142,11 +147,14 @@ pub(crate) fn commit_alter(
         keep_db_version(sh, st)?;
         let conn = st.conn();
         let pk_changed = schema::sync_metadata(conn, table, &cols)?;
-        let info = schema::load_table(conn, table.to_owned())?;
-        if pk_changed {
+        let int_key = schema::has_rowid_alias_pk(conn, table, &cols)?;
+        let rebuild = pk_changed || int_key != old.int_key;
+        if rebuild {
             schema::drop_clock_tables(conn, table)?;
-            schema::create_clock_tables(conn, table)?;
-        } else {
+            schema::create_clock_tables(conn, table, int_key)?;
+        }
+        let info = schema::load_table(conn, table.to_owned())?;
+        if !rebuild {
             compact(st, &old, &info)?;
         }
         schema::create_triggers(st.conn(), &info)?;
@@ -176,17 +184,24 @@ pub(crate) fn commit_alter(
 fn compact(st: &State, old: &TableInfo, new: &TableInfo) -> Result<()> {
     let conn = st.conn();
     let live_slots: Vec<u32> = new.cols.iter().map(|c| c.slot).collect();
-    let mut last: Vec<u8> = Vec::new();
+    let mut last: Option<rusqlite::types::Value> = None;
     loop {
-        let batch: Vec<(Vec<u8>, Vec<u8>)> = conn
-            .prepare_cached(&old.sql.clock_scan)?
-            .query_map(rusqlite::params![last, 512], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
+        let batch: Vec<(rusqlite::types::Value, Vec<u8>)> = match &last {
+            None => conn
+                .prepare_cached(&old.sql.clock_scan_first)?
+                .query_map([512], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?,
+            Some(k) => conn
+                .prepare_cached(&old.sql.clock_scan)?
+                .query_map(rusqlite::params![k, 512], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?,
+        };
         let Some((tail, _)) = batch.last() else {
             break;
         };
-        last = tail.clone();
-        for (pk, bytes) in batch {
+        last = Some(tail.clone());
+        for (k, bytes) in batch {
+            let pk = pk_of_key(old, (&k).into());
             let before = RowClock::decode(&bytes)
                 .map_err(|e| Error::Invalid(format!("table {:?}: {e}", old.name)))?;
             let mut after = before.clone();
@@ -211,7 +226,7 @@ fn compact(st: &State, old: &TableInfo, new: &TableInfo) -> Result<()> {
                 }
             }
             if after != before {
-                write_clock(conn, new, &pk, Some(&before), &after)?;
+                st.write_clock(new, &pk, Some(&before), &after)?;
             }
         }
     }
@@ -268,7 +283,7 @@ fn backfill(sh: &Shared, st: &mut State, t: &TableInfo, mode: Backfill) -> Resul
         let vals: Vec<ValueRef<'_>> = (0..np).map(|i| row.get_ref(i)).collect::<Result<_, _>>()?;
         pk.clear();
         pack_into(vals.iter().copied(), np, &mut pk).map_err(|e| Error::pk(&t.name, &pk, e))?;
-        let old = read_clock(conn, t, &pk)?;
+        let old = st.read_clock(t, &pk)?;
         let mut v = || -> Result<i64> {
             if let Some(v) = version {
                 return Ok(v);
@@ -297,7 +312,7 @@ fn backfill(sh: &Shared, st: &mut State, t: &TableInfo, mode: Backfill) -> Resul
                         *clock.cell_mut(c.slot) = Some(local(1, dbv));
                     }
                 }
-                insert_new_clock(conn, t, &pk, &clock, dbv)?;
+                st.insert_new_clock(t, &pk, &clock, dbv)?;
                 sh.wrote.store(true, Relaxed);
             }
             Some(old) => {
@@ -315,7 +330,7 @@ fn backfill(sh: &Shared, st: &mut State, t: &TableInfo, mode: Backfill) -> Resul
                     }
                 }
                 if clock != old {
-                    write_clock(conn, t, &pk, Some(&old), &clock)?;
+                    st.write_clock(t, &pk, Some(&old), &clock)?;
                     sh.wrote.store(true, Relaxed);
                 }
             }
@@ -358,9 +373,9 @@ pub(crate) fn evict(sh: &Shared, st: &mut State, table: &str, pks: &[Vec<u8>]) -
             let mut stmt = conn.prepare_cached(&t.sql.row_delete)?;
             crate::merge::bind_pk_refs(&mut stmt, &vals)?;
             let deleted = stmt.raw_execute()?;
-            let old = read_clock(conn, &t, &pk)?;
+            let old = st.read_clock(&t, &pk)?;
             if let Some(old) = &old {
-                write_clock(conn, &t, &pk, Some(old), &RowClock::default())?;
+                st.write_clock(&t, &pk, Some(old), &RowClock::default())?;
             }
             if deleted > 0 || old.is_some() {
                 removed += 1;

@@ -14,7 +14,9 @@
 //! - `read`: change reads over the db_version index.
 //! - `crr`: `crsql_as_crr`, backfill, begin/commit alter, eviction.
 //! - `schema`: CRR metadata, compatibility rules, DDL; [`Schema`].
-//! - `state`: per-connection engine state (db_version, seq, caches).
+//! - `state`: per-connection engine state (db_version, seq, caches) and
+//!   the clock-record IO.
+//! - `raw`: directly held prepared statements for the hot paths.
 //! - `clock`: the per-row clock record encoding.
 //! - [`pack`]: cr-sqlite's packed primary keys, [`PackedPk`].
 //! - [`change`]: the change types [`Change`], [`ChangesQuery`], [`RowRef`].
@@ -31,6 +33,7 @@ pub mod error;
 mod functions;
 mod merge;
 pub mod pack;
+mod raw;
 mod read;
 pub mod schema;
 pub mod site;

@@ -17,7 +17,7 @@ use crate::clock::{Clock, RowClock};
 use crate::error::{Error, Result};
 use crate::pack::{canonicalize, unpack_refs};
 use crate::schema::TableInfo;
-use crate::state::{Shared, State, read_clock, write_clock};
+use crate::state::{Shared, State};
 
 /// cr-sqlite's tie order when col_versions are equal: storage class first,
 /// INTEGER > REAL > TEXT > BLOB > NULL, then numeric / bytewise.
@@ -94,7 +94,7 @@ pub(crate) struct RowMerge {
 impl RowMerge {
     /// Starts merging changes of the row `pk` (any encoding) of `t`.
     pub fn begin(st: &State, t: Arc<TableInfo>, pk: &[u8]) -> Result<RowMerge> {
-        let (canon, n) = canonicalize(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
+        let (mut canon, n) = canonicalize(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
         if n != t.pks.len() {
             return Err(Error::PkArity {
                 table: t.name.clone(),
@@ -103,8 +103,27 @@ impl RowMerge {
                 got: n,
             });
         }
-        let pk_vals = crate::pack::unpack(&canon).map_err(|e| Error::pk(&t.name, pk, e))?;
-        let old = read_clock(st.conn(), &t, &canon)?;
+        let mut pk_vals = crate::pack::unpack(&canon).map_err(|e| Error::pk(&t.name, pk, e))?;
+        if t.int_key {
+            // An INTEGER PRIMARY KEY stores 5.0 and '5' as 5: key the clock
+            // the way the row is stored.
+            let as_int = match &pk_vals[0] {
+                Value::Integer(i) => Some(*i),
+                Value::Real(r) if r.fract() == 0.0 && r.abs() < 9.2e18 => Some(*r as i64),
+                Value::Text(s) => s.trim().parse::<i64>().ok(),
+                _ => None,
+            };
+            let Some(i) = as_int else {
+                return Err(Error::Invalid(format!(
+                    "table {:?} has an INTEGER PRIMARY KEY: pk {} is not an integer (datatype mismatch)",
+                    t.name,
+                    hex::encode(pk)
+                )));
+            };
+            pk_vals = vec![Value::Integer(i)];
+            canon = crate::pack::pack_int(i);
+        }
+        let old = st.read_clock(&t, &canon)?;
         let clock = old.clone().unwrap_or_default();
         Ok(RowMerge {
             t,
@@ -186,7 +205,7 @@ impl RowMerge {
     pub fn finish(mut self, sh: &Shared, st: &mut State) -> Result<()> {
         self.flush(st)?;
         if self.dirty {
-            write_clock(st.conn(), &self.t, &self.pk, self.old.as_ref(), &self.clock)?;
+            st.write_clock(&self.t, &self.pk, self.old.as_ref(), &self.clock)?;
             sh.wrote.store(true, Relaxed);
         }
         Ok(())
@@ -296,13 +315,9 @@ impl RowMerge {
 
     /// The current value of one column of the row (None: no row).
     fn read_col(&self, st: &State, col: usize) -> Result<Option<Value>> {
-        let mut stmt = st.conn().prepare_cached(&self.t.sql.row_get)?;
-        bind_pk(&mut stmt, &self.pk_vals, 0)?;
-        let mut rows = stmt.raw_query();
-        match rows.next()? {
-            Some(row) => Ok(Some(row.get::<_, Value>(col)?)),
-            None => Ok(None),
-        }
+        Ok(st
+            .read_row(&self.t, &self.pk)?
+            .map(|mut vals| vals.swap_remove(col)))
     }
 
     fn exec_pk(&self, st: &State, sql: &str) -> Result<()> {

@@ -282,6 +282,28 @@ pub(crate) fn unpack_refs(data: &[u8]) -> Result<Vec<ValueRef<'_>>, PkError> {
     Ok(out)
 }
 
+/// The packed form of one integer.
+pub(crate) fn pack_int(i: i64) -> Vec<u8> {
+    let w = width(i as u64);
+    let mut out = Vec::with_capacity(2 + w);
+    out.push(1);
+    out.push(((w as u8) << 3) | T_INTEGER);
+    out.extend_from_slice(&(i as u64).to_be_bytes()[8 - w..]);
+    out
+}
+
+/// The integer of a canonical one-integer packed key.
+pub(crate) fn single_int(pk: &[u8]) -> Option<i64> {
+    match pk {
+        [1, tag, rest @ ..]
+            if tag & 0x07 == T_INTEGER && rest.len() == (tag >> 3) as usize && rest.len() <= 8 =>
+        {
+            Some(rest.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)) as i64)
+        }
+        _ => None,
+    }
+}
+
 /// Decodes a packed key into owned values.
 pub(crate) fn unpack(data: &[u8]) -> Result<Vec<Value>, PkError> {
     Ok(unpack_refs(data)?

@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::error::Result;
 use crate::merge::pk_refs;
 use crate::schema::TableInfo;
-use crate::state::{State, read_clock};
+use crate::state::State;
 
 /// How the site filter compares.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,30 +101,12 @@ struct TableCursor {
 
 impl TableCursor {
     fn fill(&mut self, st: &State, spec: &ScanSpec) -> Result<()> {
-        let conn = st.conn();
-        let mut got = 0;
-        match &self.last {
-            None => {
-                let mut stmt = conn.prepare_cached(&self.t.sql.dbv_scan_from)?;
-                let mut rows = stmt.query(rusqlite::params![spec.lower, spec.upper, CHUNK])?;
-                while let Some(r) = rows.next()? {
-                    self.buf.push_back((r.get(0)?, r.get(1)?));
-                    got += 1;
-                }
-            }
-            Some((v, pk)) => {
-                let mut stmt = conn.prepare_cached(&self.t.sql.dbv_scan_after)?;
-                let mut rows = stmt.query(rusqlite::params![v, pk, spec.upper, CHUNK])?;
-                while let Some(r) = rows.next()? {
-                    self.buf.push_back((r.get(0)?, r.get(1)?));
-                    got += 1;
-                }
-            }
-        }
+        let after = self.last.as_ref().map(|(v, pk)| (*v, pk.as_slice()));
+        let got = st.dbv_scan(&self.t, after, spec.lower, spec.upper, CHUNK, &mut self.buf)?;
         if let Some(back) = self.buf.back() {
             self.last = Some(back.clone());
         }
-        if got < CHUNK {
+        if (got as i64) < CHUNK {
             self.exhausted = true;
         }
         Ok(())
@@ -265,7 +247,7 @@ impl Scanner {
         keep: impl Fn(&Clock) -> bool,
         out: &mut Vec<RawChange>,
     ) -> Result<()> {
-        let Some(clock) = read_clock(st.conn(), t, pk)? else {
+        let Some(clock) = st.read_clock(t, pk)? else {
             return Ok(());
         };
         let cl = clock.reported_cl();
@@ -297,7 +279,7 @@ impl Scanner {
             return Ok(());
         }
         let values = if self.spec.need_val && picked.iter().any(|(c, _)| c.is_some()) {
-            read_row(st, t, pk)?
+            st.read_row(t, pk)?
         } else {
             None
         };
@@ -330,29 +312,6 @@ impl Scanner {
         let s: Arc<[u8]> = Arc::from(st.site_blob(ord)?);
         self.sites.insert(ord, s.clone());
         Ok(s)
-    }
-}
-
-/// The non-PK values of a base row, in `cols` order (None: no row).
-pub(crate) fn read_row(st: &State, t: &TableInfo, pk: &[u8]) -> Result<Option<Vec<Value>>> {
-    if t.cols.is_empty() {
-        return Ok(Some(Vec::new()));
-    }
-    let vals = pk_refs(t, pk)?;
-    let mut stmt = st.conn().prepare_cached(&t.sql.row_get)?;
-    for (i, v) in vals.iter().enumerate() {
-        stmt.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(*v))?;
-    }
-    let mut rows = stmt.raw_query();
-    match rows.next()? {
-        None => Ok(None),
-        Some(r) => {
-            let mut out = Vec::with_capacity(t.cols.len());
-            for i in 0..t.cols.len() {
-                out.push(r.get::<_, Value>(i)?);
-            }
-            Ok(Some(out))
-        }
     }
 }
 

@@ -43,7 +43,13 @@ pub(crate) struct Column {
 /// Everything the engine needs about one CRR, with its SQL text prepared.
 #[derive(Debug)]
 pub(crate) struct TableInfo {
+    /// Unique per loaded instance (keys its prepared statements).
+    pub id: u64,
     pub name: String,
+    /// The clock and dbv tables are keyed by the integer itself (the table's
+    /// primary key is an `INTEGER PRIMARY KEY` rowid alias) instead of the
+    /// packed pk blob: integer keys are cheaper to compare and append.
+    pub int_key: bool,
     /// PK columns in PRIMARY KEY order.
     pub pks: Vec<Column>,
     /// Non-PK tracked columns in slot order (= trigger argument order).
@@ -61,8 +67,10 @@ pub(crate) struct TableInfo {
 pub(crate) struct TableSql {
     pub clock_get: String,
     pub clock_insert_new: String,
-    pub clock_put: String,
+    pub clock_insert: String,
+    pub clock_update: String,
     pub clock_delete: String,
+    pub clock_scan_first: String,
     pub clock_scan: String,
     pub dbv_insert: String,
     pub dbv_delete: String,
@@ -78,10 +86,12 @@ pub(crate) struct TableSql {
 impl TableInfo {
     pub fn new(
         name: String,
+        int_key: bool,
         pks: Vec<Column>,
         cols: Vec<Column>,
         all_columns: Vec<String>,
     ) -> Self {
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let max_slot = cols.iter().map(|c| c.slot).max().unwrap_or(0) as usize;
         let mut slot_index = vec![None; max_slot + 1];
         for (i, c) in cols.iter().enumerate() {
@@ -120,11 +130,11 @@ impl TableInfo {
             .join(", ");
         let sql = TableSql {
             clock_get: format!("SELECT clock FROM {clock} WHERE pk = ?1"),
-            clock_insert_new: format!(
-                "INSERT INTO {clock} (pk, clock) VALUES (?1, ?2) ON CONFLICT DO NOTHING"
-            ),
-            clock_put: format!("INSERT OR REPLACE INTO {clock} (pk, clock) VALUES (?1, ?2)"),
+            clock_insert_new: format!("INSERT OR IGNORE INTO {clock} (pk, clock) VALUES (?1, ?2)"),
+            clock_insert: format!("INSERT INTO {clock} (pk, clock) VALUES (?1, ?2)"),
+            clock_update: format!("UPDATE {clock} SET clock = ?2 WHERE pk = ?1"),
             clock_delete: format!("DELETE FROM {clock} WHERE pk = ?1"),
+            clock_scan_first: format!("SELECT pk, clock FROM {clock} ORDER BY pk LIMIT ?1"),
             clock_scan: format!("SELECT pk, clock FROM {clock} WHERE pk > ?1 ORDER BY pk LIMIT ?2"),
             dbv_insert: format!("INSERT OR IGNORE INTO {dbv} (db_version, pk) VALUES (?1, ?2)"),
             dbv_delete: format!("DELETE FROM {dbv} WHERE db_version = ?1 AND pk = ?2"),
@@ -143,7 +153,9 @@ impl TableInfo {
             row_insert_pk: format!("INSERT OR IGNORE INTO {t} ({pk_list}) VALUES ({pk_params})"),
         };
         TableInfo {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             name,
+            int_key,
             pks,
             cols,
             slot_index,
@@ -282,8 +294,17 @@ pub(crate) fn load_table(conn: &Connection, name: String) -> Result<TableInfo> {
     }
     pks.sort_by_key(|(o, _)| *o);
     cols.sort_by_key(|c| c.slot);
+    let key_type: Option<String> = conn
+        .query_row(
+            "SELECT type FROM pragma_table_info(?1) WHERE name = 'pk'",
+            [format!("{name}__crsql_clock")],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let int_key = key_type.is_some_and(|t| t.eq_ignore_ascii_case("integer"));
     Ok(TableInfo::new(
         name,
+        int_key,
         pks.into_iter().map(|(_, c)| c).collect(),
         cols,
         all_columns,
@@ -404,11 +425,67 @@ pub(crate) fn check_compatible(conn: &Connection, table: &str) -> Result<Vec<Col
     Ok(cols)
 }
 
-/// Creates the clock and dbv tables of a CRR.
-pub(crate) fn create_clock_tables(conn: &Connection, table: &str) -> Result<()> {
+/// Whether the table's primary key is a single `INTEGER PRIMARY KEY`
+/// rowid alias (which only ever holds integers).
+pub(crate) fn has_rowid_alias_pk(
+    conn: &Connection,
+    table: &str,
+    cols: &[ColumnSchema],
+) -> Result<bool> {
+    let pks: Vec<&ColumnSchema> = cols.iter().filter(|c| c.pk > 0).collect();
+    let [pk] = pks.as_slice() else {
+        return Ok(false);
+    };
+    if !pk.decl_type.eq_ignore_ascii_case("integer") {
+        return Ok(false);
+    }
+    let without_rowid: bool = conn
+        .query_row(
+            "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .is_some_and(|wr| wr != 0);
+    if without_rowid {
+        return Ok(false);
+    }
+    // `INTEGER PRIMARY KEY DESC` is not an alias: reading an alias compiles
+    // to the Rowid opcode, any other column to Column.
+    let mut stmt = conn.prepare(&format!(
+        "EXPLAIN SELECT {} FROM {}",
+        ident(&pk.name),
+        ident(table)
+    ))?;
+    let mut rows = stmt.query([])?;
+    let mut rowid = false;
+    while let Some(r) = rows.next()? {
+        let op: String = r.get(1)?;
+        match op.as_str() {
+            "Rowid" => rowid = true,
+            "Column" => return Ok(false),
+            _ => {}
+        }
+    }
+    Ok(rowid)
+}
+
+/// Creates the clock and dbv tables of a CRR, keyed by the packed pk blob
+/// or, for rowid-alias keys, by the integer.
+pub(crate) fn create_clock_tables(conn: &Connection, table: &str, int_key: bool) -> Result<()> {
+    let (clock_pk, without_rowid) = if int_key {
+        ("pk INTEGER PRIMARY KEY", "")
+    } else {
+        ("pk BLOB NOT NULL PRIMARY KEY", " WITHOUT ROWID")
+    };
+    let dbv_pk = if int_key {
+        "pk INTEGER NOT NULL"
+    } else {
+        "pk BLOB NOT NULL"
+    };
     conn.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {} (pk BLOB NOT NULL PRIMARY KEY, clock BLOB NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS {} (db_version INTEGER NOT NULL, pk BLOB NOT NULL, PRIMARY KEY (db_version, pk)) WITHOUT ROWID;",
+        "CREATE TABLE IF NOT EXISTS {} ({clock_pk}, clock BLOB){without_rowid};
+         CREATE TABLE IF NOT EXISTS {} (db_version INTEGER NOT NULL, {dbv_pk}, PRIMARY KEY (db_version, pk)) WITHOUT ROWID;",
         clock_table(table),
         dbv_table(table)
     ))?;

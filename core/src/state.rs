@@ -18,11 +18,16 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
+use std::cell::RefCell;
+
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension};
+use tenantsync_types::Value;
 
 use crate::clock::RowClock;
 use crate::connection::MergeStamping;
 use crate::error::{Error, Result};
+use crate::raw::{Bind, RawStmt};
 use crate::schema::{self, TableInfo};
 use crate::site::SiteId;
 
@@ -221,6 +226,8 @@ pub(crate) struct State {
     pub sites: SiteCache,
     pub stamping: MergeStamping,
     upserts: HashMap<String, HashMap<u64, Arc<str>>>,
+    /// Prepared statements by `TableInfo::id`; cleared on schema reload.
+    stmts: RefCell<HashMap<u64, TableStmts>>,
 }
 
 impl State {
@@ -235,6 +242,7 @@ impl State {
             sites: SiteCache::default(),
             stamping,
             upserts: HashMap::new(),
+            stmts: RefCell::new(HashMap::new()),
         }
     }
 
@@ -248,6 +256,7 @@ impl State {
     /// Drops the inner connection, finalizing its cached statements. Must run
     /// before the real connection closes.
     pub fn close(&mut self) {
+        self.stmts.borrow_mut().clear();
         self.conn = None;
     }
 
@@ -324,6 +333,7 @@ impl State {
         );
         self.tables = tables.into_iter().map(Arc::new).collect();
         self.upserts.clear();
+        self.stmts.borrow_mut().clear();
         Ok(())
     }
 
@@ -421,71 +431,212 @@ impl State {
     }
 }
 
-/// Reads a row's clock record.
-pub(crate) fn read_clock(conn: &Connection, t: &TableInfo, pk: &[u8]) -> Result<Option<RowClock>> {
-    let mut stmt = conn.prepare_cached(&t.sql.clock_get)?;
-    let mut rows = stmt.query([pk])?;
-    match rows.next()? {
-        None => Ok(None),
-        Some(row) => {
-            let bytes = match row.get_ref(0)? {
-                rusqlite::types::ValueRef::Blob(b) => b,
-                _ => &[],
-            };
-            RowClock::decode(bytes).map(Some).map_err(|e| {
-                Error::Invalid(format!("table {:?}, pk {}: {e}", t.name, hex::encode(pk)))
-            })
+/// The prepared statements of one CRR.
+pub(crate) struct TableStmts {
+    clock_get: RawStmt,
+    clock_insert_new: RawStmt,
+    clock_insert: RawStmt,
+    clock_update: RawStmt,
+    clock_delete: RawStmt,
+    dbv_insert: RawStmt,
+    dbv_delete: RawStmt,
+    dbv_scan_from: RawStmt,
+    dbv_scan_after: RawStmt,
+    row_get: RawStmt,
+}
+
+impl TableStmts {
+    fn prepare(db: *mut rusqlite::ffi::sqlite3, t: &TableInfo) -> Result<TableStmts> {
+        let p = |sql: &str| RawStmt::prepare(db, sql);
+        Ok(TableStmts {
+            clock_get: p(&t.sql.clock_get)?,
+            clock_insert_new: p(&t.sql.clock_insert_new)?,
+            clock_insert: p(&t.sql.clock_insert)?,
+            clock_update: p(&t.sql.clock_update)?,
+            clock_delete: p(&t.sql.clock_delete)?,
+            dbv_insert: p(&t.sql.dbv_insert)?,
+            dbv_delete: p(&t.sql.dbv_delete)?,
+            dbv_scan_from: p(&t.sql.dbv_scan_from)?,
+            dbv_scan_after: p(&t.sql.dbv_scan_after)?,
+            row_get: p(&t.sql.row_get)?,
+        })
+    }
+}
+
+/// The clock/dbv-table key of a canonical packed pk.
+pub(crate) fn key<'a>(t: &TableInfo, pk: &'a [u8]) -> Result<Bind<'a>> {
+    if !t.int_key {
+        return Ok(Bind::Blob(pk));
+    }
+    crate::pack::single_int(pk).map(Bind::Int).ok_or_else(|| {
+        Error::Invalid(format!(
+            "table {:?} has an INTEGER PRIMARY KEY: pk {} is not one integer",
+            t.name,
+            hex::encode(pk)
+        ))
+    })
+}
+
+/// The canonical packed pk of a clock/dbv-table key.
+pub(crate) fn pk_of_key(t: &TableInfo, key: ValueRef<'_>) -> Vec<u8> {
+    match key {
+        ValueRef::Integer(i) if t.int_key => crate::pack::pack_int(i),
+        ValueRef::Blob(b) => b.to_vec(),
+        other => {
+            let mut out = Vec::new();
+            let _ = crate::pack::pack_into([other], 1, &mut out);
+            out
         }
     }
 }
 
-/// Inserts the clock record of a row that has none; false if it had one.
-pub(crate) fn insert_new_clock(
-    conn: &Connection,
-    t: &TableInfo,
-    pk: &[u8],
-    clock: &RowClock,
-    version: i64,
-) -> Result<bool> {
-    let n = conn
-        .prepare_cached(&t.sql.clock_insert_new)?
-        .execute(rusqlite::params![pk, clock.encode()])?;
-    if n == 0 {
-        return Ok(false);
+impl State {
+    fn db(&self) -> *mut rusqlite::ffi::sqlite3 {
+        // SAFETY: the handle of the engine's own (non-owning) connection.
+        unsafe { self.conn().handle() }
     }
-    conn.prepare_cached(&t.sql.dbv_insert)?
-        .execute(rusqlite::params![version, pk])?;
-    Ok(true)
-}
 
-/// Writes a row's clock record (deleting it when empty) and keeps the dbv
-/// index in step: versions that disappeared are removed, new ones added.
-pub(crate) fn write_clock(
-    conn: &Connection,
-    t: &TableInfo,
-    pk: &[u8],
-    old: Option<&RowClock>,
-    new: &RowClock,
-) -> Result<()> {
-    let old_versions = old.map(RowClock::versions).unwrap_or_default();
-    let new_versions = new.versions();
-    if new.is_empty() {
-        conn.prepare_cached(&t.sql.clock_delete)?.execute([pk])?;
-    } else {
-        conn.prepare_cached(&t.sql.clock_put)?
-            .execute(rusqlite::params![pk, new.encode()])?;
-    }
-    for v in &old_versions {
-        if new_versions.binary_search(v).is_err() {
-            conn.prepare_cached(&t.sql.dbv_delete)?
-                .execute(rusqlite::params![v, pk])?;
+    /// Runs `f` with the prepared statements of `t` (prepared on first use).
+    fn with_stmts<R>(&self, t: &TableInfo, f: impl FnOnce(&TableStmts) -> Result<R>) -> Result<R> {
+        if !self.stmts.borrow().contains_key(&t.id) {
+            let prepared = TableStmts::prepare(self.db(), t)?;
+            self.stmts.borrow_mut().insert(t.id, prepared);
         }
+        let map = self.stmts.borrow();
+        f(&map[&t.id])
     }
-    for v in &new_versions {
-        if old_versions.binary_search(v).is_err() {
-            conn.prepare_cached(&t.sql.dbv_insert)?
-                .execute(rusqlite::params![v, pk])?;
+
+    /// Reads a row's clock record.
+    pub fn read_clock(&self, t: &TableInfo, pk: &[u8]) -> Result<Option<RowClock>> {
+        let k = key(t, pk)?;
+        self.with_stmts(t, |s| {
+            let mut out = None;
+            s.clock_get.query(&[k], |row| {
+                out = Some(RowClock::decode(row.blob(0)).map_err(|e| {
+                    Error::Invalid(format!("table {:?}, pk {}: {e}", t.name, hex::encode(pk)))
+                })?);
+                Ok(false)
+            })?;
+            Ok(out)
+        })
+    }
+
+    /// Inserts the clock record of a row that has none; false if it had one.
+    pub fn insert_new_clock(
+        &self,
+        t: &TableInfo,
+        pk: &[u8],
+        clock: &RowClock,
+        version: i64,
+    ) -> Result<bool> {
+        let k = key(t, pk)?;
+        let bytes = clock.encode();
+        self.with_stmts(t, |s| {
+            if s.clock_insert_new.exec(&[k, Bind::Blob(&bytes)])? == 0 {
+                return Ok(false);
+            }
+            s.dbv_insert.exec(&[Bind::Int(version), k])?;
+            Ok(true)
+        })
+    }
+
+    /// Writes a row's clock record (deleting it when empty) and keeps the dbv
+    /// index in step: versions that disappeared are removed, new ones added.
+    pub fn write_clock(
+        &self,
+        t: &TableInfo,
+        pk: &[u8],
+        old: Option<&RowClock>,
+        new: &RowClock,
+    ) -> Result<()> {
+        let k = key(t, pk)?;
+        let old_versions = old.map(RowClock::versions).unwrap_or_default();
+        let new_versions = new.versions();
+        self.with_stmts(t, |s| {
+            if new.is_empty() {
+                if old.is_some() {
+                    s.clock_delete.exec(&[k])?;
+                }
+            } else {
+                let bytes = new.encode();
+                if old.is_some() {
+                    s.clock_update.exec(&[k, Bind::Blob(&bytes)])?;
+                } else {
+                    s.clock_insert.exec(&[k, Bind::Blob(&bytes)])?;
+                }
+            }
+            for v in &old_versions {
+                if new_versions.binary_search(v).is_err() {
+                    s.dbv_delete.exec(&[Bind::Int(*v), k])?;
+                }
+            }
+            for v in &new_versions {
+                if old_versions.binary_search(v).is_err() {
+                    s.dbv_insert.exec(&[Bind::Int(*v), k])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Appends up to `limit` (db_version, pk) entries of `t`'s dbv index
+    /// within `[lower, upper]`, after `after` when given.
+    pub fn dbv_scan(
+        &self,
+        t: &TableInfo,
+        after: Option<(i64, &[u8])>,
+        lower: i64,
+        upper: i64,
+        limit: i64,
+        out: &mut std::collections::VecDeque<(i64, Vec<u8>)>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        let mut push = |row: &crate::raw::Row<'_>| {
+            out.push_back((row.i64(0), pk_of_key(t, row.value(1))));
+            n += 1;
+            Ok(true)
+        };
+        match after {
+            None => self.with_stmts(t, |s| {
+                s.dbv_scan_from.query(
+                    &[Bind::Int(lower), Bind::Int(upper), Bind::Int(limit)],
+                    &mut push,
+                )
+            })?,
+            Some((v, pk)) => {
+                let k = key(t, pk)?;
+                self.with_stmts(t, |s| {
+                    s.dbv_scan_after.query(
+                        &[Bind::Int(v), k, Bind::Int(upper), Bind::Int(limit)],
+                        &mut push,
+                    )
+                })?
+            }
         }
+        Ok(n)
     }
-    Ok(())
+
+    /// The non-PK values of a base row, in `cols` order (None: no row).
+    pub fn read_row(&self, t: &TableInfo, pk: &[u8]) -> Result<Option<Vec<Value>>> {
+        if t.cols.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let vals = crate::pack::unpack_refs(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
+        let binds: Vec<Bind<'_>> = vals.iter().map(|v| Bind::Value(*v)).collect();
+        self.with_stmts(t, |s| {
+            let mut out = None;
+            s.row_get.query(&binds, |row| {
+                let mut vals = Vec::with_capacity(t.cols.len());
+                for i in 0..t.cols.len() {
+                    vals.push(
+                        Value::try_from(row.value(i as std::ffi::c_int))
+                            .map_err(|e| Error::Invalid(format!("table {:?}: {e}", t.name)))?,
+                    );
+                }
+                out = Some(vals);
+                Ok(false)
+            })?;
+            Ok(out)
+        })
+    }
 }

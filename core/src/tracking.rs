@@ -16,7 +16,7 @@ use crate::clock::{Clock, RowClock};
 use crate::error::{Error, Result};
 use crate::pack::pack_into;
 use crate::schema::TableInfo;
-use crate::state::{Shared, State, insert_new_clock, read_clock, write_clock};
+use crate::state::{Shared, State};
 
 /// cr-sqlite's value equality for change detection: same storage class and
 /// same value (`1` and `1.0` differ; `0.0` and `-0.0` do not).
@@ -92,7 +92,6 @@ pub(crate) fn after_insert(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     let t = table_for(st, args, |t| 1 + t.pks.len())?;
     let v = st.next_version(sh, None)?;
     let pk = pack(&t, &args[1..])?;
-    let conn = st.conn();
     let seq0 = sh.seq.load(std::sync::atomic::Ordering::Relaxed);
 
     // Fast path: a row never seen before gets cells at col_version 1 (a
@@ -105,7 +104,7 @@ pub(crate) fn after_insert(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
             *fresh.cell_mut(c.slot) = Some(local(1, v, seq0 + i as i64));
         }
     }
-    if insert_new_clock(conn, &t, &pk, &fresh, v)? {
+    if st.insert_new_clock(&t, &pk, &fresh, v)? {
         let used = t.cols.len().max(1) as i64;
         sh.seq.fetch_add(used, std::sync::atomic::Ordering::Relaxed);
         sh.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -114,7 +113,7 @@ pub(crate) fn after_insert(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
 
     // The key has a clock: a resurrection (after a delete) or INSERT OR
     // REPLACE of a live row.
-    let old = read_clock(conn, &t, &pk)?.unwrap_or_default();
+    let old = st.read_clock(&t, &pk)?.unwrap_or_default();
     let mut new = old.clone();
     if t.cols.is_empty() {
         let seq = sh.bump_seq();
@@ -133,7 +132,7 @@ pub(crate) fn after_insert(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
             *cell = Some(local(cv, v, seq));
         }
     }
-    write_clock(conn, &t, &pk, Some(&old), &new)?;
+    st.write_clock(&t, &pk, Some(&old), &new)?;
     sh.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -161,13 +160,12 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     }
     let v = st.next_version(sh, None)?;
     let new_pk = pack(&t, pks_new)?;
-    let conn = st.conn();
 
-    let old_new_key = read_clock(conn, &t, &new_pk)?;
+    let old_new_key = st.read_clock(&t, &new_pk)?;
     let mut clock = old_new_key.clone().unwrap_or_default();
     if pk_changed {
         let old_pk = pack(&t, pks_old)?;
-        let old_clock = read_clock(conn, &t, &old_pk)?;
+        let old_clock = st.read_clock(&t, &old_pk)?;
         // Tombstone the old key.
         let seq = sh.bump_seq();
         let cv = old_clock
@@ -178,7 +176,7 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
             sentinel: Some(local(cv, v, seq)),
             cells: Vec::new(),
         };
-        write_clock(conn, &t, &old_pk, old_clock.as_ref(), &tomb)?;
+        st.write_clock(&t, &old_pk, old_clock.as_ref(), &tomb)?;
         // Create the new key.
         let seq = sh.bump_seq();
         let cv = clock.sentinel.map_or(1, |s| next_alive(s.col_version));
@@ -203,7 +201,7 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
         let cv = cell.map_or(1, |c| c.col_version.saturating_add(1));
         *cell = Some(local(cv, v, seq));
     }
-    write_clock(conn, &t, &new_pk, old_new_key.as_ref(), &clock)?;
+    st.write_clock(&t, &new_pk, old_new_key.as_ref(), &clock)?;
     sh.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
@@ -215,8 +213,7 @@ pub(crate) fn after_delete(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     let v = st.next_version(sh, None)?;
     let seq = sh.bump_seq();
     let pk = pack(&t, &args[1..])?;
-    let conn = st.conn();
-    let old = read_clock(conn, &t, &pk)?;
+    let old = st.read_clock(&t, &pk)?;
     let cv = old
         .as_ref()
         .and_then(|c| c.sentinel)
@@ -225,7 +222,7 @@ pub(crate) fn after_delete(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
         sentinel: Some(local(cv, v, seq)),
         cells: Vec::new(),
     };
-    write_clock(conn, &t, &pk, old.as_ref(), &tomb)?;
+    st.write_clock(&t, &pk, old.as_ref(), &tomb)?;
     sh.wrote.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }

@@ -9,7 +9,7 @@
 use std::cell::{Cell, RefCell};
 
 use anyhow::{Context, Result, anyhow};
-use tenantsync_core::{Change, CrrConnection, Options, PackedPk, SiteId};
+use tenantsync_core::{CrrConnection, Options, SiteId};
 use tenantsync_types::Value;
 
 use crate::peer::{Clock, CrPeer, Rows, SqlPeer, changes_by_sql};
@@ -74,37 +74,6 @@ impl CorePeer {
     }
 }
 
-/// A core [`Change`] as the harness's [`Clock`].
-pub fn clock_of(c: &Change) -> Clock {
-    Clock {
-        table: c.table.clone(),
-        pk: c.pk.0.clone(),
-        cid: c.cid.clone(),
-        val: c.val.clone(),
-        col_version: c.col_version,
-        db_version: c.db_version,
-        site_id: c.site_id.0.to_vec(),
-        cl: c.cl,
-        seq: c.seq,
-    }
-}
-
-/// A [`Clock`] as a core [`Change`] (its site id must be 16 bytes).
-pub fn change_of(c: &Clock) -> Result<Change> {
-    Ok(Change {
-        table: c.table.clone(),
-        pk: PackedPk(c.pk.clone()),
-        cid: c.cid.clone(),
-        val: c.val.clone(),
-        col_version: c.col_version,
-        db_version: c.db_version,
-        site_id: SiteId::from_slice(&c.site_id)
-            .ok_or_else(|| anyhow!("site id {} is not 16 bytes", hex::encode(&c.site_id)))?,
-        cl: c.cl,
-        seq: c.seq,
-    })
-}
-
 impl SqlPeer for CorePeer {
     fn exec(&self, sql: &str) -> Result<()> {
         SqlPeer::exec(self.conn.borrow().conn(), sql)
@@ -120,11 +89,11 @@ impl CrPeer for CorePeer {
         self.label.clone()
     }
 
-    fn site_id(&self) -> Result<Vec<u8>> {
+    fn site(&self) -> Result<Vec<u8>> {
         Ok(self.conn.borrow().site_id().0.to_vec())
     }
 
-    fn db_version(&self) -> Result<i64> {
+    fn version(&self) -> Result<i64> {
         Ok(self.conn.borrow().db_version()?)
     }
 
@@ -132,20 +101,23 @@ impl CrPeer for CorePeer {
         changes_by_sql(self, filter, params)
     }
 
-    fn changes_since(&self, since: i64, exclude: Option<&[u8]>) -> Result<Vec<Clock>> {
+    fn feed(&self, since: i64, exclude: Option<&[u8]>) -> Result<Vec<Clock>> {
         if !self.typed() {
-            return crate::peer::changes_since_by_sql(self, since, exclude);
+            return crate::peer::feed_by_sql(self, since, exclude);
         }
         let exclude = exclude
             .map(|s| SiteId::from_slice(s).ok_or_else(|| anyhow!("site id length")))
             .transpose()?;
         let changes = self.conn.borrow().changes_since(since, exclude.as_ref())?;
-        Ok(changes.iter().map(clock_of).collect())
+        Ok(changes.iter().map(Clock::from_change).collect())
     }
 
-    fn apply(&self, changes: &[Clock]) -> Result<()> {
+    fn merge(&self, changes: &[Clock]) -> Result<()> {
         if self.typed() {
-            let changes = changes.iter().map(change_of).collect::<Result<Vec<_>>>()?;
+            let changes = changes
+                .iter()
+                .map(Clock::to_change)
+                .collect::<Result<Vec<_>>>()?;
             self.conn.borrow_mut().apply(&changes)?;
         } else {
             let mut guard = self.conn.borrow_mut();

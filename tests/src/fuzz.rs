@@ -96,7 +96,7 @@ impl<'p> Run<'p> {
         for p in &peers {
             p.exec(SCHEMA)
                 .with_context(|| format!("schema on {}", p.label()))?;
-            sites.push(p.site_id()?);
+            sites.push(p.site()?);
         }
         let n = peers.len();
         let mut log = vec![format!("seed {}: peers", config.seed)];
@@ -411,7 +411,7 @@ impl<'p> Run<'p> {
         };
         self.log.push(format!("{step}: peer {p} exec {sql}"));
         let peer = self.peers[p];
-        let before = peer.db_version()?;
+        let before = peer.version()?;
         peer.exec(&sql)
             .with_context(|| format!("step {step}: peer {p} ({})", peer.label()))?;
         // What this write produced: the clock rows with a db_version above
@@ -455,7 +455,7 @@ impl<'p> Run<'p> {
             Pull::IncrementalNotEcho => Some(self.sites[dst].clone()),
             _ => None,
         };
-        let rows = self.peers[src].changes_since(since, exclude.as_deref())?;
+        let rows = self.peers[src].feed(since, exclude.as_deref())?;
         let shipped_max = rows.iter().map(|c| c.db_version).max();
         let mut batch: Vec<Clock> = rows;
         if mode == Pull::Lossy {
@@ -489,7 +489,7 @@ impl<'p> Run<'p> {
         ));
         let size = batch.len().div_ceil(chunks).max(1);
         for chunk in batch.chunks(size) {
-            self.peers[dst].apply(chunk).with_context(|| {
+            self.peers[dst].merge(chunk).with_context(|| {
                 format!(
                     "step {step}: peer {dst} ({}) applying {} rows from peer {src}",
                     self.peers[dst].label(),

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use anyhow::{Context, Result, bail};
+use tenantsync_core::{Change, PackedPk, SiteId};
 use tenantsync_types::Value;
 
 /// Result rows, each value with its exact storage class.
@@ -107,6 +108,38 @@ impl Clock {
             Value::Integer(self.cl),
             Value::Integer(self.seq),
         ]
+    }
+
+    /// A core [`Change`] as a clock row.
+    pub fn from_change(c: &Change) -> Clock {
+        Clock {
+            table: c.table.clone(),
+            pk: c.pk.0.clone(),
+            cid: c.cid.clone(),
+            val: c.val.clone(),
+            col_version: c.col_version,
+            db_version: c.db_version,
+            site_id: c.site_id.0.to_vec(),
+            cl: c.cl,
+            seq: c.seq,
+        }
+    }
+
+    /// The clock row as a core [`Change`] (its site id must be 16 bytes).
+    pub fn to_change(&self) -> Result<Change> {
+        Ok(Change {
+            table: self.table.clone(),
+            pk: PackedPk(self.pk.clone()),
+            cid: self.cid.clone(),
+            val: self.val.clone(),
+            col_version: self.col_version,
+            db_version: self.db_version,
+            site_id: SiteId::from_slice(&self.site_id).ok_or_else(|| {
+                anyhow::anyhow!("site id {} is not 16 bytes", hex::encode(&self.site_id))
+            })?,
+            cl: self.cl,
+            seq: self.seq,
+        })
     }
 
     /// (table, pk, cid): what identifies a clock across peers.
@@ -403,20 +436,20 @@ pub trait CrPeer: SqlPeer {
     /// A short name for logs: `real#1`, `core#2`.
     fn label(&self) -> String;
     /// `crsql_site_id()`.
-    fn site_id(&self) -> Result<Vec<u8>>;
+    fn site(&self) -> Result<Vec<u8>>;
     /// `crsql_db_version()`.
-    fn db_version(&self) -> Result<i64>;
+    fn version(&self) -> Result<i64>;
     /// `crsql_changes` rows matching `filter` (SQL after the FROM, e.g.
     /// `WHERE db_version > ?`), in the order the peer gives them.
     fn changes(&self, filter: &str, params: &[Value]) -> Result<Vec<Clock>>;
     /// The delta feed: changes with `db_version > since`, without those
     /// authored by `exclude` when given, in (db_version, seq) order. Through
     /// SQL unless the peer has a typed API.
-    fn changes_since(&self, since: i64, exclude: Option<&[u8]>) -> Result<Vec<Clock>> {
-        changes_since_by_sql(self, since, exclude)
+    fn feed(&self, since: i64, exclude: Option<&[u8]>) -> Result<Vec<Clock>> {
+        feed_by_sql(self, since, exclude)
     }
     /// Merges `changes` in one transaction, all or nothing.
-    fn apply(&self, changes: &[Clock]) -> Result<()>;
+    fn merge(&self, changes: &[Clock]) -> Result<()>;
 }
 
 /// Rows of `SELECT <CHANGES_COLUMNS> FROM crsql_changes <filter>` through SQL.
@@ -434,8 +467,8 @@ pub fn changes_by_sql(
     .collect()
 }
 
-/// [`CrPeer::changes_since`] through `crsql_changes`.
-pub fn changes_since_by_sql(
+/// [`CrPeer::feed`] through `crsql_changes`.
+pub fn feed_by_sql(
     peer: &(impl CrPeer + ?Sized),
     since: i64,
     exclude: Option<&[u8]>,
@@ -454,12 +487,12 @@ impl CrPeer for crate::crsqlite::RealPeer {
         format!("real#{}", self.name())
     }
 
-    fn site_id(&self) -> Result<Vec<u8>> {
+    fn site(&self) -> Result<Vec<u8>> {
         self.site_id_bytes()
     }
 
-    fn db_version(&self) -> Result<i64> {
-        crate::crsqlite::RealPeer::db_version(self)
+    fn version(&self) -> Result<i64> {
+        self.db_version()
     }
 
     fn changes(&self, filter: &str, params: &[Value]) -> Result<Vec<Clock>> {
@@ -469,7 +502,7 @@ impl CrPeer for crate::crsqlite::RealPeer {
             .collect()
     }
 
-    fn apply(&self, changes: &[Clock]) -> Result<()> {
+    fn merge(&self, changes: &[Clock]) -> Result<()> {
         let rows: Vec<Vec<Value>> = changes.iter().map(Clock::to_row).collect();
         self.apply_rows(&rows)?;
         Ok(())

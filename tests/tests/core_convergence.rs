@@ -12,7 +12,8 @@ use tenantsync_tests::crr::{apply_sql, rows, site};
 const SCHEMA: &str = "
     CREATE TABLE t (id PRIMARY KEY NOT NULL, a, b); SELECT crsql_as_crr('t');
     CREATE TABLE c (k1 NOT NULL, k2 NOT NULL, v, PRIMARY KEY (k1, k2)); SELECT crsql_as_crr('c');
-    CREATE TABLE p (x NOT NULL, y NOT NULL, PRIMARY KEY (x, y)); SELECT crsql_as_crr('p');";
+    CREATE TABLE p (x NOT NULL, y NOT NULL, PRIMARY KEY (x, y)); SELECT crsql_as_crr('p');
+    CREATE TABLE i (id INTEGER PRIMARY KEY NOT NULL, v); SELECT crsql_as_crr('i');";
 
 const VALUES: &[&str] = &[
     "NULL",
@@ -75,6 +76,14 @@ enum Op {
         peer: usize,
         x: i64,
     },
+    /// A write to the INTEGER PRIMARY KEY table (0 insert-or-replace,
+    /// 1 update, 2 delete, 3 key update).
+    WriteI {
+        peer: usize,
+        id: i64,
+        v: usize,
+        kind: u8,
+    },
     /// A transaction of two writes.
     Tx {
         peer: usize,
@@ -113,6 +122,7 @@ fn op(peers: usize) -> impl Strategy<Value = Op> {
         1 => (p.clone(), 0..TEXT_KEYS.len()).prop_map(|(peer, k1)| Op::DeleteC { peer, k1 }),
         2 => (p.clone(), 0i64..3, 0i64..2).prop_map(|(peer, x, y)| Op::InsertP { peer, x, y }),
         1 => (p.clone(), 0i64..3).prop_map(|(peer, x)| Op::DeleteP { peer, x }),
+        3 => (p.clone(), id.clone(), v.clone(), 0u8..4).prop_map(|(peer, id, v, kind)| Op::WriteI { peer, id, v, kind }),
         1 => (p.clone(), id.clone(), v.clone(), 0..TEXT_KEYS.len()).prop_map(|(peer, id, a, k1)| Op::Tx { peer, id, a, k1 }),
         6 => (p.clone(), p.clone(), prop::bool::weighted(0.2), any::<bool>()).prop_map(|(from, to, full, via_sql)| Op::Send { from, to, full, via_sql }),
         6 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(pick, twice)| Op::Deliver { pick, twice }),
@@ -249,6 +259,15 @@ impl World {
                 self.write(peer, &format!("INSERT OR IGNORE INTO p VALUES ({x}, {y})"))
             }
             Op::DeleteP { peer, x } => self.write(peer, &format!("DELETE FROM p WHERE x = {x}")),
+            Op::WriteI { peer, id, v, kind } => {
+                let sql = match kind {
+                    0 => format!("INSERT OR REPLACE INTO i VALUES ({id}, {})", VALUES[v]),
+                    1 => format!("UPDATE i SET v = {} WHERE id = {id}", VALUES[v]),
+                    2 => format!("DELETE FROM i WHERE id = {id}"),
+                    _ => format!("UPDATE i SET id = {} WHERE id = {id}", v % 5),
+                };
+                self.write(peer, &sql);
+            }
             Op::Tx { peer, id, a, k1 } => {
                 let tx = format!(
                     "BEGIN; INSERT OR REPLACE INTO t VALUES ({id}, {}, 'tx'); INSERT OR IGNORE INTO c VALUES ({}, 7, {}); COMMIT;",
@@ -308,6 +327,7 @@ impl World {
         let mut data = rows(d, "SELECT 't', * FROM t ORDER BY id");
         data.extend(rows(d, "SELECT 'c', * FROM c ORDER BY k1, k2"));
         data.extend(rows(d, "SELECT 'p', * FROM p ORDER BY x, y"));
+        data.extend(rows(d, "SELECT 'i', * FROM i ORDER BY id"));
         let site = if with_sites { "hex(site_id)" } else { "''" };
         // cr-sqlite ignores a cl-1 sentinel for a row that is alive at cl 1
         // through its cells alone, so whether such a row also has a cl-1

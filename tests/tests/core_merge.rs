@@ -581,3 +581,29 @@ fn a_row_group_writes_each_value_to_its_column_whatever_the_order() {
     b.apply(&a.changes_since(0, None).unwrap()).unwrap();
     assert_eq!(table(&b, "t"), ["0|1|NULL", "1|NULL|1"]);
 }
+
+#[test]
+fn integer_primary_keys_are_keyed_the_way_sqlite_stores_them() {
+    const I: &str =
+        "CREATE TABLE i (id INTEGER PRIMARY KEY NOT NULL, v); SELECT crsql_as_crr('i');";
+    let a = db_with(0xA0, I);
+    a.conn().execute_batch("INSERT INTO i VALUES (5, 'x'); UPDATE i SET id = 6 WHERE id = 5; DELETE FROM i WHERE id = 6; INSERT INTO i VALUES (6, 'y');").unwrap();
+    let b = db_with(0xB0, I);
+    sync_sql(&a, &b, "");
+    assert_eq!(table(&b, "i"), ["6|'y'"]);
+    assert_eq!(changes(&b, ""), changes(&a, ""));
+    // A REAL 7.0 or TEXT '7' key is stored (and keyed) as the integer 7.
+    b.conn()
+        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns(7.0), 'v', 'r', 1, 1, x'0C', 1, 0); INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('7'), 'v', 's', 2, 1, x'0C', 1, 0);")
+        .unwrap();
+    assert_eq!(
+        changes(&b, "WHERE pk = x'010907'"),
+        ["i 010907 v 's' cv2 dbv6 cl1 seq0 s0c"]
+    );
+    let err = b
+        .conn()
+        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('x'), 'v', 1, 1, 1, x'0C', 1, 0)")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("datatype mismatch"), "{err}");
+}

@@ -319,3 +319,49 @@ fn writes_with_the_sync_bit_set_are_not_tracked() {
     assert_eq!(changes(&d, ""), Vec::<String>::new());
     assert_eq!(rows(&d, "SELECT crsql_internal_sync_bit()"), ["0"]);
 }
+
+#[test]
+fn integer_primary_key_tables_track_the_same_way() {
+    let d = db_with(
+        1,
+        "CREATE TABLE i (id INTEGER PRIMARY KEY NOT NULL, a, b); SELECT crsql_as_crr('i');",
+    );
+    check(
+        &d,
+        "INSERT INTO i VALUES (300, 'x', 'y')",
+        "",
+        &[
+            "i 0111012C a 'x' cv1 dbv1 cl1 seq0 s01",
+            "i 0111012C b 'y' cv1 dbv1 cl1 seq1 s01",
+        ],
+    );
+    check(
+        &d,
+        "UPDATE i SET id = -1 WHERE id = 300; DELETE FROM i WHERE id = -1; INSERT INTO i (id) VALUES (-1);",
+        "WHERE db_version > 2",
+        &[
+            "i 0141FFFFFFFFFFFFFFFF -1 NULL cv3 dbv4 cl3 seq0 s01",
+            "i 0141FFFFFFFFFFFFFFFF a NULL cv1 dbv4 cl3 seq1 s01",
+            "i 0141FFFFFFFFFFFFFFFF b NULL cv1 dbv4 cl3 seq2 s01",
+        ],
+    );
+    assert_eq!(
+        rows(
+            &d,
+            "SELECT type FROM pragma_table_info('i__crsql_clock') WHERE name = 'pk'"
+        ),
+        ["'INTEGER'"]
+    );
+    // `INTEGER PRIMARY KEY DESC` is not a rowid alias: keyed by the packed blob.
+    let e = db_with(
+        1,
+        "CREATE TABLE j (id INTEGER PRIMARY KEY DESC NOT NULL, a); SELECT crsql_as_crr('j');",
+    );
+    assert_eq!(
+        rows(
+            &e,
+            "SELECT type FROM pragma_table_info('j__crsql_clock') WHERE name = 'pk'"
+        ),
+        ["'BLOB'"]
+    );
+}

@@ -5,7 +5,8 @@
 //!   exchange changes in random order with drops and duplicates; all converge
 //!   to identical tables and clocks. Seeds: `TENANTSYNC_INTEROP_SEEDS=<n>`
 //!   runs seeds 1..=n (default 40), `=<a>..<b>` seeds a..b,
-//!   `TENANTSYNC_INTEROP_SEED=<s>` one seed (a failure prints it).
+//!   `TENANTSYNC_INTEROP_SEED=<s>` one seed (a failure prints it);
+//!   `TENANTSYNC_INTEROP_STEPS=<k>` steps per seed (default 150).
 //! - Targeted checks: `crsql_pack_columns` bytes, every local-tracking rule,
 //!   every merge rule, each run on both kinds and compared; the primary-key
 //!   UPDATE where tenantsync deliberately fixes cr-sqlite.
@@ -13,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail, ensure};
+use tenantsync_core::{MergeStamping, Options};
 use tenantsync_tests::RealCrsqlite;
 use tenantsync_tests::core_peer::{CorePeer, Path};
 use tenantsync_tests::fuzz::{Config, Run, Summary};
@@ -38,21 +40,27 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-const STEPS: usize = 150;
+/// Steps per seed: `TENANTSYNC_INTEROP_STEPS`, default 150.
+fn steps() -> usize {
+    std::env::var("TENANTSYNC_INTEROP_STEPS")
+        .map(|s| s.parse().expect("TENANTSYNC_INTEROP_STEPS is a number"))
+        .unwrap_or(150)
+}
 
 fn report(name: &str, results: &[(u64, Summary)], start: std::time::Instant) {
     let ties: usize = results.iter().map(|(_, s)| s.tie_differences).sum();
     let clocks: usize = results.iter().map(|(_, s)| s.clocks).sum();
     eprintln!(
-        "{name}: {} seeds x {STEPS} steps converged in {:.1?} ({clocks} clocks compared, {ties} equal-value tie site differences excused)",
+        "{name}: {} seeds x {} steps converged in {:.1?} ({clocks} clocks compared, {ties} equal-value tie site differences excused)",
         results.len(),
+        steps(),
         start.elapsed()
     );
 }
 
-/// Two real cr-sqlite peers and two tenantsync-core peers: random writes on
-/// all four (primary-key UPDATEs only on the core ones, see
-/// `Config::pk_updates`), random exchanges; all converge.
+/// Two real cr-sqlite peers and two tenantsync-core peers (one with each
+/// merge stamping): random writes on all four (primary-key UPDATEs only on
+/// the core ones, see `Config::pk_updates`), random exchanges; all converge.
 #[test]
 fn mixed_peers_converge() -> Result<()> {
     let real = RealCrsqlite::spawn()?;
@@ -60,7 +68,18 @@ fn mixed_peers_converge() -> Result<()> {
     let mut results = Vec::new();
     for seed in seeds() {
         let (r1, r2) = (real.open()?, real.open()?);
-        let (c1, c2) = (CorePeer::open("1")?, CorePeer::open("2")?);
+        // The second core peer stamps merged clocks with its own transaction's
+        // version (MergeStamping::Local, what the server uses): db_versions
+        // are local, so convergence must not depend on the stamping.
+        let c1 = CorePeer::open("1")?;
+        let c2 = CorePeer::open_with(
+            "2-local-stamping",
+            Path::Alternate,
+            Options {
+                merge_stamping: MergeStamping::Local,
+                ..Options::default()
+            },
+        )?;
         // The order of kinds varies with the seed, so either kind is peer 0
         // (the reference of the comparison) and the relays mix.
         let mut peers: Vec<(&dyn CrPeer, bool)> =
@@ -70,7 +89,7 @@ fn mixed_peers_converge() -> Result<()> {
             peers.iter().map(|(p, _)| *p).collect(),
             Config {
                 seed,
-                steps: STEPS,
+                steps: steps(),
                 pk_updates: peers.iter().map(|(_, pk)| *pk).collect(),
             },
         )?
@@ -96,7 +115,7 @@ fn real_peers_converge_among_themselves() -> Result<()> {
             peers.iter().map(|p| p as &dyn CrPeer).collect(),
             Config {
                 seed,
-                steps: STEPS,
+                steps: steps(),
                 pk_updates: vec![false; 3],
             },
         )?
@@ -194,6 +213,32 @@ fn pack_columns_gives_the_same_bytes() -> Result<()> {
         // And the core decodes what the real one encoded.
         let back = tenantsync_core::PackedPk(hex::decode(&real_hex)?).unpack()?;
         ensure!(back == *values, "unpack {real_hex}: {back:?} != {values:?}");
+        // crsql_unpack_columns agrees in both.
+        let unpack = "SELECT cell, typeof(cell) FROM crsql_unpack_columns(?)";
+        let blob = [Value::Blob(hex::decode(&real_hex)?)];
+        let (ur, uc) = (real.query(unpack, &blob)?, core.query(unpack, &blob)?);
+        ensure!(
+            ur == uc,
+            "crsql_unpack_columns({real_hex}): real {ur:?}, core {uc:?}"
+        );
+    }
+    // Lenient decoding: a non-canonical 8-byte 1, an integer with zero bytes,
+    // and a one-byte 0x80 (zero-extended: +128) decode alike; a truncated blob
+    // fails in both.
+    for (blob, ok) in [
+        ("01410000000000000001", true),
+        ("0209800101", true),
+        ("0101", true),
+        ("020980", false),
+        ("0109", false),
+    ] {
+        let unpack = "SELECT cell, typeof(cell) FROM crsql_unpack_columns(?)";
+        let arg = [Value::Blob(hex::decode(blob)?)];
+        match (real.query(unpack, &arg), core.query(unpack, &arg)) {
+            (Ok(r), Ok(c)) if ok => ensure!(r == c, "unpack {blob}: real {r:?}, core {c:?}"),
+            (Err(_), Err(_)) if !ok => {}
+            (r, c) => bail!("unpack {blob}: real {r:?}, core {c:?}"),
+        }
     }
     Ok(())
 }
@@ -207,7 +252,7 @@ fn pack_columns_gives_the_same_bytes() -> Result<()> {
 /// does not, so the numbers may differ while the order agrees), the local
 /// site id by `local`, foreign ones by their first bytes.
 fn normalized_changes(peer: &dyn CrPeer) -> Result<Vec<String>> {
-    let own = peer.site_id()?;
+    let own = peer.site()?;
     let mut rows = peer.changes("", &[])?;
     rows.sort_by(|a, b| (a.db_version, a.seq, a.key()).cmp(&(b.db_version, b.seq, b.key())));
     let ranks: BTreeMap<i64, usize> = {
@@ -401,7 +446,7 @@ fn case(name: impl Into<String>, setup: impl Into<String>, batches: Vec<Vec<Cloc
 /// The receiver's state after a merge case: tables, the user trigger's log,
 /// and every clock with the local site id written `local`.
 fn merge_state(peer: &dyn CrPeer) -> Result<(Dump, Vec<String>)> {
-    let own = peer.site_id()?;
+    let own = peer.site()?;
     let mut d = dump(peer)?;
     for c in &mut d.clocks {
         if c.site_id == own {
@@ -422,7 +467,7 @@ fn run_merge_case(peer: &dyn CrPeer, case: &MergeCase) -> Result<(Dump, Vec<Stri
         peer.exec(&case.setup)?;
     }
     for b in &case.batches {
-        peer.apply(b)?;
+        peer.merge(b)?;
     }
     if !case.after.is_empty() {
         peer.exec(case.after)?;
@@ -713,7 +758,7 @@ fn bad_changes_are_refused_by_both() -> Result<()> {
         let c2 = CorePeer::open_path("bad-sql", Path::Sql)?;
         for peer in [&r as &dyn CrPeer, &c, &c2] {
             peer.exec(MERGE_SCHEMA)?;
-            let result = peer.apply(&[good.clone(), change.clone()]);
+            let result = peer.merge(&[good.clone(), change.clone()]);
             ensure!(
                 result.is_err(),
                 "{what}: {} accepted {change}",
@@ -780,11 +825,11 @@ fn pk_update_incremental(a: &dyn CrPeer, b: &dyn CrPeer) -> Result<Vec<Vec<Value
     a.exec(PK_SCHEMA)?;
     b.exec(PK_SCHEMA)?;
     a.exec("INSERT INTO t VALUES (10, 'x', 'y')")?;
-    let first = a.changes_since(0, None)?;
+    let first = a.feed(0, None)?;
     let seen = first.iter().map(|c| c.db_version).max().unwrap_or(0);
-    b.apply(&first)?;
+    b.merge(&first)?;
     a.exec("UPDATE t SET id = 11 WHERE id = 10")?;
-    b.apply(&a.changes_since(seen, None)?)?;
+    b.merge(&a.feed(seen, None)?)?;
     b.query("SELECT id, a, b FROM t ORDER BY id", &[])
 }
 
@@ -839,14 +884,14 @@ fn pk_update_reaches_incremental_peers_whole() -> Result<()> {
         p.exec(PK_SCHEMA)?;
     }
     c.exec("INSERT INTO t VALUES (1, 'a', 'b'), (2, 'c', 'd')")?;
-    r1.apply(&c.changes_since(0, None)?)?;
+    r1.merge(&c.feed(0, None)?)?;
     r1.exec("UPDATE t SET b = 'r1' WHERE id = 2")?;
     c.exec("UPDATE t SET id = 3 WHERE id = 1; UPDATE t SET id = 4 WHERE id = 2")?;
-    r2.apply(&c.changes_since(0, None)?)?;
-    r1.apply(&c.changes_since(1, None)?)?;
-    c.apply(&r1.changes_since(0, None)?)?;
-    r2.apply(&r1.changes_since(0, None)?)?;
-    r1.apply(&r2.changes_since(0, None)?)?;
+    r2.merge(&c.feed(0, None)?)?;
+    r1.merge(&c.feed(1, None)?)?;
+    c.merge(&r1.feed(0, None)?)?;
+    r2.merge(&r1.feed(0, None)?)?;
+    r1.merge(&r2.feed(0, None)?)?;
     let (dc, d1, d2) = (dump(&c)?, dump(&r1)?, dump(&r2)?);
     let rule = Default::default();
     for (name, d) in [("r1", &d1), ("r2", &d2)] {
@@ -891,7 +936,7 @@ fn change_filters_select_the_same_rows() -> Result<()> {
         ("ORDER BY db_version DESC", vec![]),
         ("WHERE db_version > 0 ORDER BY db_version, seq", vec![]),
     ];
-    let (sr, sc) = (real.site_id()?, core.site_id()?);
+    let (sr, sc) = (real.site()?, core.site()?);
     for (filter, params) in filters {
         let mut r = real.changes(filter, params)?;
         let mut c = core.changes(filter, params)?;
@@ -938,5 +983,69 @@ fn change_filters_select_the_same_rows() -> Result<()> {
     let mut descending = ascending.clone();
     descending.reverse();
     ensure!(vc == descending, "core: {vc:?}");
+    Ok(())
+}
+
+/// Where the core deliberately or knowingly differs from cr-sqlite 0.16.0
+/// outside the wire format, pinned so that a change on either side shows up
+/// (docs/arch/interop.md "Known differences").
+#[test]
+fn known_differences_from_cr_sqlite() -> Result<()> {
+    let real = RealCrsqlite::spawn()?.open()?;
+    let core = CorePeer::open("differences")?;
+    let one = |peer: &dyn CrPeer, sql: &str| -> Result<Vec<Vec<Value>>> { peer.query(sql, &[]) };
+    let script = "CREATE TABLE t (id PRIMARY KEY NOT NULL, a); SELECT crsql_as_crr('t');
+        CREATE TABLE log (what);
+        CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN INSERT INTO log VALUES ('ins a=' || quote(NEW.a)); END;
+        CREATE TRIGGER t_upd AFTER UPDATE ON t BEGIN INSERT INTO log VALUES ('upd a=' || quote(NEW.a)); END;";
+    for peer in [&real as &dyn CrPeer, &core] {
+        peer.exec(script)?;
+        peer.exec(
+            "BEGIN; INSERT INTO crsql_changes VALUES ('t', x'010902', 'a', 1, 1, 1, x'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 1, 0); ROLLBACK",
+        )?;
+    }
+    // 1. crsql_rows_impacted() after a ROLLBACK: cr-sqlite keeps the rolled
+    //    back count (it resets only at COMMIT); the core resets it.
+    let q = "SELECT crsql_rows_impacted()";
+    ensure!(
+        one(&real, q)? == vec![vec![Value::Integer(1)]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(
+        one(&core, q)? == vec![vec![Value::Integer(0)]],
+        "core: {:?}",
+        one(&core, q)?
+    );
+    for peer in [&real as &dyn CrPeer, &core] {
+        // A cl-3 column change for an unknown row (an out-of-order
+        // resurrection): cr-sqlite inserts the key, then updates the column.
+        peer.exec(
+            "INSERT INTO crsql_changes VALUES ('t', x'010901', 'a', 'x3', 1, 6, x'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', 3, 1)",
+        )?;
+    }
+    // 2. User triggers on merged rows: the core writes a row once with its
+    //    merged values (AFTER INSERT sees them); cr-sqlite inserts the key
+    //    alone, then updates.
+    let q = "SELECT what FROM log ORDER BY rowid";
+    ensure!(
+        one(&real, q)? == vec![vec![text("ins a=NULL")], vec![text("upd a='x3'")]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(
+        one(&core, q)? == vec![vec![text("ins a='x3'")]],
+        "core: {:?}",
+        one(&core, q)?
+    );
+    // 3. crsql_unpack_columns of a TEXT argument: cr-sqlite decodes the
+    //    text's bytes; the core takes only BLOBs and returns no rows.
+    let q = "SELECT cell FROM crsql_unpack_columns(x'020980' || x'01')";
+    ensure!(
+        one(&real, q)? == vec![vec![Value::Integer(128)], vec![Value::Integer(0)]],
+        "real: {:?}",
+        one(&real, q)?
+    );
+    ensure!(one(&core, q)?.is_empty(), "core: {:?}", one(&core, q)?);
     Ok(())
 }
