@@ -58,6 +58,9 @@ pub struct PullRequest {
     /// Long-poll: wait up to this long for something after the cursors.
     #[serde(default)]
     pub wait_ms: u64,
+    /// Subscriptions to end (the server forgets their cursors).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsubscribe: Vec<String>,
 }
 
 /// One subscription's answer in a pull.
@@ -170,6 +173,51 @@ pub struct PolicyReloadResponse {
     pub changed_views: usize,
     /// Subscriptions moved to a new view (they receive move-ins/evictions).
     pub moved_subscriptions: usize,
+}
+
+/// One subscription in `GET /v1/admin/peers/{site_id}`: what the peer
+/// holds and whether the current policy still allows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldReport {
+    /// Subscription id.
+    pub id: String,
+    /// The query.
+    pub query: String,
+    /// The CRR.
+    pub table: String,
+    /// The version the peer acknowledged.
+    pub acked_version: i64,
+    /// Rows the peer holds for it, as of `acked_version`.
+    pub held_rows: usize,
+    /// Held rows the current policy and query no longer allow: they leave
+    /// with the next delivery; empty once the peer acknowledged it.
+    pub not_allowed: Vec<RowKey>,
+    /// Rows sent to the peer after `acked_version`, not yet acknowledged:
+    /// (entering, leaving).
+    pub unacked_entering: usize,
+    /// See `unacked_entering`.
+    pub unacked_leaving: usize,
+}
+
+/// `GET /v1/admin/peers/{site_id}`: revocation with proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The peer.
+    pub site_id: SiteId,
+    /// The token subject the site id is bound to.
+    pub subject: String,
+    /// The tenant claim of that subject's last token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Highest of the peer's own versions the server holds contiguously.
+    pub pushed_version: i64,
+    /// Whether the peer is connected now.
+    pub connected: bool,
+    /// Its subscriptions.
+    pub subscriptions: Vec<HeldReport>,
+    /// True when no subscription holds a row the policy does not allow:
+    /// the peer provably holds nothing beyond what its policy allows.
+    pub clean: bool,
 }
 
 /// An HTTP error body.

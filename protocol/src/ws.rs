@@ -21,6 +21,10 @@ pub enum ClientMsg {
         /// Free-form client name/version, for logs.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client: Option<String>,
+        /// The bearer token, when the upgrade request carried none (browsers
+        /// cannot set headers on a WebSocket).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Start (or resume) a subscription.
     Subscribe {
@@ -224,18 +228,27 @@ pub enum ServerMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cursor: Option<i64>,
     },
-    /// A chunk of a snapshot.
+    /// A chunk of a subscription's initial sync (after `subscribed` or
+    /// `resync`): a snapshot, a refetch or a resume catch-up, consistent
+    /// with one server version. The client applies the chunks of one sync
+    /// together, at the `last` one.
     Snapshot {
         /// Subscription id.
         sub: String,
-        /// The server version the snapshot is consistent with.
+        /// The server version the sync is consistent with; the
+        /// subscription's cursor after the last chunk.
         version: i64,
-        /// Drop the subscription's rows not in the snapshot at the last chunk.
+        /// At the last chunk, drop the subscription's rows that no chunk of
+        /// this sync delivered (snapshot and refetch: true; resume: false).
         reset: bool,
-        /// Whole rows.
+        /// Whole rows (and, in a resume, the changes of held rows and the
+        /// deletes since the cursor).
         #[serde(with = "array_list")]
         changes: Vec<Change>,
-        /// Last chunk of this snapshot.
+        /// Rows that left the subscription since the cursor (resume only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        evict: Vec<RowKey>,
+        /// Last chunk of this sync: the subscription is live after it.
         last: bool,
     },
     /// Deltas for several subscriptions up to one version: the checkpoint.
@@ -244,6 +257,11 @@ pub enum ServerMsg {
         version: i64,
         /// Subscription id -> its part.
         subs: BTreeMap<String, SubPart>,
+        /// More messages for the same `version` follow (a checkpoint too
+        /// large for one message); apply them together with the one that
+        /// has `more` false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// Answer to `unsubscribe`.
     Unsubscribed {
@@ -278,6 +296,26 @@ pub enum ServerMsg {
 pub struct ChangesMessageBuilder {
     out: String,
     parts: usize,
+}
+
+impl ChangesMessageBuilder {
+    /// The length of the text so far, in bytes (to split messages before
+    /// they reach the size limit).
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether no part was added yet.
+    pub fn is_empty(&self) -> bool {
+        self.parts == 0
+    }
+
+    /// The message text, marked `more` (another message of the same version
+    /// follows).
+    pub fn finish_more(mut self) -> String {
+        self.out.push_str(r#"},"more":true}"#);
+        self.out
+    }
 }
 
 impl ChangesMessageBuilder {
@@ -363,6 +401,7 @@ mod tests {
                 protocol: 1,
                 site_id: site,
                 client: None,
+                token: None,
             },
         );
         check_client(
@@ -473,6 +512,7 @@ mod tests {
                 ),
             ]
             .into(),
+            more: false,
         };
         assert_eq!(msg, expected);
         assert_eq!(serde_json::to_string(&expected).unwrap(), text);
