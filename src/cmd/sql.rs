@@ -17,6 +17,8 @@ pub struct SqlArgs {
     /// Its directory must exist.
     pub db_path: PathBuf,
     /// One or more SQL statements separated by `;` (BEGIN/COMMIT allowed).
+    /// May start with `-` (an SQL comment `-- ...` is a script, not a flag).
+    #[arg(allow_hyphen_values = true)]
     pub sql: String,
 }
 

@@ -155,6 +155,8 @@ fn statements_are_split_by_sqlite_not_by_semicolons() {
          SELECT x FROM log ORDER BY x;",
         "[2]\n[20]\n",
     );
+    // A script may start with a comment: `--` there is SQL, not a flag.
+    check(&s.db, "-- the whole schema file\nSELECT 7", "[7]\n");
 }
 
 #[test]
