@@ -325,6 +325,12 @@ impl<'a> Lowerer<'a> {
                 let escape = match escape_char.as_deref() {
                     None => None,
                     Some(A::Value(v)) => match &v.value {
+                        // SQLite reads an ESCAPE of NUL as the empty text
+                        // and refuses it.
+                        ast::Value::SingleQuotedString(s) if s == "\0" => {
+                            self.problem(v.span, "ESCAPE cannot be the NUL character");
+                            return None;
+                        }
                         ast::Value::SingleQuotedString(s) if s.chars().count() == 1 => {
                             s.chars().next()
                         }

@@ -39,3 +39,20 @@ fn blob_literals_with_non_hex_characters_are_refused() {
         "{err}"
     );
 }
+
+/// `ESCAPE '<NUL>'` was accepted, and the SQL it gave failed in SQLite
+/// ("ESCAPE expression must be a single character": SQLite sees NUL as the
+/// end of the text).
+#[test]
+fn a_nul_escape_character_is_refused() {
+    let err = example_engine()
+        .rewrite(
+            &identity(ALICE),
+            "SELECT * FROM todos WHERE title LIKE 'a%' ESCAPE '\0'",
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "refused: 1:50: ESCAPE cannot be the NUL character"
+    );
+}
