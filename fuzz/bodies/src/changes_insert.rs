@@ -32,7 +32,12 @@
 //! cr-sqlite never emits such changes; a server must refuse them from
 //! clients.
 
+use std::cell::Cell;
+use std::time::Duration;
+
+use rusqlite::backup::Backup;
 use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags};
 use tenantsync_core::{Change, CrrConnection, PackedPk, SiteId};
 use tenantsync_types::Value;
 
@@ -96,8 +101,10 @@ const OTHER_TABLES: &[&str] = &[
 
 const OTHER_CIDS: &[&str] = &["-1", "-1", "-1", "nope", "", "id", "k1", "A", "name", "x"];
 
-fn fresh() -> CrrConnection {
-    let db = core_db(LOCAL, SCHEMA);
+/// The database every input starts from: the schema, the local seed
+/// writes, then a remote site's changes merged.
+fn prepared() -> CrrConnection {
+    let mut db = core_db(LOCAL, SCHEMA);
     db.conn().execute_batch(SEED).expect("seed writes");
     // Some state from another site: a row only it wrote, and a newer
     // value and a delete of local rows.
@@ -113,8 +120,44 @@ fn fresh() -> CrrConnection {
         )
         .expect("remote writes");
     let feed = remote.changes_since(0, None).expect("remote feed");
-    let mut db = db;
     db.apply(&feed).expect("merge the remote feed");
+    db
+}
+
+thread_local! {
+    static PREPARED: CrrConnection = prepared();
+    static EMPTY: CrrConnection = core_db(0x77, SCHEMA);
+    static COPIES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A fresh copy of [`prepared`].
+fn fresh() -> CrrConnection {
+    PREPARED.with(copy)
+}
+
+/// A fresh copy of an empty database with the schema (site 0x77).
+fn empty_replica() -> CrrConnection {
+    EMPTY.with(copy)
+}
+
+/// A copy of `template`, reopened: a page-exact backup into an in-memory
+/// (`memdb`) database, much cheaper than building the schema again.
+fn copy(template: &CrrConnection) -> CrrConnection {
+    let n = COPIES.with(|c| {
+        c.set(c.get() + 1);
+        c.get()
+    });
+    let uri = format!("file:/tenantsync-fuzz-{}-{n}?vfs=memdb", std::process::id());
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_URI;
+    // Holds the memdb database open until the engine has opened it.
+    let mut holder = Connection::open_with_flags(&uri, flags).expect("open a memdb database");
+    Backup::new(template.conn(), &mut holder)
+        .and_then(|b| b.run_to_completion(1 << 20, Duration::ZERO, None))
+        .expect("copy the template database");
+    let db = CrrConnection::open(&uri).expect("reopen the copy");
+    drop(holder);
     db
 }
 
@@ -471,7 +514,7 @@ fn read_back_once(db: &CrrConnection) {
     let feed = db
         .changes_since(0, None)
         .unwrap_or_else(|e| panic!("the change feed cannot be read after a merge: {e}"));
-    let mut replica = core_db(0x77, SCHEMA);
+    let mut replica = empty_replica();
     replica
         .apply(&feed)
         .unwrap_or_else(|e| panic!("a replica refuses the database's own feed: {e}\n{feed:#?}"));
