@@ -56,3 +56,71 @@ fn a_nul_escape_character_is_refused() {
         "refused: 1:50: ESCAPE cannot be the NUL character"
     );
 }
+
+/// Runs `f` on a thread with a tokio worker's stack (2 MiB).
+fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// `a = 1 OR a = 2 OR ...` a thousand terms long (ten kilobytes) overflowed
+/// a 2 MiB stack and aborted the process: sqlparser builds such chains as
+/// trees as deep as they are long, and everything after it recurses.
+#[test]
+fn deeply_nested_queries_and_policies_are_refused_not_a_stack_overflow() {
+    let deep_or = format!(
+        "SELECT * FROM todos WHERE {}id = 0",
+        "id = 1 OR ".repeat(20_000)
+    );
+    let deep_plus = format!("SELECT * FROM todos WHERE id = 1{}", " + 1".repeat(20_000));
+    for q in [deep_or, deep_plus] {
+        let err = on_small_stack(move || {
+            example_engine()
+                .rewrite(&identity(ALICE), &q)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(err.contains("the statement is too complex"), "{err}");
+    }
+    let policy = format!(
+        "CREATE POLICY p ON todos FOR SELECT USING ({}true);",
+        "owner = 'x' OR ".repeat(20_000)
+    );
+    let lines = on_small_stack(move || {
+        PolicySet::parse("p.sql", &policy, &example_schema())
+            .unwrap_err()
+            .summary_lines()
+    });
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("p.sql:1:"), "{lines:?}");
+    assert!(lines[0].contains("too complex"), "{lines:?}");
+}
+
+/// The most complex query and policies the limit lets through still work on
+/// a 2 MiB stack, evaluated and printed, in a debug build.
+#[test]
+fn the_most_complex_accepted_statements_fit_a_small_stack() {
+    let query = format!(
+        "SELECT * FROM todos WHERE {}id = 0",
+        "id = 1 OR ".repeat(125)
+    );
+    let policy = format!(
+        "CREATE POLICY p ON todos FOR SELECT USING ({}true);\n\
+         CREATE POLICY q ON todos AS RESTRICTIVE FOR SELECT USING ({}true);",
+        "priority + 1 > 2 OR ".repeat(60),
+        "(((((owner || 'x' = 'y'))))) OR ".repeat(40),
+    );
+    let visible = on_small_stack(move || {
+        let schema = example_schema();
+        let engine = common::engine(&schema, &policy);
+        let q = engine.rewrite(&identity(ALICE), &query).unwrap();
+        let ms = tenantsync_policy::MembershipResults::new();
+        let row = [1, 0, 0, 0, 0, 0, 3].map(tenantsync_types::Value::Integer);
+        (q.matches(&row, &ms), q.snapshot_sql.len() > 1000)
+    });
+    assert_eq!(visible, (true, true));
+}
