@@ -85,3 +85,46 @@ fn a_typed_batch_compares_with_stored_values_as_sql_does() {
     assert_eq!(rows(&typed, "SELECT b FROM t"), ["'5'"]);
     assert_eq!(state(&typed), state(&sql));
 }
+
+/// A site id of 1-15 bytes, which only SQL can send, was stored (as
+/// cr-sqlite stores it), and then the typed change feed failed for the whole
+/// database ("the typed API needs 16"). It is refused now, and nothing of
+/// the statement is applied.
+#[test]
+fn a_short_site_id_is_refused_and_the_feed_stays_readable() {
+    let d = db_with(1, T);
+    let before = state(&d);
+    let err = d
+        .conn()
+        .execute_batch(
+            "INSERT INTO crsql_changes VALUES ('t', x'010902', 'b', 'x', 1, 1, x'020202', 1, 0)",
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("site id of 3 bytes: a site id is 16 bytes (NULL for the local site)"),
+        "{err}"
+    );
+    assert_eq!(state(&d), before);
+    // NULL still means the local site, 16 bytes a remote one.
+    d.conn()
+        .execute_batch(&format!(
+            "INSERT INTO crsql_changes VALUES ('t', x'010902', 'b', 'x', 1, 1, NULL, 1, 0);
+             INSERT INTO crsql_changes VALUES ('t', x'010903', 'b', 'y', 1, 1, x'{}', 1, 0);",
+            "02".repeat(16)
+        ))
+        .unwrap();
+    let feed = d.changes_since(0, None).unwrap();
+    let sites: Vec<(Vec<u8>, SiteId)> = feed
+        .iter()
+        .filter(|c| c.pk.0 != [1, 9, 1])
+        .map(|c| (c.pk.0.clone(), c.site_id))
+        .collect();
+    assert_eq!(
+        sites,
+        [
+            (vec![1, 9, 2], SiteId([1; 16])),
+            (vec![1, 9, 3], SiteId([2; 16]))
+        ]
+    );
+}
