@@ -70,6 +70,7 @@ done
 echo
 echo "target           executions in ${secs}s each (fuzzing took $((SECONDS - start)) s with the build)"
 printf '%s\n' "${summary[@]}"
+echo "fuzz: $((${#targets[@]} - ${#failed[@]})) passed, ${#failed[@]} failed"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}" >&2
   exit 1
