@@ -75,6 +75,13 @@ pub enum Error {
         len: usize,
     },
 
+    /// A merged change's site id is shorter than 16 bytes (and not NULL).
+    #[error("site id of {len} bytes: a site id is 16 bytes (NULL for the local site)")]
+    SiteIdTooShort {
+        /// Its length.
+        len: usize,
+    },
+
     /// A stored site id is not 16 bytes, so it has no [`crate::SiteId`].
     #[error("site id {hex} is {len} bytes; the typed API needs 16")]
     SiteIdNot16 {

@@ -22,21 +22,31 @@ use crate::state::{Shared, State};
 /// cr-sqlite's tie order when col_versions are equal: storage class first,
 /// INTEGER > REAL > TEXT > BLOB > NULL, then numeric / bytewise.
 pub(crate) fn compare_values(a: ValueRef<'_>, b: ValueRef<'_>) -> Ordering {
-    fn rank(v: ValueRef<'_>) -> u8 {
-        match v {
-            ValueRef::Integer(_) => 5,
-            ValueRef::Real(_) => 4,
-            ValueRef::Text(_) => 3,
-            ValueRef::Blob(_) => 2,
-            ValueRef::Null => 1,
-        }
-    }
     match (a, b) {
         (ValueRef::Integer(x), ValueRef::Integer(y)) => x.cmp(&y),
         (ValueRef::Real(x), ValueRef::Real(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
         (ValueRef::Text(x), ValueRef::Text(y)) => x.cmp(y),
         (ValueRef::Blob(x), ValueRef::Blob(y)) => x.cmp(y),
-        _ => rank(a).cmp(&rank(b)),
+        _ => storage_class(a).cmp(&storage_class(b)),
+    }
+}
+
+/// The storage class of a value, for [`compare_values`]' first rule.
+fn storage_class(v: ValueRef<'_>) -> u8 {
+    match v {
+        ValueRef::Integer(_) => 5,
+        ValueRef::Real(_) => 4,
+        ValueRef::Text(_) => 3,
+        ValueRef::Blob(_) => 2,
+        ValueRef::Null => 1,
+    }
+}
+
+/// The same stored value: same storage class, same bytes (REALs by bits).
+fn identical(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
     }
 }
 
@@ -289,16 +299,30 @@ impl RowMerge {
             Ordering::Less => return Ok(Outcome::Lost),
             Ordering::Equal => {}
         }
-        let current = match self.pending.cols.iter().find(|(i, _)| *i == col) {
-            Some((_, v)) => Some(v.clone()),
-            None => self.read_col(st, col)?,
-        };
+        // The current value as stored: a value this batch wrote to the
+        // column is flushed first, so that it is compared after the
+        // column's affinity converted it, as `INSERT INTO crsql_changes`
+        // (one change at a time) compares it.
+        if self.pending.cols.iter().any(|(i, _)| *i == col) {
+            self.flush(st)?;
+        }
         // A clock without a base row (never in a consistent database): the
         // incoming value restores the row instead of failing the merge.
-        let Some(current) = current else {
+        let Some(current) = self.read_col(st, col)? else {
             return Ok(Outcome::Applied);
         };
-        match compare_values(c.val, current.as_value_ref()) {
+        let mut order = compare_values(c.val, current.as_value_ref());
+        if order == Ordering::Greater
+            && storage_class(c.val) != storage_class(current.as_value_ref())
+            && self.stores_as(st, col, c.val, &current)?
+        {
+            // The column's affinity turns the incoming value into exactly
+            // the current one (1 into a TEXT column holding '1'): the same
+            // state, not a win. cr-sqlite 0.16 writes it again and
+            // re-stamps the cell every time the change arrives.
+            order = Ordering::Equal;
+        }
+        match order {
             Ordering::Greater => Ok(Outcome::Applied),
             Ordering::Less => Ok(Outcome::Lost),
             Ordering::Equal => {
@@ -311,6 +335,25 @@ impl RowMerge {
                 Ok(Outcome::Duplicate)
             }
         }
+    }
+
+    /// Whether writing `val` to the column stores exactly `current`: writes
+    /// it (with the row's other pending writes) and reads it back. When it
+    /// does, the table holds what it held; when it does not, the merge
+    /// writes the value again as a winner.
+    fn stores_as(
+        &mut self,
+        st: &mut State,
+        col: usize,
+        val: ValueRef<'_>,
+        current: &Value,
+    ) -> Result<bool> {
+        let value = Value::try_from(val).map_err(|e| Error::Invalid(format!("value: {e}")))?;
+        self.pending.cols.push((col, value));
+        self.flush(st)?;
+        Ok(self
+            .read_col(st, col)?
+            .is_some_and(|stored| identical(&stored, current)))
     }
 
     /// The current value of one column of the row (None: no row).

@@ -164,13 +164,19 @@ impl SiteCache {
         self.fresh.clear();
     }
 
-    /// The ordinal of a site id, creating it when new. NULL/empty = 0.
+    /// The ordinal of a site id, creating it when new. NULL/empty = 0;
+    /// anything else must be 16 bytes.
     pub fn ordinal(&mut self, conn: &Connection, blob: &[u8]) -> Result<i64> {
         if blob.is_empty() {
             return Ok(0);
         }
         if blob.len() > 16 {
             return Err(Error::SiteIdTooLong { len: blob.len() });
+        }
+        if blob.len() < 16 {
+            // cr-sqlite stores it; the typed change feed could then not
+            // read the database's changes back (a `SiteId` is 16 bytes).
+            return Err(Error::SiteIdTooShort { len: blob.len() });
         }
         if let Some(&ord) = self.by_blob.get(blob)
             && !self.fresh.contains(&ord)

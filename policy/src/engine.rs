@@ -1014,6 +1014,11 @@ fn parse_query(
     sql: &str,
 ) -> Result<(usize, Vec<usize>, Option<Expr>), QueryError> {
     let dialect = SQLiteDialect {};
+    if let Some((at, message)) = crate::limits::too_complex(&dialect, sql) {
+        return Err(QueryError::Refused {
+            reasons: vec![format!("{}:{}: {message}", at.line, at.column)],
+        });
+    }
     let stmts = Parser::parse_sql(&dialect, sql).map_err(|e| {
         let (loc, message) = split_parser_error(&e);
         let (line, column) = if loc.line == 0 {

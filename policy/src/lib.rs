@@ -10,6 +10,8 @@
 //!   reporting every problem as [`Diagnostics`] (`diag`).
 //! - `lower`: sqlparser AST -> [`Expr`], refusing everything outside the
 //!   allowed subset.
+//! - `limits`: how complex one statement may be, checked on its tokens
+//!   before parsing (deep trees would overflow the stack).
 //! - `expr`: the expression tree, its evaluator (SQLite semantics) and SQL
 //!   printer; [`MembershipSet`], [`MembershipResults`].
 //! - `sqlite`: SQLite's value semantics (ordering, affinity, arithmetic,
@@ -27,6 +29,7 @@ mod diag;
 mod engine;
 mod expr;
 pub mod identity;
+mod limits;
 mod lower;
 mod policy;
 pub mod schema;

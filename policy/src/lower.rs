@@ -325,6 +325,12 @@ impl<'a> Lowerer<'a> {
                 let escape = match escape_char.as_deref() {
                     None => None,
                     Some(A::Value(v)) => match &v.value {
+                        // SQLite reads an ESCAPE of NUL as the empty text
+                        // and refuses it.
+                        ast::Value::SingleQuotedString(s) if s == "\0" => {
+                            self.problem(v.span, "ESCAPE cannot be the NUL character");
+                            return None;
+                        }
                         ast::Value::SingleQuotedString(s) if s.chars().count() == 1 => {
                             s.chars().next()
                         }
@@ -454,15 +460,18 @@ impl<'a> Lowerer<'a> {
             V::SingleQuotedString(s) => Value::Text(s.clone()),
             V::Boolean(b) => Value::Integer(i64::from(*b)),
             V::Null => Value::Null,
-            V::HexStringLiteral(h) => {
-                match hex_decode(h) {
-                    Some(b) => Value::Blob(b),
-                    None => {
-                        self.problem(span, format!("X'{h}' is not a blob literal: it needs an even number of hex digits"));
-                        return None;
-                    }
+            V::HexStringLiteral(h) => match hex_decode(h) {
+                Some(b) => Value::Blob(b),
+                None => {
+                    let why = if h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        "it needs an even number of hex digits"
+                    } else {
+                        "it may hold only hex digits (0-9, a-f, A-F)"
+                    };
+                    self.problem(span, format!("X'{h}' is not a blob literal: {why}"));
+                    return None;
                 }
-            }
+            },
             V::Placeholder(p) => {
                 self.problem(
                     span,
@@ -803,12 +812,20 @@ fn flatten(and: bool, l: Expr, r: Expr) -> Expr {
     }
 }
 
+/// The bytes of an `X'..'` literal's digits; `None` unless they are an even
+/// number of ASCII hex digits (any other character, multi-byte ones
+/// included, is refused, never sliced through).
 fn hex_decode(h: &str) -> Option<Vec<u8>> {
-    if !h.len().is_multiple_of(2) {
+    let digits = h.as_bytes();
+    if !digits.len().is_multiple_of(2) || !digits.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
-    (0..h.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
         .collect()
 }

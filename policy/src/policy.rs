@@ -118,6 +118,10 @@ impl PolicySet {
         let mut policies = Vec::new();
         let mut edges: Vec<Edge> = Vec::new();
         let dialect = PostgreSqlDialect {};
+        if let Some((at, message)) = crate::limits::too_complex(&dialect, source) {
+            diags.push(Span::new(at, at), message);
+            return Err(diags);
+        }
         let mut parser = match Parser::new(&dialect).try_with_sql(source) {
             Ok(p) => p,
             Err(e) => {

@@ -416,7 +416,7 @@ fn rows_impacted_counts_effective_merges_until_commit() {
     for _ in 0..2 {
         b.conn()
             .execute_batch(
-                "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01', 1, 0)",
+                "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01010101010101010101010101010101', 1, 0)",
             )
             .unwrap();
     }
@@ -594,7 +594,7 @@ fn integer_primary_keys_are_keyed_the_way_sqlite_stores_them() {
     assert_eq!(changes(&b, ""), changes(&a, ""));
     // A REAL 7.0 or TEXT '7' key is stored (and keyed) as the integer 7.
     b.conn()
-        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns(7.0), 'v', 'r', 1, 1, x'0C', 1, 0); INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('7'), 'v', 's', 2, 1, x'0C', 1, 0);")
+        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns(7.0), 'v', 'r', 1, 1, x'0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c', 1, 0); INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('7'), 'v', 's', 2, 1, x'0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c', 1, 0);")
         .unwrap();
     assert_eq!(
         changes(&b, "WHERE pk = x'010907'"),
@@ -602,7 +602,7 @@ fn integer_primary_keys_are_keyed_the_way_sqlite_stores_them() {
     );
     let err = b
         .conn()
-        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('x'), 'v', 1, 1, 1, x'0C', 1, 0)")
+        .execute_batch("INSERT INTO crsql_changes VALUES ('i', crsql_pack_columns('x'), 'v', 1, 1, 1, x'0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c', 1, 0)")
         .unwrap_err()
         .to_string();
     assert!(err.contains("datatype mismatch"), "{err}");

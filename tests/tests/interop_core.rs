@@ -798,10 +798,10 @@ fn sql_merge_details_match() -> Result<()> {
         )?;
         peer.exec("BEGIN")?;
         peer.exec(
-            "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01', 1, 0)",
+            "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01010101010101010101010101010101', 1, 0)",
         )?;
         peer.exec(
-            "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01', 1, 0)",
+            "INSERT INTO crsql_changes VALUES ('t', x'010903', 'a', 'r', 1, 60, x'01010101010101010101010101010101', 1, 0)",
         )?;
         let impacted = peer.query("SELECT crsql_rows_impacted()", &[])?;
         peer.exec("COMMIT")?;

@@ -100,6 +100,8 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 
 /// Formats the value as an SQLite literal that reads back as the same value:
 /// `NULL`, `42`, `1.0`, `'it''s'`, `X'00ff'`; infinities as `9e999` / `-9e999`.
+/// TEXT holding a NUL character, which no SQLite string literal can (SQL text
+/// ends at a NUL), is written `CAST(X'..' AS TEXT)` with its UTF-8 bytes.
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -109,6 +111,9 @@ impl fmt::Display for Value {
                 f.write_str(if *r > 0.0 { "9e999" } else { "-9e999" })
             }
             Value::Real(r) => write!(f, "{}", real_to_json(*r)),
+            Value::Text(s) if s.contains('\0') => {
+                write!(f, "CAST(X'{}' AS TEXT)", hex::encode(s.as_bytes()))
+            }
             Value::Text(s) => write!(f, "'{}'", s.replace('\'', "''")),
             Value::Blob(b) => write!(f, "X'{}'", hex::encode(b)),
         }
@@ -362,6 +367,9 @@ mod tests {
             (Value::Real(f64::NEG_INFINITY), "-9e999"),
             (Value::Text("it's".into()), "'it''s'"),
             (Value::Blob(vec![0, 255]), "X'00ff'"),
+            // Found by fuzz/pk_value: SQL text ends at a NUL, so no string
+            // literal can hold one.
+            (Value::Text("a\0'b".into()), "CAST(X'61002762' AS TEXT)"),
         ];
         for (v, lit) in cases {
             assert_eq!(v.to_string(), lit);

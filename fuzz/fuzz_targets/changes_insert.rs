@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tenantsync_fuzz_bodies::changes_insert::run(data));

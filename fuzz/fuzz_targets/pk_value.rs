@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tenantsync_fuzz_bodies::pk_value::run(data));

@@ -1,0 +1,2 @@
+0CREATE POLICY a ON lists FOR SELECT USING (id IN (SELECT list_id FROM todos));
+CREATE POLICY b ON todos FOR SELECT USING (list_id IN (SELECT id FROM lists));

@@ -1,0 +1,2 @@
+0DROP TABLE todos;
+CREATE POLICY p ON local_settings USING (true)

@@ -1,0 +1,1 @@
+0CREATE POLICY p ON todos FOR SELECT USING (owner = 

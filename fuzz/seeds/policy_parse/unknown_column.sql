@@ -1,0 +1,2 @@
+0CREATE POLICY p ON todos FOR SELECT USING (nope = 1);
+CREATE POLICY p ON todos FOR SELECT USING (now() > 1);
