@@ -88,6 +88,16 @@ impl std::fmt::Debug for CrrConnection {
 
 impl Drop for CrrConnection {
     fn drop(&mut self) {
+        // SQLite frees a connection's client data (where rusqlite keeps the
+        // hook closures) before it rolls back a transaction left open at
+        // close, and then calls the rollback hook: a use after free. So end
+        // an open transaction while the hooks are alive, then unregister
+        // them before anything closes.
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        let _ = self.conn.commit_hook(None::<fn() -> bool>);
+        let _ = self.conn.rollback_hook(None::<fn()>);
         // The inner connection shares the handle: its cached statements must
         // be finalized before sqlite3_close, or the close fails.
         if let Ok(mut st) = self.shared.state.lock() {

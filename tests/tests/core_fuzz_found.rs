@@ -128,3 +128,22 @@ fn a_short_site_id_is_refused_and_the_feed_stays_readable() {
         ]
     );
 }
+
+/// Dropping a connection with a transaction open segfaulted: SQLite frees
+/// the client data holding rusqlite's hook closures before it rolls the
+/// transaction back at close, then calls the (freed) rollback hook. The drop
+/// must roll back cleanly and leave nothing of the transaction on disk.
+#[test]
+fn dropping_a_connection_inside_a_transaction_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open-tx.db");
+    let d = CrrConnection::open(&path).unwrap();
+    d.conn().execute_batch(T).unwrap();
+    let before = state(&d);
+    d.conn()
+        .execute_batch("BEGIN; INSERT INTO t VALUES (2, 'x', 1, 2.5); UPDATE t SET n = 9;")
+        .unwrap();
+    drop(d);
+    let again = CrrConnection::open(&path).unwrap();
+    assert_eq!(state(&again), before);
+}
