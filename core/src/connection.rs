@@ -272,6 +272,34 @@ impl CrrConnection {
         Ok(())
     }
 
+    /// Gives the current write transaction a db_version of its own even if
+    /// it changes no CRR row: records it as `pre_compact_dbversion` (the
+    /// floor `crsql_db_version()` never goes below, as after a compaction)
+    /// and returns it. A server uses it to mark an event that changes what
+    /// subscribers see without changing data (a policy reload) with a
+    /// version nothing else has. Must run inside a write transaction; the
+    /// version is the committed db_version once the transaction commits.
+    pub fn bump_db_version(&self) -> Result<i64> {
+        if self.shared.read_only {
+            return Err(Error::Invalid("the connection is read-only".into()));
+        }
+        if self.conn.is_autocommit() {
+            return Err(Error::Invalid(
+                "bump_db_version needs an open write transaction".into(),
+            ));
+        }
+        let sh = &*self.shared;
+        let mut st = sh.lock()?;
+        let v = st.next_version(sh, None)?;
+        st.conn().execute(
+            "INSERT INTO crsql_master (key, value) VALUES ('pre_compact_dbversion', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)",
+            [v],
+        )?;
+        sh.wrote.store(true, Relaxed);
+        Ok(v)
+    }
+
     /// Changes matching `q`, in (db_version, seq) order.
     pub fn changes(&self, q: &ChangesQuery) -> Result<Vec<Change>> {
         let spec = ScanSpec {

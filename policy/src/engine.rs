@@ -117,6 +117,27 @@ pub struct Membership {
     /// The comparison affinity of the `IN` (give it to [`MembershipSet::new`]).
     #[serde(skip)]
     pub affinity: Option<Affinity>,
+    /// Index of `column` in `table`'s columns.
+    #[serde(skip)]
+    pub column_index: usize,
+    /// The subquery's WHERE (its own WHERE AND the identity's SELECT
+    /// policies on `table`) as a predicate over a row of `table` (table
+    /// column order): a row is a member when it is TRUE, and its `column`
+    /// value is then in the set. Its parameters are `params`; its nested
+    /// memberships are numbered locally, see `nested`. Evaluating it on
+    /// every row of `table` selects exactly what `sql` selects.
+    #[serde(skip)]
+    pub filter: Predicate,
+    /// For each local membership id `i` of `filter` (and of `index_cover`),
+    /// `nested[i]` is the id, in the same query or plan, of the membership
+    /// it stands for. Evaluate `filter` with a [`MembershipResults`] keyed
+    /// by the local ids.
+    #[serde(skip)]
+    pub nested: Vec<MembershipId>,
+    /// Atoms over `table`'s columns such that `filter` TRUE => some atom
+    /// true (local membership ids); `None` when no such cover exists.
+    #[serde(skip)]
+    pub index_cover: Option<Vec<IndexAtom>>,
 }
 
 fn ser_membership_id<S: serde::Serializer>(id: &MembershipId, s: S) -> Result<S::Ok, S::Error> {
@@ -164,6 +185,18 @@ impl IndexKey {
             Value::Text(t) => IndexKey::Text(t.clone()),
             Value::Blob(b) => IndexKey::Blob(b.clone()),
         })
+    }
+}
+
+/// The key under which a stored value `v` is found in an index of
+/// membership values built with [`MembershipSet::index_keys`] of a set with
+/// comparison affinity `aff` (the `IN`'s, [`Membership::affinity`]): `v`
+/// with that affinity applied, as [`IndexKey::from_value`]. `None` for NULL.
+pub fn membership_probe_key(v: &Value, aff: Option<Affinity>) -> Option<IndexKey> {
+    let b = Val::borrow(v);
+    match sqlite::apply_affinity(&b, aff) {
+        Some(c) => IndexKey::from_value(&c.into_value()),
+        None => IndexKey::from_value(v),
     }
 }
 
@@ -510,6 +543,8 @@ struct Localizer<'a> {
     map: BTreeMap<usize, usize>,
     out_params: Vec<Value>,
     out_ms: Vec<BoundMembership>,
+    /// The global id each entry of `out_ms` stands for.
+    out_global: Vec<MembershipId>,
 }
 
 impl Localizer<'_> {
@@ -535,6 +570,7 @@ impl Localizer<'_> {
                     filter,
                     ..m.clone()
                 });
+                self.out_global.push(*membership);
                 Expr::InMembership {
                     expr: Box::new(lhs),
                     membership: MembershipId((self.out_ms.len() - 1) as u32),
@@ -656,8 +692,10 @@ fn public_memberships(
                 map: BTreeMap::new(),
                 out_params: Vec::new(),
                 out_ms: Vec::new(),
+                out_global: Vec::new(),
             };
             let filter = loc.expr(&m.filter);
+            let index_cover = cover(&filter, &loc.out_params);
             let printer = Printer {
                 schema,
                 memberships: &loc.out_ms,
@@ -674,6 +712,10 @@ fn public_memberships(
                 params: loc.out_params,
                 direct: m.direct,
                 affinity: m.aff,
+                column_index: m.column,
+                filter: Predicate { root: filter },
+                nested: loc.out_global,
+                index_cover,
             }
         })
         .collect()
