@@ -120,6 +120,10 @@ pub struct Membership {
     /// Index of `column` in `table`'s columns.
     #[serde(skip)]
     pub column_index: usize,
+    /// The WHERE of `sql` alone (columns qualified with `table`'s name), with
+    /// `params`: `SELECT * FROM table WHERE <where_sql>` gives the member rows.
+    #[serde(skip)]
+    pub where_sql: String,
     /// The subquery's WHERE (its own WHERE AND the identity's SELECT
     /// policies on `table`) as a predicate over a row of `table` (table
     /// column order): a row is a member when it is TRUE, and its `column`
@@ -275,6 +279,10 @@ pub struct EffectiveQuery {
     pub params: Vec<Value>,
     /// `SELECT <snapshot_columns> FROM t WHERE <predicate>`.
     pub snapshot_sql: String,
+    /// The predicate alone as SQL (`<predicate>` of `snapshot_sql`, columns
+    /// qualified with the table's name), with `params`: for callers that
+    /// select other columns (`SELECT * FROM t WHERE <where_sql>`).
+    pub where_sql: String,
     /// The `crsql_changes` rows of currently visible rows since a version:
     /// bind `params` then the version as `?{delta_since_param}`.
     pub delta_sql: String,
@@ -704,6 +712,8 @@ fn public_memberships(
             let inner = &schema.tables[m.table];
             let mut sql = String::new();
             printer.subquery(inner, m.column, Some(&filter), &mut sql);
+            let mut where_sql = String::new();
+            printer.print(&filter, inner, &mut where_sql);
             Membership {
                 id: MembershipId(i as u32),
                 table: inner.name.clone(),
@@ -713,6 +723,7 @@ fn public_memberships(
                 direct: m.direct,
                 affinity: m.aff,
                 column_index: m.column,
+                where_sql,
                 filter: Predicate { root: filter },
                 nested: loc.out_global,
                 index_cover,
@@ -965,6 +976,7 @@ impl Engine {
             predicate: Predicate { root },
             params,
             snapshot_sql,
+            where_sql: pred_sql,
             delta_sql,
             delta_since_param: since,
             key,

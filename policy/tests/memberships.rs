@@ -71,6 +71,17 @@ fn check(conn: &Connection, ms: &[Membership]) {
         let by_sql = set_by_sql(conn, m);
         assert_eq!(by_eval.values(), by_sql.values(), "{}", m.sql);
         assert_eq!(by_eval.has_null(), by_sql.has_null(), "{}", m.sql);
+        // The member rows by `where_sql` give the same set.
+        let by_where = m.set(
+            common::query(
+                conn,
+                &format!("SELECT * FROM \"{}\" WHERE {}", m.table, m.where_sql),
+                &m.params,
+            )
+            .into_iter()
+            .map(|mut r| r.swap_remove(m.column_index)),
+        );
+        assert_eq!(by_where.values(), by_sql.values(), "{}", m.where_sql);
         assert_eq!(
             m.column_index,
             common::example_schema()
@@ -104,6 +115,15 @@ fn membership_filters_select_what_their_sql_selects() {
         // todos_shared reads members, whose policy reads lists: nested.
         assert!(q.memberships.iter().any(|m| !m.nested.is_empty()));
         check(&conn, &q.memberships);
+        let by_where = common::query(
+            &conn,
+            &format!("SELECT * FROM todos WHERE {}", q.where_sql),
+            &q.params,
+        );
+        assert_eq!(
+            by_where.len(),
+            common::query(&conn, &q.snapshot_sql, &q.params).len()
+        );
         let q = engine
             .rewrite(&id, "SELECT * FROM members WHERE list_id = 1")
             .unwrap();
