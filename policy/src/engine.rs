@@ -1315,6 +1315,20 @@ impl WritePlan {
         rows: &[RowChange<'_>],
         ms: &MembershipResults,
     ) -> Result<Vec<WriteDecision>, WriteError> {
+        self.check_split(rows, ms, ms)
+    }
+
+    /// [`WritePlan::check`] with the membership sets of two states: the
+    /// before rows (SELECT visibility and USING) are judged with `before`
+    /// (the sets on the database before the write), the after rows (WITH
+    /// CHECK) with `after` (the sets once the write is applied), so a batch
+    /// that creates a list and shares it is judged on what it produces.
+    pub fn check_split(
+        &self,
+        rows: &[RowChange<'_>],
+        before: &MembershipResults,
+        after: &MembershipResults,
+    ) -> Result<Vec<WriteDecision>, WriteError> {
         for (index, (b, a)) in rows.iter().enumerate() {
             for r in [b, a].into_iter().flatten() {
                 if r.len() != self.columns {
@@ -1335,7 +1349,7 @@ impl WritePlan {
         }
         Ok(rows
             .iter()
-            .map(|(b, a)| self.check_one(*b, *a, ms))
+            .map(|(b, a)| self.check_one(*b, *a, before, after))
             .collect())
     }
 
@@ -1343,7 +1357,8 @@ impl WritePlan {
         &self,
         before: Option<&[Value]>,
         after: Option<&[Value]>,
-        ms: &MembershipResults,
+        ms_before: &MembershipResults,
+        ms_after: &MembershipResults,
     ) -> WriteDecision {
         let deny = |command, v: Verdict| match v {
             Verdict::Refused { policies, reason } => WriteDecision {
@@ -1356,7 +1371,7 @@ impl WritePlan {
         };
         match (before, after) {
             (None, Some(new)) => {
-                match self.judge(&self.insert, WriteCommand::Insert, "WITH CHECK", new, ms) {
+                match self.judge(&self.insert, WriteCommand::Insert, "WITH CHECK", new, ms_after) {
                     Verdict::Granted(p) => WriteDecision {
                         allowed: true,
                         command: WriteCommand::Insert,
@@ -1372,7 +1387,7 @@ impl WritePlan {
                 } else {
                     WriteCommand::Delete
                 };
-                if !self.select.eval(old, &self.params, ms).is_true() {
+                if !self.select.eval(old, &self.params, ms_before).is_true() {
                     return WriteDecision {
                         allowed: false,
                         command: cmd,
@@ -1389,7 +1404,7 @@ impl WritePlan {
                 } else {
                     &self.delete
                 };
-                let g1 = match self.judge(using, cmd, "USING", old, ms) {
+                let g1 = match self.judge(using, cmd, "USING", old, ms_before) {
                     Verdict::Granted(p) => p,
                     v => return deny(cmd, v),
                 };
@@ -1401,7 +1416,7 @@ impl WritePlan {
                         policies: vec![g1],
                     };
                 };
-                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms) {
+                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms_after) {
                     Verdict::Granted(g2) => {
                         let reason = format!(
                             "policy `{g1}` (USING) grants UPDATE of the existing row and `{g2}` (WITH CHECK) accepts the new row"

@@ -213,3 +213,42 @@ fn probe_keys_find_exactly_the_set_members() {
         check_probe(vec![], aff, &probes);
     }
 }
+
+#[test]
+fn check_split_judges_using_before_and_with_check_after() {
+    let engine = common::example_engine();
+    let alice = common::identity(r#"{"sub":"alice","role":"authenticated","tenant_id":"t1"}"#);
+    let plan = engine.write_plan(&alice, "todos").unwrap();
+    let text = |s: &str| Value::Text(s.into());
+    // carol's todo in list 9, which alice may edit only as a member of 9.
+    let old = vec![
+        Value::Integer(1),
+        text("t1"),
+        Value::Integer(9),
+        text("carol"),
+        text("x"),
+        Value::Integer(0),
+        Value::Null,
+    ];
+    let mut new = old.clone();
+    new[4] = text("y");
+    let member = {
+        let mut r = MembershipResults::new();
+        for m in plan.memberships.iter().filter(|m| m.direct) {
+            r.insert(m.id, m.set([Value::Integer(9)]));
+        }
+        r
+    };
+    let none = MembershipResults::new();
+    let rows = [(Some(old.as_slice()), Some(new.as_slice()))];
+    let decide = |b: &MembershipResults, a: &MembershipResults| {
+        plan.check_split(&rows, b, a).unwrap()[0].allowed
+    };
+    assert!(decide(&member, &member));
+    assert!(decide(&member, &none), "WITH CHECK needs no membership here");
+    assert!(!decide(&none, &member), "USING is judged before the write");
+    assert_eq!(
+        plan.check(&rows, &member).unwrap(),
+        plan.check_split(&rows, &member, &member).unwrap()
+    );
+}
