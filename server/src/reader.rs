@@ -48,7 +48,7 @@ impl SyncBase {
 
 pub(crate) struct SyncJob {
     pub sub: SubKey,
-    pub gen: u64,
+    pub epoch: u64,
     pub q: Arc<EffectiveQuery>,
     pub base: SyncBase,
     pub outbox: Arc<OutboxShared>,
@@ -335,7 +335,7 @@ impl Reader {
                 tracing::error!(sub = %j.sub.1, error = %e, "sync failed");
                 let _ = self.engine.send(Cmd::SyncAbandoned {
                     sub: j.sub,
-                    gen: j.gen,
+                    epoch: j.epoch,
                 });
                 return;
             }
@@ -382,7 +382,7 @@ impl Reader {
                 if tries > 40 || j.outbox.is_closed() {
                     let _ = self.engine.send(Cmd::SyncAbandoned {
                         sub: j.sub,
-                        gen: j.gen,
+                        epoch: j.epoch,
                     });
                     return;
                 }
@@ -391,7 +391,7 @@ impl Reader {
         }
         let _ = self.engine.send(Cmd::SyncDone {
             sub: j.sub,
-            gen: j.gen,
+            epoch: j.epoch,
             version,
             held: Arc::new(c.held),
         });

@@ -16,11 +16,9 @@
 //! every other candidate is evaluated on the changed row's after-image.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::Instant;
 
-use foldhash::fast::FoldHasher;
 use smallvec::SmallVec;
 use tenantsync_core::{CrrConnection, PackedPk};
 use tenantsync_policy::{
@@ -32,7 +30,7 @@ use tenantsync_types::Value;
 use crate::outbox::RowChanges;
 use crate::schema::ServerSchema;
 
-pub(crate) type Hasher = BuildHasherDefault<FoldHasher>;
+pub(crate) type Hasher = foldhash::fast::FixedState;
 pub(crate) type FxMap<K, V> = HashMap<K, V, Hasher>;
 pub(crate) type FxSet<K> = HashSet<K, Hasher>;
 /// A set of packed primary keys (what a subscription holds).
@@ -503,7 +501,8 @@ impl Filters {
     /// Drops a view (no subscriptions left) and the instances only it used.
     pub fn drop_view(&mut self, id: FilterId) {
         if let Kind::View(v) = &self.get(id).kind {
-            self.views.remove(&v.key);
+            let key = v.key.clone();
+            self.views.remove(&key);
         }
         self.unlink(id);
     }
@@ -519,7 +518,8 @@ impl Filters {
         };
         if gone {
             if let Kind::Instance(i) = &self.get(id).kind {
-                self.instances.remove(&i.key);
+                let key = i.key.clone();
+                self.instances.remove(&key);
             }
             self.unlink(id);
         }
