@@ -24,6 +24,14 @@ use crate::state::{Shared, State, SyncBitGuard};
 /// `tenantsync_core_version`.
 pub const LAYOUT_VERSION: i64 = 1;
 
+/// A savepoint opened by [`CrrConnection::savepoint`].
+#[derive(Debug)]
+#[must_use = "release or roll back the savepoint"]
+pub struct Savepoint {
+    name: String,
+    saved: (i64, bool, i64, i64),
+}
+
 /// Which local db_version merged clocks are stamped with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MergeStamping {
@@ -298,6 +306,50 @@ impl CrrConnection {
         )?;
         sh.wrote.store(true, Relaxed);
         Ok(v)
+    }
+
+    /// Opens a savepoint of the caller's transaction and remembers the
+    /// engine's transaction counters, so that [`CrrConnection::rollback_to`]
+    /// undoes a write whole: its rows and the db_version it would have
+    /// consumed. (A plain `ROLLBACK TO` in SQL undoes the rows, but the
+    /// connection would still count the version as used.)
+    pub fn savepoint(&self, name: &str) -> Result<Savepoint> {
+        let sh = &*self.shared;
+        let _st = sh.lock()?;
+        let saved = (
+            sh.pending.load(Relaxed),
+            sh.wrote.load(Relaxed),
+            sh.seq.load(Relaxed),
+            sh.rows_impacted.load(Relaxed),
+        );
+        self.conn
+            .execute_batch(&format!("SAVEPOINT \"{}\"", name.replace('"', "\"\"")))?;
+        Ok(Savepoint {
+            name: name.to_owned(),
+            saved,
+        })
+    }
+
+    /// Rolls back to a savepoint of [`CrrConnection::savepoint`] (which stays
+    /// open) and restores the transaction counters it remembered.
+    pub fn rollback_to(&self, sp: &Savepoint) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.lock()?;
+        self.conn
+            .execute_batch(&format!("ROLLBACK TO \"{}\"", sp.name.replace('"', "\"\"")))?;
+        sh.pending.store(sp.saved.0, Relaxed);
+        sh.wrote.store(sp.saved.1, Relaxed);
+        sh.seq.store(sp.saved.2, Relaxed);
+        sh.rows_impacted.store(sp.saved.3, Relaxed);
+        st.invalidate();
+        Ok(())
+    }
+
+    /// Releases a savepoint of [`CrrConnection::savepoint`].
+    pub fn release(&self, sp: Savepoint) -> Result<()> {
+        self.conn
+            .execute_batch(&format!("RELEASE \"{}\"", sp.name.replace('"', "\"\"")))?;
+        Ok(())
     }
 
     /// Changes matching `q`, in (db_version, seq) order.

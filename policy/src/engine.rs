@@ -1371,7 +1371,13 @@ impl WritePlan {
         };
         match (before, after) {
             (None, Some(new)) => {
-                match self.judge(&self.insert, WriteCommand::Insert, "WITH CHECK", new, ms_after) {
+                match self.judge(
+                    &self.insert,
+                    WriteCommand::Insert,
+                    "WITH CHECK",
+                    new,
+                    ms_after,
+                ) {
                     Verdict::Granted(p) => WriteDecision {
                         allowed: true,
                         command: WriteCommand::Insert,

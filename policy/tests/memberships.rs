@@ -245,7 +245,10 @@ fn check_split_judges_using_before_and_with_check_after() {
         plan.check_split(&rows, b, a).unwrap()[0].allowed
     };
     assert!(decide(&member, &member));
-    assert!(decide(&member, &none), "WITH CHECK needs no membership here");
+    assert!(
+        decide(&member, &none),
+        "WITH CHECK needs no membership here"
+    );
     assert!(!decide(&none, &member), "USING is judged before the write");
     assert_eq!(
         plan.check(&rows, &member).unwrap(),

@@ -46,7 +46,10 @@ impl<T> FairQueue<T> {
         let Some(t) = self.ring.pop_front() else {
             return;
         };
-        let q = self.queues.get_mut(&t).expect("a tenant in the ring has a queue");
+        let q = self
+            .queues
+            .get_mut(&t)
+            .expect("a tenant in the ring has a queue");
         for _ in 0..quantum {
             match q.pop_front() {
                 Some(x) => {

@@ -85,7 +85,11 @@ impl ViewPart {
             .chain(&self.deleted)
             .map(|r| r.bytes())
             .sum::<usize>()
-            + self.left.iter().map(|k| k.pk.0.len() * 2 + 32).sum::<usize>();
+            + self
+                .left
+                .iter()
+                .map(|k| k.pk.0.len() * 2 + 32)
+                .sum::<usize>();
         self
     }
 
@@ -219,8 +223,7 @@ impl OutboxShared {
             if q.closed {
                 return Ok(());
             }
-            if q.items >= self.max_items || (q.bytes > 0 && q.bytes + item.bytes > self.max_bytes)
-            {
+            if q.items >= self.max_items || (q.bytes > 0 && q.bytes + item.bytes > self.max_bytes) {
                 return Err(item);
             }
             q.items += 1;
@@ -373,12 +376,8 @@ pub(crate) fn build_changes(items: &[Item], me: &SiteId, max: usize) -> Vec<Stri
                 agg.changes.extend(r.changes.iter().map(|e| &*e.json));
             }
             for r in vp.deltas.iter().chain(&vp.deleted) {
-                agg.changes.extend(
-                    r.changes
-                        .iter()
-                        .filter(|e| e.site != *me)
-                        .map(|e| &*e.json),
-                );
+                agg.changes
+                    .extend(r.changes.iter().filter(|e| e.site != *me).map(|e| &*e.json));
             }
             agg.evict.extend(vp.left.iter().cloned());
         }

@@ -155,7 +155,12 @@ impl Readers {
     }
 
     pub fn stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
+        {
+            // Under the lock: a reader between its check and its wait
+            // cannot miss the wake-up.
+            let _q = self.shared.q.lock().unwrap_or_else(|p| p.into_inner());
+            self.shared.stop.store(true, Ordering::Release);
+        }
         self.shared.cv.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
@@ -225,18 +230,21 @@ impl Reader {
             .schema
             .table(&q.table)
             .ok_or_else(|| format!("{} is not a CRR", q.table))?;
-        let cols: Vec<String> = t
-            .pk
-            .iter()
-            .map(|&i| format!("\"{}\"", t.columns[i].replace('"', "\"\"")))
-            .collect();
+        let cols: Vec<String> =
+            t.pk.iter()
+                .map(|&i| format!("\"{}\"", t.columns[i].replace('"', "\"\"")))
+                .collect();
         let sql = format!(
             "SELECT {} FROM \"{}\" WHERE {}",
             cols.join(", "),
             t.name.replace('"', "\"\""),
             q.where_sql
         );
-        let mut stmt = self.db.conn().prepare_cached(&sql).map_err(|e| e.to_string())?;
+        let mut stmt = self
+            .db
+            .conn()
+            .prepare_cached(&sql)
+            .map_err(|e| e.to_string())?;
         let n = t.pk.len();
         let rows = stmt
             .query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
@@ -253,7 +261,12 @@ impl Reader {
         Ok(out)
     }
 
-    fn compute(&self, q: &EffectiveQuery, base: &SyncBase, site: &SiteId) -> Result<Computed, String> {
+    fn compute(
+        &self,
+        q: &EffectiveQuery,
+        base: &SyncBase,
+        site: &SiteId,
+    ) -> Result<Computed, String> {
         let v = self.visible(q)?;
         let e = |x: tenantsync_core::Error| x.to_string();
         let mut changes = Vec::new();
@@ -261,7 +274,10 @@ impl Reader {
         let entered: Vec<PackedPk> = if base.cursor.is_none() || base.reset {
             v.iter().cloned().collect()
         } else {
-            v.iter().filter(|p| !base.held.contains(*p)).cloned().collect()
+            v.iter()
+                .filter(|p| !base.held.contains(*p))
+                .cloned()
+                .collect()
         };
         let mut entered = entered;
         entered.sort();
@@ -269,8 +285,11 @@ impl Reader {
             changes.extend(self.db.row_changes(&q.table, chunk).map_err(e)?);
         }
         if let (Some(c), false) = (base.cursor, base.reset) {
-            let mut kept: Vec<PackedPk> =
-                v.iter().filter(|p| base.held.contains(*p)).cloned().collect();
+            let mut kept: Vec<PackedPk> = v
+                .iter()
+                .filter(|p| base.held.contains(*p))
+                .cloned()
+                .collect();
             kept.sort();
             for chunk in kept.chunks(500) {
                 changes.extend(
@@ -285,8 +304,12 @@ impl Reader {
                         .map_err(e)?,
                 );
             }
-            let mut gone: Vec<PackedPk> =
-                base.held.iter().filter(|p| !v.contains(*p)).cloned().collect();
+            let mut gone: Vec<PackedPk> = base
+                .held
+                .iter()
+                .filter(|p| !v.contains(*p))
+                .cloned()
+                .collect();
             gone.sort();
             for pk in gone {
                 let exists = self.db.row_values(&q.table, &pk).map_err(e)?.is_some();

@@ -47,11 +47,7 @@ impl ServerSchema {
         let mut policy = Schema::default();
         let mut tables = Vec::new();
         let mut infos = Vec::new();
-        for t in core
-            .tables
-            .iter()
-            .filter(|t| !is_server_table(&t.name))
-        {
+        for t in core.tables.iter().filter(|t| !is_server_table(&t.name)) {
             let mut pk: Vec<(u32, usize)> = t
                 .columns
                 .iter()

@@ -21,7 +21,9 @@ use tenantsync_policy::{EffectiveQuery, Engine as PolicyEngine, PolicySet};
 use tenantsync_protocol::ws::ServerMsg;
 use tokio::sync::oneshot;
 
-use crate::engine::{Cmd, Engine, PolicyState, PushCmd, PushReply, SharedPolicy, SqlCmd, Tuning, Who, Write};
+use crate::engine::{
+    Cmd, Engine, PolicyState, PushCmd, PushReply, SharedPolicy, SqlCmd, Tuning, Who, Write,
+};
 use crate::outbox::{Drain, OutboxShared};
 use crate::reader::{Job, PullJob, Readers};
 use crate::schema::ServerSchema;
@@ -329,34 +331,98 @@ pub struct SyncService {
     inner: Arc<Inner>,
 }
 
+/// Splits an SQL script into statements: `;` outside strings, quoted
+/// identifiers and comments ends one, except inside `CREATE TRIGGER ...
+/// END`.
+pub(crate) fn split_sql(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, words: &mut Vec<String>| {
+        if !word.is_empty() {
+            words.push(std::mem::take(word).to_ascii_uppercase());
+        }
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' | b'"' | b'`' | b'[' => {
+                flush(&mut word, &mut words);
+                let close = if c == b'[' { b']' } else { c };
+                i += 1;
+                while i < b.len() {
+                    if b[i] == close {
+                        if close != b']' && i + 1 < b.len() && b[i + 1] == close {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                flush(&mut word, &mut words);
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                flush(&mut word, &mut words);
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b';' => {
+                flush(&mut word, &mut words);
+                let trigger = words.first().is_some_and(|w| w == "CREATE")
+                    && words.iter().take(4).any(|w| w == "TRIGGER");
+                if !trigger || words.last().is_some_and(|w| w == "END") {
+                    let stmt = sql[start..=i].trim();
+                    if stmt.len() > 1 {
+                        out.push(stmt);
+                    }
+                    start = i + 1;
+                    words.clear();
+                }
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' => word.push(c as char),
+            _ => flush(&mut word, &mut words),
+        }
+        i += 1;
+    }
+    let rest = sql[start.min(sql.len())..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
 /// Runs a schema script statement by statement; a statement creating
 /// something that exists is skipped (so a script without `IF NOT EXISTS`
 /// can be applied at every start).
 fn apply_schema(db: &CrrConnection, sql: &str) -> Result<(), String> {
-    let mut batch = rusqlite::Batch::new(db.conn(), sql);
-    loop {
-        let next = batch.next();
-        match next {
-            Ok(Some(mut stmt)) => {
-                let text = stmt.expanded_sql().unwrap_or_default();
-                let r = stmt.raw_execute();
-                if let Err(e) = r {
-                    let m = e.to_string();
-                    if !m.contains("already exists") {
-                        return Err(format!("{m} (in: {text})"));
-                    }
-                }
+    for stmt in split_sql(sql) {
+        let r = (|| {
+            let mut batch = rusqlite::Batch::new(db.conn(), stmt);
+            while let Some(mut st) = batch.next()? {
+                let mut rows = st.raw_query();
+                while rows.next()?.is_some() {}
             }
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                let m = e.to_string();
-                if m.contains("already exists") {
-                    continue;
-                }
-                return Err(m);
+            Ok::<(), rusqlite::Error>(())
+        })();
+        if let Err(e) = r {
+            let m = e.to_string();
+            if !m.contains("already exists") {
+                return Err(format!("{m} (in: {stmt})"));
             }
         }
     }
+    Ok(())
 }
 
 /// Cheap checks of a push before it reaches the engine.
@@ -369,7 +435,9 @@ pub(crate) fn validate_push(
 ) -> Result<(), ApiError> {
     let bad = |m: String| ApiError::new(ErrorCode::BadPush, m);
     if to < from {
-        return Err(bad(format!("the range ({from}, {to}] is empty: `to` must be at least `from`")));
+        return Err(bad(format!(
+            "the range ({from}, {to}] is empty: `to` must be at least `from`"
+        )));
     }
     for (i, c) in changes.iter().enumerate() {
         if c.site_id != *site {
@@ -388,7 +456,10 @@ pub(crate) fn validate_push(
             )));
         }
         let Some(t) = schema.table(&c.table) else {
-            return Err(bad(format!("change {i}: table {:?} is not a CRR of this server", c.table)));
+            return Err(bad(format!(
+                "change {i}: table {:?} is not a CRR of this server",
+                c.table
+            )));
         };
         if !c.is_sentinel() && t.column(&c.cid).is_none() {
             return Err(bad(format!(
@@ -407,7 +478,10 @@ pub(crate) fn validate_push(
                 )));
             }
             Err(e) => {
-                return Err(bad(format!("change {i}: the pk {} does not decode: {e}", c.pk)));
+                return Err(bad(format!(
+                    "change {i}: the pk {} does not decode: {e}",
+                    c.pk
+                )));
             }
         }
     }
@@ -628,8 +702,14 @@ impl SyncService {
 
     /// `POST /v1/push`.
     pub async fn push(&self, p: &Principal, req: PushRequest) -> Result<PushResponse, PushError> {
-        validate_push(&self.inner.schema, &req.site_id, req.from, req.to, &req.changes)
-            .map_err(PushError::Api)?;
+        validate_push(
+            &self.inner.schema,
+            &req.site_id,
+            req.from,
+            req.to,
+            &req.changes,
+        )
+        .map_err(PushError::Api)?;
         let who = Who::new(p);
         self.rate(&who.tenant).map_err(PushError::Api)?;
         let (tx, rx) = oneshot::channel();
@@ -659,7 +739,10 @@ impl SyncService {
                 ));
             }
             let q = policy.rewrite(&p.identity, &s.query).map_err(|e| {
-                ApiError::new(ErrorCode::QueryRefused, format!("subscription {:?}: {e}", s.id))
+                ApiError::new(
+                    ErrorCode::QueryRefused,
+                    format!("subscription {:?}: {e}", s.id),
+                )
             })?;
             subs.push((s, Arc::new(q)));
         }
@@ -669,7 +752,10 @@ impl SyncService {
             .iter()
             .map(|(s, q)| (s.id.clone(), s.query.clone(), q.table.clone()))
             .collect();
-        let tables: Vec<String> = subs.iter().flat_map(|(_, q)| q.depends_on.clone()).collect();
+        let tables: Vec<String> = subs
+            .iter()
+            .flat_map(|(_, q)| q.depends_on.clone())
+            .collect();
         let items = self
             .ask(|reply| Cmd::PullBegin {
                 who: who.clone(),
@@ -711,7 +797,13 @@ impl SyncService {
                     .iter()
                     .zip(&meta)
                     .map(|((id, h), (_, query, table))| {
-                        (id.clone(), query.clone(), table.clone(), r.response.version, h.clone())
+                        (
+                            id.clone(),
+                            query.clone(),
+                            table.clone(),
+                            r.response.version,
+                            h.clone(),
+                        )
                     })
                     .collect();
                 self.send(Cmd::PullEnd { site, done })?;
@@ -776,7 +868,12 @@ impl SyncService {
             return;
         }
         let _ = tokio::time::timeout(timeout, rx).await;
-        let t = self.inner.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let t = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(t) = t {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -835,19 +932,26 @@ impl Session {
             .is_some_and(|t| t <= SystemTime::now())
         {
             self.error(
-                ApiError::new(ErrorCode::TokenExpired, "the session's token expired; reconnect with a fresh one"),
+                ApiError::new(
+                    ErrorCode::TokenExpired,
+                    "the session's token expired; reconnect with a fresh one",
+                ),
                 None,
             );
             return;
         }
         match msg {
             ClientMsg::Hello { .. } => self.error(
-                ApiError::new(ErrorCode::BadMessage, "hello was already received on this session"),
+                ApiError::new(
+                    ErrorCode::BadMessage,
+                    "hello was already received on this session",
+                ),
                 None,
             ),
             ClientMsg::Subscribe { id, query, cursor } => {
                 let l = &self.service.inner.limits;
-                if !self.subs.contains(&id) && self.subs.len() >= l.max_subscriptions_per_connection {
+                if !self.subs.contains(&id) && self.subs.len() >= l.max_subscriptions_per_connection
+                {
                     let m = format!(
                         "this connection has its maximum of {} subscriptions",
                         l.max_subscriptions_per_connection
@@ -859,7 +963,10 @@ impl Session {
                 let q: EffectiveQuery = match policy.rewrite(&self.who.principal.identity, &query) {
                     Ok(q) => q,
                     Err(e) => {
-                        self.error(ApiError::new(ErrorCode::QueryRefused, e.to_string()), Some(id));
+                        self.error(
+                            ApiError::new(ErrorCode::QueryRefused, e.to_string()),
+                            Some(id),
+                        );
                         return;
                     }
                 };
@@ -875,7 +982,10 @@ impl Session {
             }
             ClientMsg::Unsubscribe { id } => {
                 self.subs.remove(&id);
-                self.send(Cmd::Unsubscribe { conn: self.conn, id });
+                self.send(Cmd::Unsubscribe {
+                    conn: self.conn,
+                    id,
+                });
             }
             ClientMsg::Resync { sub, cursor } => self.send(Cmd::Resync {
                 conn: self.conn,
@@ -931,6 +1041,27 @@ impl Session {
     /// The peer's site id.
     pub fn site(&self) -> tenantsync_core::SiteId {
         self.site
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_sql;
+
+    #[test]
+    fn scripts_split_into_statements() {
+        let sql = "-- a; comment\nCREATE TABLE t (a TEXT DEFAULT ';');\n/* b; */ CREATE TABLE \"x;y\" (b);\n\
+                   CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE t SET a = 'x;'; DELETE FROM t; END;\n\
+                   SELECT crsql_as_crr('t')";
+        assert_eq!(
+            split_sql(sql),
+            vec![
+                "-- a; comment\nCREATE TABLE t (a TEXT DEFAULT ';');",
+                "/* b; */ CREATE TABLE \"x;y\" (b);",
+                "CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE t SET a = 'x;'; DELETE FROM t; END;",
+                "SELECT crsql_as_crr('t')",
+            ]
+        );
     }
 }
 

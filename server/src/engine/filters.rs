@@ -116,7 +116,10 @@ impl Rows {
     }
 
     fn holders(&self, id: RowId) -> &[FilterId] {
-        &self.entries[id as usize].as_ref().expect("live row").holders
+        &self.entries[id as usize]
+            .as_ref()
+            .expect("live row")
+            .holders
     }
 }
 
@@ -544,8 +547,7 @@ impl Filters {
                             self.index_remove((f.table, *column, None), value, id)
                         }
                         IndexAtom::InMembership { column, membership } => {
-                            if let Some((_, inst)) =
-                                f.deps.iter().find(|(l, _)| *l == membership.0)
+                            if let Some((_, inst)) = f.deps.iter().find(|(l, _)| *l == membership.0)
                             {
                                 let (aff, keys): (Option<Affinity>, Vec<IndexKey>) = {
                                     let i = self.instance(*inst);
@@ -589,7 +591,9 @@ impl Filters {
         let mut stmt = db.conn().prepare_cached(&sql)?;
         let n = stmt.column_count();
         let rows = stmt.query_map(rusqlite::params_from_iter(f.params.iter()), |r| {
-            (0..n).map(|i| r.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<Value>>>()
+            (0..n)
+                .map(|i| r.get::<_, Value>(i))
+                .collect::<rusqlite::Result<Vec<Value>>>()
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -749,7 +753,11 @@ impl Filters {
             let mut todo: Vec<FilterId> = reeval
                 .iter()
                 .copied()
-                .filter(|f| self.list[*f as usize].as_ref().is_some_and(|x| x.level == level))
+                .filter(|f| {
+                    self.list[*f as usize]
+                        .as_ref()
+                        .is_some_and(|x| x.level == level)
+                })
                 .collect();
             todo.sort_unstable();
             for f in &todo {

@@ -338,9 +338,7 @@ impl Engine {
                 return;
             }
             if !self.writes.is_empty() {
-                let group = self
-                    .writes
-                    .take(self.tuning.quantum, self.tuning.max_group);
+                let group = self.writes.take(self.tuning.quantum, self.tuning.max_group);
                 self.run_group(group);
             }
             if self.last_tick.elapsed() >= tick {
@@ -492,7 +490,10 @@ impl Engine {
         let change = self.policy.replace_policies(set);
         self.policy_gen += 1;
         {
-            let mut st = self.shared_policy.write().unwrap_or_else(|p| p.into_inner());
+            let mut st = self
+                .shared_policy
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             st.epoch = self.policy_gen;
             st.engine = Arc::new(self.policy.clone());
         }
@@ -515,12 +516,19 @@ impl Engine {
         })();
         let version = bumped.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
         self.version = version;
-        self.published.store(version, std::sync::atomic::Ordering::Release);
+        self.published
+            .store(version, std::sync::atomic::Ordering::Release);
         let (changed_views, moved) = self.move_after_reload(&change, version);
         for (_, w) in self.waiters.drain(..) {
             let _ = w.send(());
         }
-        tracing::info!(policy = name, changed_views, moved, version, "policies reloaded");
+        tracing::info!(
+            policy = name,
+            changed_views,
+            moved,
+            version,
+            "policies reloaded"
+        );
         Ok(PolicyReloadResponse {
             changed_views,
             moved_subscriptions: moved,

@@ -16,10 +16,10 @@ use std::time::Instant;
 use tenantsync_core::{PackedPk, SiteId};
 use tenantsync_policy::{EffectiveQuery, Identity, PolicyChange};
 use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::RowKey;
 use tenantsync_protocol::SubscribeMode;
 use tenantsync_protocol::http::{HeldReport, PeerReport, PullSub};
 use tenantsync_protocol::ws::{ErrorMsg, ServerMsg};
-use tenantsync_protocol::RowKey;
 
 use super::filters::{ChangedRow, Draft, FilterId, FxMap, FxSet, PkSet};
 use super::{ConnId, Engine, OpenOk, SubKey, Who, commit};
@@ -48,9 +48,13 @@ pub(crate) enum State {
     },
     Live,
     /// Its outbox was full: caught up from `base` when it drains.
-    Lagging { base: SyncBase },
+    Lagging {
+        base: SyncBase,
+    },
     /// Its session ended.
-    Detached { since: Instant },
+    Detached {
+        since: Instant,
+    },
 }
 
 pub(crate) enum Inflight {
@@ -194,7 +198,13 @@ impl Sub {
     }
 }
 
-fn subscribed_frame(sub: &str, q: &EffectiveQuery, pk: Vec<String>, mode: SubscribeMode, cursor: Option<i64>) -> OutFrame {
+fn subscribed_frame(
+    sub: &str,
+    q: &EffectiveQuery,
+    pk: Vec<String>,
+    mode: SubscribeMode,
+    cursor: Option<i64>,
+) -> OutFrame {
     OutFrame::Text(
         serde_json::to_string(&ServerMsg::Subscribed {
             id: sub.to_owned(),
@@ -231,13 +241,19 @@ impl Engine {
         outbox: Arc<OutboxShared>,
     ) -> Result<OpenOk, ApiError> {
         if self.stopping {
-            return Err(ApiError::new(ErrorCode::ShuttingDown, "the server is stopping"));
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is stopping",
+            ));
         }
         let s = &self.subs;
         if s.conns.len() >= self.limits.max_connections {
             return Err(ApiError::new(
                 ErrorCode::LimitExceeded,
-                format!("the server has its maximum of {} connections", self.limits.max_connections),
+                format!(
+                    "the server has its maximum of {} connections",
+                    self.limits.max_connections
+                ),
             ));
         }
         let n = s.conns_per_tenant.get(&who.tenant).copied().unwrap_or(0);
@@ -259,7 +275,11 @@ impl Engine {
         }));
         let span = tracing::info_span!("connection", conn = id, site = %site, subject = %who.principal.subject, tenant = %who.tenant, client = client.as_deref().unwrap_or(""));
         span.in_scope(|| tracing::info!("session opened"));
-        *self.subs.conns_per_tenant.entry(who.tenant.clone()).or_default() += 1;
+        *self
+            .subs
+            .conns_per_tenant
+            .entry(who.tenant.clone())
+            .or_default() += 1;
         self.subs.conns.insert(
             id,
             Conn {
@@ -361,7 +381,10 @@ impl Engine {
             match self.policy.rewrite(&who.principal.identity, &query) {
                 Ok(x) => q = Arc::new(x),
                 Err(e) => {
-                    self.send(conn, error_frame(ErrorCode::QueryRefused, e.to_string(), Some(&id)));
+                    self.send(
+                        conn,
+                        error_frame(ErrorCode::QueryRefused, e.to_string(), Some(&id)),
+                    );
                     return;
                 }
             }
@@ -386,13 +409,19 @@ impl Engine {
                 return;
             }
         }
-        let view = match self.filters.view_for(&self.db, &self.schema, &q, self.version) {
+        let view = match self
+            .filters
+            .view_for(&self.db, &self.schema, &q, self.version)
+        {
             Ok(v) => v,
             Err(e) => {
                 if let Some(old) = existing {
                     self.subs.subs.insert(key, old);
                 }
-                self.send(conn, error_frame(ErrorCode::Internal, e.to_string(), Some(&id)));
+                self.send(
+                    conn,
+                    error_frame(ErrorCode::Internal, e.to_string(), Some(&id)),
+                );
                 return;
             }
         };
@@ -408,15 +437,49 @@ impl Engine {
                 }
                 self.leave_view(&key, old.view);
                 let r = match cursor {
-                    Some(cur) if old.query == query => match old.held_at(cur, &self.filters, None) {
-                        Some(h) => {
-                            let h = Arc::new(h);
-                            (SubscribeMode::Resume, SyncBase { cursor: Some(cur), held: h.clone(), reset: false }, Some(cur), Some(h))
+                    Some(cur) if old.query == query => {
+                        match old.held_at(cur, &self.filters, None) {
+                            Some(h) => {
+                                let h = Arc::new(h);
+                                (
+                                    SubscribeMode::Resume,
+                                    SyncBase {
+                                        cursor: Some(cur),
+                                        held: h.clone(),
+                                        reset: false,
+                                    },
+                                    Some(cur),
+                                    Some(h),
+                                )
+                            }
+                            None => (
+                                SubscribeMode::Refetch,
+                                SyncBase {
+                                    cursor: Some(cur),
+                                    held: Arc::default(),
+                                    reset: true,
+                                },
+                                None,
+                                Some(Arc::default()),
+                            ),
                         }
-                        None => (SubscribeMode::Refetch, SyncBase { cursor: Some(cur), held: Arc::default(), reset: true }, None, Some(Arc::default())),
-                    },
-                    Some(cur) => (SubscribeMode::Refetch, SyncBase { cursor: Some(cur), held: Arc::default(), reset: true }, None, Some(Arc::default())),
-                    None => (SubscribeMode::Snapshot, SyncBase::snapshot(), None, Some(Arc::default())),
+                    }
+                    Some(cur) => (
+                        SubscribeMode::Refetch,
+                        SyncBase {
+                            cursor: Some(cur),
+                            held: Arc::default(),
+                            reset: true,
+                        },
+                        None,
+                        Some(Arc::default()),
+                    ),
+                    None => (
+                        SubscribeMode::Snapshot,
+                        SyncBase::snapshot(),
+                        None,
+                        Some(Arc::default()),
+                    ),
                 };
                 r
             }
@@ -426,10 +489,33 @@ impl Engine {
                 match (cursor, stored) {
                     (Some(cur), Some(row)) if row.query == query && row.cursor == cur => {
                         let h = Arc::new(row.held);
-                        (SubscribeMode::Resume, SyncBase { cursor: Some(cur), held: h.clone(), reset: false }, Some(cur), Some(h))
+                        (
+                            SubscribeMode::Resume,
+                            SyncBase {
+                                cursor: Some(cur),
+                                held: h.clone(),
+                                reset: false,
+                            },
+                            Some(cur),
+                            Some(h),
+                        )
                     }
-                    (Some(cur), _) => (SubscribeMode::Refetch, SyncBase { cursor: Some(cur), held: Arc::default(), reset: true }, None, Some(Arc::default())),
-                    (None, _) => (SubscribeMode::Snapshot, SyncBase::snapshot(), None, Some(Arc::default())),
+                    (Some(cur), _) => (
+                        SubscribeMode::Refetch,
+                        SyncBase {
+                            cursor: Some(cur),
+                            held: Arc::default(),
+                            reset: true,
+                        },
+                        None,
+                        Some(Arc::default()),
+                    ),
+                    (None, _) => (
+                        SubscribeMode::Snapshot,
+                        SyncBase::snapshot(),
+                        None,
+                        Some(Arc::default()),
+                    ),
                 }
             }
         };
@@ -490,7 +576,11 @@ impl Engine {
             &sub.q,
             pk,
             mode,
-            if mode == SubscribeMode::Resume { base.cursor } else { None },
+            if mode == SubscribeMode::Resume {
+                base.cursor
+            } else {
+                None
+            },
         ));
         let job = SyncJob {
             sub: key.clone(),
@@ -508,7 +598,14 @@ impl Engine {
         };
         let site = c.site;
         if !c.subs.remove(id) {
-            self.send(conn, error_frame(ErrorCode::UnknownSubscription, format!("no active subscription {id:?}"), Some(id)));
+            self.send(
+                conn,
+                error_frame(
+                    ErrorCode::UnknownSubscription,
+                    format!("no active subscription {id:?}"),
+                    Some(id),
+                ),
+            );
             return;
         }
         let key: SubKey = (site, Arc::from(id));
@@ -519,7 +616,10 @@ impl Engine {
         let _ = store::delete_sub(self.db.conn(), &site, id);
         self.send(
             conn,
-            OutFrame::Text(serde_json::to_string(&ServerMsg::Unsubscribed { id: id.to_owned() }).expect("serialise")),
+            OutFrame::Text(
+                serde_json::to_string(&ServerMsg::Unsubscribed { id: id.to_owned() })
+                    .expect("serialise"),
+            ),
         );
     }
 
@@ -528,8 +628,20 @@ impl Engine {
             return;
         };
         let key: SubKey = (c.site, Arc::from(id));
-        let Some(sub) = self.subs.subs.get_mut(&key).filter(|s| s.conn == Some(conn)) else {
-            self.send(conn, error_frame(ErrorCode::UnknownSubscription, format!("no active subscription {id:?}"), Some(id)));
+        let Some(sub) = self
+            .subs
+            .subs
+            .get_mut(&key)
+            .filter(|s| s.conn == Some(conn))
+        else {
+            self.send(
+                conn,
+                error_frame(
+                    ErrorCode::UnknownSubscription,
+                    format!("no active subscription {id:?}"),
+                    Some(id),
+                ),
+            );
             return;
         };
         let held = match &sub.state {
@@ -540,8 +652,22 @@ impl Engine {
             }
         };
         let (mode, base) = match held {
-            Some(h) => (SubscribeMode::Resume, SyncBase { cursor: Some(cursor), held: Arc::new(h), reset: false }),
-            None => (SubscribeMode::Refetch, SyncBase { cursor: Some(cursor), held: Arc::default(), reset: true }),
+            Some(h) => (
+                SubscribeMode::Resume,
+                SyncBase {
+                    cursor: Some(cursor),
+                    held: Arc::new(h),
+                    reset: false,
+                },
+            ),
+            None => (
+                SubscribeMode::Refetch,
+                SyncBase {
+                    cursor: Some(cursor),
+                    held: Arc::default(),
+                    reset: true,
+                },
+            ),
         };
         self.start_sync(&key, mode, base);
     }
@@ -554,7 +680,12 @@ impl Engine {
         let mut unknown = Vec::new();
         for (id, v) in cursors {
             let key: SubKey = (site, Arc::from(id.as_str()));
-            let Some(sub) = self.subs.subs.get_mut(&key).filter(|s| s.conn == Some(conn)) else {
+            let Some(sub) = self
+                .subs
+                .subs
+                .get_mut(&key)
+                .filter(|s| s.conn == Some(conn))
+            else {
                 unknown.push(id);
                 continue;
             };
@@ -603,7 +734,14 @@ impl Engine {
             sub.held_dirty |= moved;
         }
         for id in unknown {
-            self.send(conn, error_frame(ErrorCode::UnknownSubscription, format!("ack of {id:?}, which is not an active subscription"), Some(&id)));
+            self.send(
+                conn,
+                error_frame(
+                    ErrorCode::UnknownSubscription,
+                    format!("ack of {id:?}, which is not an active subscription"),
+                    Some(&id),
+                ),
+            );
         }
     }
 
@@ -616,19 +754,32 @@ impl Engine {
         if sub.epoch != epoch {
             return;
         }
-        let State::Pending { buffer, overflow, moved, .. } =
-            std::mem::replace(&mut sub.state, State::Live)
+        let State::Pending {
+            buffer,
+            overflow,
+            moved,
+            ..
+        } = std::mem::replace(&mut sub.state, State::Live)
         else {
             return;
         };
         let _ = pending_parts;
-        sub.inflight.push_back(Inflight::Sync { version, held: held.clone() });
+        sub.inflight.push_back(Inflight::Sync {
+            version,
+            held: held.clone(),
+        });
         sub.queued = sub.queued.max(version);
         sub.dirty = true;
         sub.held_dirty = true;
-        let resume = SyncBase { cursor: Some(version), held: held.clone(), reset: false };
+        let resume = SyncBase {
+            cursor: Some(version),
+            held: held.clone(),
+            reset: false,
+        };
         if overflow || moved {
-            sub.state = State::Lagging { base: resume.clone() };
+            sub.state = State::Lagging {
+                base: resume.clone(),
+            };
             self.start_sync(&key, SubscribeMode::Resume, resume);
             return;
         }
@@ -644,7 +795,11 @@ impl Engine {
             bytes: rest.iter().map(|p| p.bytes).sum(),
             parts: rest
                 .iter()
-                .map(|p| ItemPart { sub: key.1.clone(), from: version, part: p.clone() })
+                .map(|p| ItemPart {
+                    sub: key.1.clone(),
+                    from: version,
+                    part: p.clone(),
+                })
                 .collect(),
             committed: Instant::now(),
         };
@@ -658,7 +813,9 @@ impl Engine {
                 sub.queued = now;
             }
             Err(_) => {
-                conn.outbox.lagging.store(true, std::sync::atomic::Ordering::Release);
+                conn.outbox
+                    .lagging
+                    .store(true, std::sync::atomic::Ordering::Release);
                 sub.state = State::Lagging { base: resume };
             }
         }
@@ -676,7 +833,9 @@ impl Engine {
             sub.state = State::Lagging { base };
             if let Some(c) = sub.conn.and_then(|c| self.subs.conns.get_mut(&c)) {
                 c.lagging = true;
-                c.outbox.lagging.store(true, std::sync::atomic::Ordering::Release);
+                c.outbox
+                    .lagging
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
         }
     }
@@ -695,7 +854,11 @@ impl Engine {
                 _ => continue,
             };
             let mode = if base.reset {
-                if base.cursor.is_some() { SubscribeMode::Refetch } else { SubscribeMode::Snapshot }
+                if base.cursor.is_some() {
+                    SubscribeMode::Refetch
+                } else {
+                    SubscribeMode::Snapshot
+                }
             } else {
                 SubscribeMode::Resume
             };
@@ -721,7 +884,9 @@ impl Engine {
             .collect();
         for c in ready {
             if let Some(x) = self.subs.conns.get(&c) {
-                x.outbox.lagging.store(false, std::sync::atomic::Ordering::Release);
+                x.outbox
+                    .lagging
+                    .store(false, std::sync::atomic::Ordering::Release);
             }
             self.drained(c);
         }
@@ -776,10 +941,15 @@ impl Engine {
                 match &mut sub.state {
                     State::Live => {
                         if let Some(c) = sub.conn {
-                            per_conn.entry(c).or_default().push((key.1.clone(), part.clone()));
+                            per_conn
+                                .entry(c)
+                                .or_default()
+                                .push((key.1.clone(), part.clone()));
                         }
                     }
-                    State::Pending { buffer, overflow, .. } => {
+                    State::Pending {
+                        buffer, overflow, ..
+                    } => {
                         if !*overflow {
                             buffer.push(part.clone());
                             if buffer.len() > self.tuning.pending_parts {
@@ -819,7 +989,10 @@ impl Engine {
             left: d
                 .left
                 .iter()
-                .map(|pk| RowKey { table: tname.to_string(), pk: pk.clone() })
+                .map(|pk| RowKey {
+                    table: tname.to_string(),
+                    pk: pk.clone(),
+                })
                 .collect(),
             bytes: 0,
         }
@@ -840,7 +1013,11 @@ impl Engine {
                 .iter()
                 .map(|(sub, p)| ItemPart {
                     sub: sub.clone(),
-                    from: self.subs.subs.get(&(site, sub.clone())).map_or(0, |s| s.queued),
+                    from: self
+                        .subs
+                        .subs
+                        .get(&(site, sub.clone()))
+                        .map_or(0, |s| s.queued),
                     part: p.clone(),
                 })
                 .collect(),
@@ -859,7 +1036,9 @@ impl Engine {
                 }
             }
             Err(_) => {
-                c.outbox.lagging.store(true, std::sync::atomic::Ordering::Release);
+                c.outbox
+                    .lagging
+                    .store(true, std::sync::atomic::Ordering::Release);
                 let ids: Vec<Arc<str>> = c.subs.iter().cloned().collect();
                 let unqueued: FxMap<Arc<str>, Arc<ViewPart>> = parts.into_iter().collect();
                 if let Some(c) = self.subs.conns.get_mut(&conn) {
@@ -875,10 +1054,16 @@ impl Engine {
                         continue;
                     }
                     let p = unqueued.get(&id).map(|p| &**p);
-                    let held = sub.held_at(sub.queued, &self.filters, p).unwrap_or_default();
+                    let held = sub
+                        .held_at(sub.queued, &self.filters, p)
+                        .unwrap_or_default();
                     sub.materialize(&self.filters, p);
                     sub.state = State::Lagging {
-                        base: SyncBase { cursor: Some(sub.queued), held: Arc::new(held), reset: false },
+                        base: SyncBase {
+                            cursor: Some(sub.queued),
+                            held: Arc::new(held),
+                            reset: false,
+                        },
                     };
                 }
             }
@@ -892,7 +1077,10 @@ impl Engine {
         let names = super::tables_of(tables, &self.schema);
         let waiters = std::mem::take(&mut self.waiters);
         for (t, w) in waiters {
-            if t.iter().any(|x| names.iter().any(|n| n.eq_ignore_ascii_case(x))) || w.is_closed() {
+            if t.iter()
+                .any(|x| names.iter().any(|n| n.eq_ignore_ascii_case(x)))
+                || w.is_closed()
+            {
                 let _ = w.send(());
             } else {
                 self.waiters.push((t, w));
@@ -903,7 +1091,11 @@ impl Engine {
     /// After a policy reload: subscriptions whose effective query changed
     /// move to their new view; live ones get what entered and left as a
     /// part of the reload's own version.
-    pub(super) fn move_after_reload(&mut self, change: &PolicyChange, version: i64) -> (usize, usize) {
+    pub(super) fn move_after_reload(
+        &mut self,
+        change: &PolicyChange,
+        version: i64,
+    ) -> (usize, usize) {
         let keys: Vec<SubKey> = self.subs.subs.keys().cloned().collect();
         let mut changed_views: FxSet<FilterId> = FxSet::default();
         let mut moved = 0;
@@ -933,12 +1125,30 @@ impl Engine {
                         if sub.is_live() {
                             let left = held
                                 .into_iter()
-                                .map(|pk| RowKey { table: sub.q.table.clone(), pk })
+                                .map(|pk| RowKey {
+                                    table: sub.q.table.clone(),
+                                    pk,
+                                })
                                 .collect();
-                            let part = ViewPart { version, left, ..ViewPart::default() }.finish();
-                            per_conn.entry(c).or_default().push((key.1.clone(), Arc::new(part)));
+                            let part = ViewPart {
+                                version,
+                                left,
+                                ..ViewPart::default()
+                            }
+                            .finish();
+                            per_conn
+                                .entry(c)
+                                .or_default()
+                                .push((key.1.clone(), Arc::new(part)));
                         }
-                        self.send(c, error_frame(ErrorCode::QueryRefused, format!("after the policy reload: {e}"), Some(&key.1)));
+                        self.send(
+                            c,
+                            error_frame(
+                                ErrorCode::QueryRefused,
+                                format!("after the policy reload: {e}"),
+                                Some(&key.1),
+                            ),
+                        );
                     }
                     moved += 1;
                     continue;
@@ -947,7 +1157,10 @@ impl Engine {
             if q_new.key == self.subs.subs[&key].q.key {
                 continue;
             }
-            let new_view = match self.filters.view_for(&self.db, &self.schema, &q_new, version) {
+            let new_view = match self
+                .filters
+                .view_for(&self.db, &self.schema, &q_new, version)
+            {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot build a view after the reload");
@@ -968,15 +1181,22 @@ impl Engine {
                     .filter(|p| !old_rows.contains(*p))
                     .map(|p| (table, p.clone()))
                     .collect();
-                let whole = commit::whole_rows(&self.db, &self.schema, entered.clone()).unwrap_or_default();
+                let whole =
+                    commit::whole_rows(&self.db, &self.schema, entered.clone()).unwrap_or_default();
                 let tname = self.schema.tables[table as usize].name.to_string();
                 let part = ViewPart {
                     version,
-                    entered: entered.iter().filter_map(|k| whole.get(k).cloned()).collect(),
+                    entered: entered
+                        .iter()
+                        .filter_map(|k| whole.get(k).cloned())
+                        .collect(),
                     left: old_rows
                         .iter()
                         .filter(|p| !new_rows.contains(*p))
-                        .map(|pk| RowKey { table: tname.clone(), pk: pk.clone() })
+                        .map(|pk| RowKey {
+                            table: tname.clone(),
+                            pk: pk.clone(),
+                        })
                         .collect(),
                     ..ViewPart::default()
                 }
@@ -985,7 +1205,10 @@ impl Engine {
                 sub.view = new_view;
                 sub.q = q_new;
                 if let Some(c) = sub.conn {
-                    per_conn.entry(c).or_default().push((key.1.clone(), Arc::new(part)));
+                    per_conn
+                        .entry(c)
+                        .or_default()
+                        .push((key.1.clone(), Arc::new(part)));
                 }
             } else {
                 let sub = self.subs.subs.get_mut(&key).expect("present");
@@ -1005,7 +1228,10 @@ impl Engine {
     pub(super) fn heartbeat(&mut self) {
         let version = self.version;
         let conns: Vec<ConnId> = self.subs.conns.keys().copied().collect();
-        let empty = Arc::new(ViewPart { version, ..ViewPart::default() });
+        let empty = Arc::new(ViewPart {
+            version,
+            ..ViewPart::default()
+        });
         for conn in conns {
             let c = &self.subs.conns[&conn];
             let site = c.site;
@@ -1029,7 +1255,11 @@ impl Engine {
     /// Writes acknowledged state of dirty subscriptions (all of them when
     /// `all`, else a bounded batch).
     pub(super) fn persist(&mut self, all: bool) {
-        let limit = if all { usize::MAX } else { self.tuning.persist_batch };
+        let limit = if all {
+            usize::MAX
+        } else {
+            self.tuning.persist_batch
+        };
         let mut rows = Vec::new();
         for sub in self.subs.subs.values_mut() {
             if rows.len() >= limit {
@@ -1052,7 +1282,13 @@ impl Engine {
             };
             sub.dirty = false;
             sub.held_dirty = false;
-            rows.push((sub.key.clone(), sub.query.clone(), sub.q.table.clone(), acked, held));
+            rows.push((
+                sub.key.clone(),
+                sub.query.clone(),
+                sub.q.table.clone(),
+                acked,
+                held,
+            ));
         }
         for (key, p) in self.subs.pulls.iter_mut() {
             if rows.len() >= limit {
@@ -1063,7 +1299,13 @@ impl Engine {
             }
             p.dirty = false;
             if let Some((c, h)) = &p.acked {
-                rows.push((key.clone(), p.query.clone(), p.table.clone(), *c, Some((**h).clone())));
+                rows.push((
+                    key.clone(),
+                    p.query.clone(),
+                    p.table.clone(),
+                    *c,
+                    Some((**h).clone()),
+                ));
             }
         }
         if rows.is_empty() {
@@ -1073,10 +1315,18 @@ impl Engine {
             self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
             for (key, query, table, cursor, held) in &rows {
                 // A cursor-only update of a row never stored writes it whole.
-                let exists = held.is_some()
-                    || store::load_sub(self.db.conn(), &key.0, &key.1)?.is_some();
+                let exists =
+                    held.is_some() || store::load_sub(self.db.conn(), &key.0, &key.1)?.is_some();
                 if exists {
-                    store::save_sub(self.db.conn(), &key.0, &key.1, query, table, *cursor, held.as_ref())?;
+                    store::save_sub(
+                        self.db.conn(),
+                        &key.0,
+                        &key.1,
+                        query,
+                        table,
+                        *cursor,
+                        held.as_ref(),
+                    )?;
                 }
             }
             self.db.conn().execute_batch("COMMIT")
@@ -1093,7 +1343,9 @@ impl Engine {
             .subs
             .subs
             .iter()
-            .filter(|(_, s)| matches!(s.state, State::Detached { since } if since.elapsed() >= grace))
+            .filter(
+                |(_, s)| matches!(s.state, State::Detached { since } if since.elapsed() >= grace),
+            )
             .map(|(k, _)| k.clone())
             .collect();
         if !gone.is_empty() {
@@ -1123,7 +1375,8 @@ impl Engine {
     pub(super) fn gauges(&self) {
         metrics::gauge!("tenantsync_subscriptions").set(self.subs.subs.len() as f64);
         metrics::gauge!("tenantsync_views").set(self.filters.views.len() as f64);
-        metrics::gauge!("tenantsync_membership_instances").set(self.filters.instance_count() as f64);
+        metrics::gauge!("tenantsync_membership_instances")
+            .set(self.filters.instance_count() as f64);
         let lag = self
             .subs
             .subs
@@ -1153,18 +1406,27 @@ impl Engine {
                 q = Arc::new(
                     self.policy
                         .rewrite(&who.principal.identity, &ps.query)
-                        .map_err(|e| ApiError::new(ErrorCode::QueryRefused, format!("subscription {:?}: {e}", ps.id)))?,
+                        .map_err(|e| {
+                            ApiError::new(
+                                ErrorCode::QueryRefused,
+                                format!("subscription {:?}: {e}", ps.id),
+                            )
+                        })?,
                 );
             }
             let key: SubKey = (site, Arc::from(ps.id.as_str()));
             if !self.subs.pulls.contains_key(&key) {
-                let stored = store::load_sub(self.db.conn(), &site, &ps.id).ok().flatten();
+                let stored = store::load_sub(self.db.conn(), &site, &ps.id)
+                    .ok()
+                    .flatten();
                 self.subs.pulls.insert(
                     key.clone(),
                     PullState {
                         query: ps.query.clone(),
                         table: q.table.clone(),
-                        acked: stored.and_then(|r| (r.query == ps.query).then(|| (r.cursor, Arc::new(r.held)))),
+                        acked: stored.and_then(|r| {
+                            (r.query == ps.query).then(|| (r.cursor, Arc::new(r.held)))
+                        }),
                         pending: None,
                         dirty: false,
                     },
@@ -1184,20 +1446,50 @@ impl Engine {
                         st.acked = Some((v, h.clone()));
                         st.pending = None;
                         st.dirty = true;
-                        (SubscribeMode::Resume, SyncBase { cursor: Some(c), held: h, reset: false })
+                        (
+                            SubscribeMode::Resume,
+                            SyncBase {
+                                cursor: Some(c),
+                                held: h,
+                                reset: false,
+                            },
+                        )
                     } else if let Some((_, h)) = st.acked.clone().filter(|(v, _)| *v == c) {
-                        (SubscribeMode::Resume, SyncBase { cursor: Some(c), held: h, reset: false })
+                        (
+                            SubscribeMode::Resume,
+                            SyncBase {
+                                cursor: Some(c),
+                                held: h,
+                                reset: false,
+                            },
+                        )
                     } else {
-                        (SubscribeMode::Refetch, SyncBase { cursor: Some(c), held: Arc::default(), reset: true })
+                        (
+                            SubscribeMode::Refetch,
+                            SyncBase {
+                                cursor: Some(c),
+                                held: Arc::default(),
+                                reset: true,
+                            },
+                        )
                     }
                 }
             };
-            out.push(PullItem { id: ps.id, q, mode, base });
+            out.push(PullItem {
+                id: ps.id,
+                q,
+                mode,
+                base,
+            });
         }
         Ok(out)
     }
 
-    pub(super) fn pull_end(&mut self, site: SiteId, done: Vec<(String, String, String, i64, Arc<PkSet>)>) {
+    pub(super) fn pull_end(
+        &mut self,
+        site: SiteId,
+        done: Vec<(String, String, String, i64, Arc<PkSet>)>,
+    ) {
         for (id, query, table, version, held) in done {
             let key: SubKey = (site, Arc::from(id.as_str()));
             let st = self.subs.pulls.entry(key).or_insert_with(|| PullState {
@@ -1226,13 +1518,30 @@ impl Engine {
             }
         }
         let Some(peer) = self.peers.get(&site) else {
-            return Err(ApiError::new(ErrorCode::BadMessage, format!("no peer with site id {site}")));
+            return Err(ApiError::new(
+                ErrorCode::BadMessage,
+                format!("no peer with site id {site}"),
+            ));
         };
-        let (subject, tenant, pushed_version) = (peer.subject.clone(), peer.tenant.clone(), peer.pushed_version);
-        let stored_identity = Arc::new(tenantsync_policy::Identity::from_json(&peer.claims).unwrap_or_default());
+        let (subject, tenant, pushed_version) = (
+            peer.subject.clone(),
+            peer.tenant.clone(),
+            peer.pushed_version,
+        );
+        let stored_identity =
+            Arc::new(tenantsync_policy::Identity::from_json(&peer.claims).unwrap_or_default());
         let connected = self.subs.conns.values().any(|c| c.site == site);
         // (id, query, table, identity, acked, held, entering, leaving)
-        type Entry = (String, String, String, Arc<Identity>, i64, PkSet, usize, usize);
+        type Entry = (
+            String,
+            String,
+            String,
+            Arc<Identity>,
+            i64,
+            PkSet,
+            usize,
+            usize,
+        );
         let mut entries: Vec<Entry> = Vec::new();
         let mut seen: FxSet<String> = FxSet::default();
         for (key, sub) in self.subs.subs.iter().filter(|(k, _)| k.0 == site) {
@@ -1250,12 +1559,30 @@ impl Engine {
                 }
             }
             seen.insert(key.1.to_string());
-            entries.push((key.1.to_string(), sub.query.clone(), sub.q.table.clone(), sub.identity.clone(), acked, held, ent, lea));
+            entries.push((
+                key.1.to_string(),
+                sub.query.clone(),
+                sub.q.table.clone(),
+                sub.identity.clone(),
+                acked,
+                held,
+                ent,
+                lea,
+            ));
         }
         for (key, p) in self.subs.pulls.iter().filter(|(k, _)| k.0 == site) {
             if let Some((c, h)) = &p.acked {
                 seen.insert(key.1.to_string());
-                entries.push((key.1.to_string(), p.query.clone(), p.table.clone(), stored_identity.clone(), *c, (**h).clone(), 0, 0));
+                entries.push((
+                    key.1.to_string(),
+                    p.query.clone(),
+                    p.table.clone(),
+                    stored_identity.clone(),
+                    *c,
+                    (**h).clone(),
+                    0,
+                    0,
+                ));
             }
         }
         if let Ok(rows) = store::load_subs_of(self.db.conn(), &site) {
@@ -1263,7 +1590,16 @@ impl Engine {
                 if seen.contains(&id) {
                     continue;
                 }
-                entries.push((id, row.query, row.table, stored_identity.clone(), row.cursor, row.held, 0, 0));
+                entries.push((
+                    id,
+                    row.query,
+                    row.table,
+                    stored_identity.clone(),
+                    row.cursor,
+                    row.held,
+                    0,
+                    0,
+                ));
             }
         }
         let mut reports = Vec::new();
@@ -1271,13 +1607,19 @@ impl Engine {
             let not_allowed = match self.policy.rewrite(&identity, &query) {
                 Ok(q) => {
                     let q = Arc::new(q);
-                    match self.filters.view_for(&self.db, &self.schema, &q, self.version) {
+                    match self
+                        .filters
+                        .view_for(&self.db, &self.schema, &q, self.version)
+                    {
                         Ok(view) => {
                             let t = self.filters.get(view).table;
                             let mut out: Vec<RowKey> = held
                                 .iter()
                                 .filter(|pk| !self.filters.contains(view, t, pk))
-                                .map(|pk| RowKey { table: table.clone(), pk: pk.clone() })
+                                .map(|pk| RowKey {
+                                    table: table.clone(),
+                                    pk: pk.clone(),
+                                })
                                 .collect();
                             out.sort();
                             out
@@ -1286,7 +1628,13 @@ impl Engine {
                     }
                 }
                 Err(_) => {
-                    let mut out: Vec<RowKey> = held.iter().map(|pk| RowKey { table: table.clone(), pk: pk.clone() }).collect();
+                    let mut out: Vec<RowKey> = held
+                        .iter()
+                        .map(|pk| RowKey {
+                            table: table.clone(),
+                            pk: pk.clone(),
+                        })
+                        .collect();
                     out.sort();
                     out
                 }

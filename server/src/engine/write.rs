@@ -44,7 +44,7 @@ impl Plans {
 }
 
 enum Outcome {
-    Applied { pushed_version: i64, wrote: bool },
+    Applied { pushed_version: i64 },
     Duplicate { pushed_version: i64 },
     Refused(Box<PushRefusal>),
     Error(ApiError),
@@ -128,9 +128,9 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
                 Authorization::Allow
             }
         }
-        AuthAction::Read { .. }
-        | AuthAction::Select
-        | AuthAction::Recursive => Authorization::Allow,
+        AuthAction::Read { .. } | AuthAction::Select | AuthAction::Recursive => {
+            Authorization::Allow
+        }
         AuthAction::Function { function_name } => {
             let f = function_name.to_ascii_lowercase();
             if f.starts_with("crsql_") && f != "crsql_db_version" && f != "crsql_site_id" {
@@ -217,39 +217,36 @@ impl Engine {
                 sql_results.push(None);
                 continue;
             }
-            let _ = self.db.conn().execute_batch("SAVEPOINT tenantsync_write");
+            let sp = match self.db.savepoint("tenantsync_write") {
+                Ok(sp) => sp,
+                Err(e) => {
+                    outcomes.push(Outcome::Error(internal(e)));
+                    sql_results.push(None);
+                    continue;
+                }
+            };
             match w {
                 Write::Push(p) => {
-                    let o = self.push_one(p, &plans[i], &mut pending_pv, &mut touched);
-                    match &o {
-                        Outcome::Applied { .. } | Outcome::Duplicate { .. } | Outcome::Refused(_) => {
-                            let _ = self.db.conn().execute_batch("RELEASE tenantsync_write");
-                        }
-                        Outcome::Error(_) => {
-                            let _ = self.db.conn().execute_batch(
-                                "ROLLBACK TO tenantsync_write; RELEASE tenantsync_write",
-                            );
-                        }
+                    let o = self.push_one(p, &plans[i], &mut pending_pv, &mut touched, &sp);
+                    if let Outcome::Error(_) = &o {
+                        let _ = self.db.rollback_to(&sp);
                     }
+                    let _ = self.db.release(sp);
                     outcomes.push(o);
                     sql_results.push(None);
                 }
                 Write::Sql(s) => match self.sql_one(s) {
                     Ok(r) => {
-                        let _ = self.db.conn().execute_batch("RELEASE tenantsync_write");
+                        let _ = self.db.release(sp);
                         for t in &self.schema.tables {
                             touched.insert(t.id);
                         }
-                        outcomes.push(Outcome::Applied {
-                            pushed_version: 0,
-                            wrote: true,
-                        });
+                        outcomes.push(Outcome::Applied { pushed_version: 0 });
                         sql_results.push(Some(r));
                     }
                     Err(e) => {
-                        let _ = self.db.conn().execute_batch(
-                            "ROLLBACK TO tenantsync_write; RELEASE tenantsync_write",
-                        );
+                        let _ = self.db.rollback_to(&sp);
+                        let _ = self.db.release(sp);
                         outcomes.push(Outcome::Error(e));
                         sql_results.push(None);
                     }
@@ -283,15 +280,12 @@ impl Engine {
             match w {
                 Write::Push(p) => {
                     let res = match o {
-                        Outcome::Applied {
-                            pushed_version,
-                            wrote,
-                        } => {
+                        Outcome::Applied { pushed_version } => {
                             metrics::counter!("tenantsync_changes_in_total")
                                 .increment(p.changes.len() as u64);
                             Ok(PushResponse {
                                 pushed_version,
-                                server_version: if wrote { version } else { version },
+                                server_version: version,
                             })
                         }
                         Outcome::Duplicate { pushed_version } => Ok(PushResponse {
@@ -344,7 +338,9 @@ impl Engine {
                 let m = &e.plan.memberships[id.0 as usize];
                 let mut stmt = self.db.conn().prepare_cached(&m.sql).map_err(internal)?;
                 let vals: Vec<Value> = stmt
-                    .query_map(rusqlite::params_from_iter(m.params.iter()), |row| row.get(0))
+                    .query_map(rusqlite::params_from_iter(m.params.iter()), |row| {
+                        row.get(0)
+                    })
                     .map_err(internal)?
                     .collect::<rusqlite::Result<_>>()
                     .map_err(internal)?;
@@ -363,6 +359,7 @@ impl Engine {
         plans: &FxMap<u16, Arc<PlanEntry>>,
         pending_pv: &mut FxMap<SiteId, i64>,
         touched: &mut FxSet<u16>,
+        sp: &tenantsync_core::Savepoint,
     ) -> Outcome {
         let pv = match pending_pv.get(&p.site) {
             Some(v) => *v,
@@ -408,7 +405,10 @@ impl Engine {
         let mut ms_before: FxMap<u16, MembershipResults> = FxMap::default();
         if !service {
             for (t, pk) in &rows {
-                match self.db.row_values(&self.schema.tables[*t as usize].name, pk) {
+                match self
+                    .db
+                    .row_values(&self.schema.tables[*t as usize].name, pk)
+                {
                     Ok(v) => before.push(v),
                     Err(e) => {
                         return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
@@ -439,7 +439,10 @@ impl Engine {
         if !service {
             let mut after: Vec<Option<Vec<Value>>> = Vec::with_capacity(rows.len());
             for (t, pk) in &rows {
-                match self.db.row_values(&self.schema.tables[*t as usize].name, pk) {
+                match self
+                    .db
+                    .row_values(&self.schema.tables[*t as usize].name, pk)
+                {
                     Ok(v) => after.push(v),
                     Err(e) => return Outcome::Error(internal(e)),
                 }
@@ -466,7 +469,9 @@ impl Engine {
                 };
                 let decisions = match plan.plan.check_split(&pairs, &ms_before[t], &ms_after) {
                     Ok(d) => d,
-                    Err(e) => return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string())),
+                    Err(e) => {
+                        return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
+                    }
                 };
                 for (k, d) in decisions.iter().enumerate() {
                     if !d.allowed {
@@ -485,10 +490,9 @@ impl Engine {
                 }
             }
             if !refused.is_empty() {
-                let _ = self
-                    .db
-                    .conn()
-                    .execute_batch("ROLLBACK TO tenantsync_write");
+                if let Err(e) = self.db.rollback_to(sp) {
+                    return Outcome::Error(internal(e));
+                }
                 let new_pv = pv.max(p.to);
                 if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
                     return Outcome::Error(internal(e));
@@ -508,7 +512,6 @@ impl Engine {
         *touched = now_touched;
         Outcome::Applied {
             pushed_version: new_pv,
-            wrote: true,
         }
     }
 
@@ -608,7 +611,11 @@ impl Engine {
             let err = |e: rusqlite::Error| {
                 ApiError::new(
                     ErrorCode::SqlError,
-                    format!("statement {} ({:?}) failed: {e}; nothing was applied", i + 1, st.sql),
+                    format!(
+                        "statement {} ({:?}) failed: {e}; nothing was applied",
+                        i + 1,
+                        st.sql
+                    ),
                 )
             };
             let conn = self.db.conn();
