@@ -268,8 +268,8 @@ impl ApiError {
 /// A push that was not applied.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PushError {
-    /// Write policies refused rows: nothing applied, the push is consumed
-    /// (HTTP 403 with the refusal as body).
+    /// Write policies refused rows: nothing applied, `pushed_version`
+    /// unchanged (HTTP 403 with the refusal as body).
     Refused(Box<PushRefusal>),
     /// Any other error (gap, bad_push, site_mismatch, rate_limited, ...).
     Api(ApiError),

@@ -493,12 +493,9 @@ impl Engine {
                 if let Err(e) = self.db.rollback_to(sp) {
                     return Outcome::Error(internal(e));
                 }
-                let new_pv = pv.max(p.to);
-                if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
-                    return Outcome::Error(internal(e));
-                }
-                pending_pv.insert(p.site, new_pv);
-                return match self.refusal(p, &rows, refused, new_pv) {
+                // Not held: pushed_version stays (docs/PROTOCOL.md §7), so a
+                // peer that lost this answer resends and is refused again.
+                return match self.refusal(p, &rows, refused, pv) {
                     Ok(r) => Outcome::Refused(Box::new(r)),
                     Err(e) => Outcome::Error(e),
                 };
