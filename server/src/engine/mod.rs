@@ -170,6 +170,8 @@ pub(crate) enum Cmd {
         epoch: u64,
         version: i64,
         held: Arc<PkSet>,
+        /// The last chunk's text (queued by the engine).
+        last: String,
     },
     SyncAbandoned {
         sub: SubKey,
@@ -408,7 +410,8 @@ impl Engine {
                 epoch,
                 version,
                 held,
-            } => self.sync_done(sub, epoch, version, held),
+                last,
+            } => self.sync_done(sub, epoch, version, held, last),
             Cmd::SyncAbandoned { sub, epoch } => self.sync_abandoned(sub, epoch),
             Cmd::Drained { conn } => self.drained(conn),
             Cmd::Write(_) | Cmd::Shutdown { .. } => unreachable!("handled by the loop"),

@@ -72,6 +72,8 @@ pub(crate) struct Sub {
     pub view: FilterId,
     pub state: State,
     pub epoch: u64,
+    /// `epoch`, shared with the sync job in flight.
+    pub current: Arc<std::sync::atomic::AtomicU64>,
     /// Acknowledged cursor.
     pub acked: Option<i64>,
     /// Held at `acked`; None: derive it from the view (live since).
@@ -532,6 +534,7 @@ impl Engine {
             view,
             state: State::Live,
             epoch: epoch0,
+            current: Arc::new(std::sync::atomic::AtomicU64::new(epoch0)),
             acked,
             acked_set,
             inflight: VecDeque::new(),
@@ -565,6 +568,8 @@ impl Engine {
             return;
         };
         sub.epoch += 1;
+        sub.current
+            .store(sub.epoch, std::sync::atomic::Ordering::Release);
         sub.state = State::Pending {
             base: base.clone(),
             buffer: Vec::new(),
@@ -585,6 +590,7 @@ impl Engine {
         let job = SyncJob {
             sub: key.clone(),
             epoch: sub.epoch,
+            current: sub.current.clone(),
             q: sub.q.clone(),
             base,
             outbox: conn.outbox.clone(),
@@ -745,7 +751,14 @@ impl Engine {
         }
     }
 
-    pub(super) fn sync_done(&mut self, key: SubKey, epoch: u64, version: i64, held: Arc<PkSet>) {
+    pub(super) fn sync_done(
+        &mut self,
+        key: SubKey,
+        epoch: u64,
+        version: i64,
+        held: Arc<PkSet>,
+        last: String,
+    ) {
         let now = self.version;
         let pending_parts = self.tuning.pending_parts;
         let Some(sub) = self.subs.subs.get_mut(&key) else {
@@ -764,6 +777,9 @@ impl Engine {
             return;
         };
         let _ = pending_parts;
+        if let Some(c) = sub.conn.and_then(|c| self.subs.conns.get(&c)) {
+            c.outbox.push_frame(OutFrame::Text(last));
+        }
         sub.inflight.push_back(Inflight::Sync {
             version,
             held: held.clone(),

@@ -325,7 +325,14 @@ impl Replica {
         let mut version = 0;
         let mut reset = false;
         let mut all = Vec::new();
+        let final_version = match chunks.last() {
+            Some(ServerMsg::Snapshot { version, .. }) => *version,
+            _ => 0,
+        };
         for c in chunks {
+            if !matches!(c, ServerMsg::Snapshot { version, .. } if version == final_version) {
+                continue;
+            }
             let ServerMsg::Snapshot {
                 version: v,
                 reset: r,
