@@ -21,7 +21,10 @@
 //!   `tenantsync_subscriptions`).
 //! - `schema`: the schema as the engine and the policy engine see it.
 //! - `fair`: per-tenant round-robin queues.
+//! - `bench` (hidden): hooks for the criterion benchmarks.
 
+#[doc(hidden)]
+pub mod bench;
 mod engine;
 mod fair;
 mod outbox;
@@ -29,6 +32,8 @@ mod reader;
 mod schema;
 pub mod service;
 mod store;
+
+const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
 pub use service::{
     ApiError, Limits, OutFrame, Outbox, Principal, PushError, ServiceConfig, Session, StartError,
