@@ -1044,6 +1044,25 @@ impl Session {
     }
 }
 
+/// The frames for one WebSocket session, in order: welcome, answers,
+/// `subscribed`, sync chunks, coalesced `changes` checkpoints.
+pub struct Outbox {
+    drain: Drain,
+}
+
+impl Outbox {
+    /// The next frame; `None` when the session is over (after a `Close`).
+    pub async fn next(&mut self) -> Option<OutFrame> {
+        self.drain.next().await
+    }
+
+    /// Tells the outbox a frame it yielded was written to the socket (for
+    /// the delivery-latency histogram and the lagging/drained bookkeeping).
+    pub fn written(&mut self) {
+        self.drain.written();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_sql;
@@ -1062,24 +1081,5 @@ mod tests {
                 "SELECT crsql_as_crr('t')",
             ]
         );
-    }
-}
-
-/// The frames for one WebSocket session, in order: welcome, answers,
-/// `subscribed`, sync chunks, coalesced `changes` checkpoints.
-pub struct Outbox {
-    drain: Drain,
-}
-
-impl Outbox {
-    /// The next frame; `None` when the session is over (after a `Close`).
-    pub async fn next(&mut self) -> Option<OutFrame> {
-        self.drain.next().await
-    }
-
-    /// Tells the outbox a frame it yielded was written to the socket (for
-    /// the delivery-latency histogram and the lagging/drained bookkeeping).
-    pub fn written(&mut self) {
-        self.drain.written();
     }
 }

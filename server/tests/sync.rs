@@ -403,7 +403,7 @@ async fn restart_resumes_exactly_when_acked_and_refetches_otherwise() {
                 ServerMsg::Subscribed { mode, .. } => Some(*mode),
                 _ => None,
             })
-            .last()
+            .next_back()
     };
     assert_eq!(
         mode(&alice),

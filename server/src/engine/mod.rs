@@ -421,18 +421,18 @@ impl Engine {
     /// Loads (or creates, binding it to `who`) the peer of a site.
     fn bind_peer(&mut self, who: &Who, site: SiteId) -> Result<i64, ApiError> {
         let internal = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
-        if !self.peers.contains_key(&site) {
-            if let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)? {
-                self.peers.insert(
-                    site,
-                    Peer {
-                        subject: row.subject,
-                        tenant: row.tenant,
-                        claims: row.claims.unwrap_or_else(|| "{}".into()),
-                        pushed_version: row.pushed_version,
-                    },
-                );
-            }
+        if !self.peers.contains_key(&site)
+            && let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)?
+        {
+            self.peers.insert(
+                site,
+                Peer {
+                    subject: row.subject,
+                    tenant: row.tenant,
+                    claims: row.claims.unwrap_or_else(|| "{}".into()),
+                    pushed_version: row.pushed_version,
+                },
+            );
         }
         let claims = who.ident_key.to_string();
         let tenant = who.principal.tenant.clone();

@@ -28,6 +28,9 @@ use crate::reader::{Job, PullItem, SyncBase, SyncJob};
 use crate::service::{ApiError, OutFrame};
 use crate::store;
 
+/// Parts of one version per connection: (subscription id, part).
+type PerConn = FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>>;
+
 pub(crate) struct Conn {
     pub site: SiteId,
     pub who: Who,
@@ -148,18 +151,18 @@ impl Sub {
         }
         let mut start: Option<(usize, &Arc<PkSet>)> = None;
         for (i, e) in self.inflight.iter().enumerate() {
-            if let Inflight::Sync { version, held } = e {
-                if *version <= v {
-                    start = Some((i, held));
-                }
+            if let Inflight::Sync { version, held } = e
+                && *version <= v
+            {
+                start = Some((i, held));
             }
         }
         let fwd = |from: usize, mut h: PkSet| {
             for e in self.inflight.iter().skip(from) {
-                if let Inflight::Part(p) = e {
-                    if p.version <= v {
-                        apply_fwd(&mut h, p);
-                    }
+                if let Inflight::Part(p) = e
+                    && p.version <= v
+                {
+                    apply_fwd(&mut h, p);
                 }
             }
             h
@@ -179,10 +182,10 @@ impl Sub {
                     apply_back(&mut h, p);
                 }
                 for e in self.inflight.iter().rev() {
-                    if let Inflight::Part(p) = e {
-                        if p.version > v {
-                            apply_back(&mut h, p);
-                        }
+                    if let Inflight::Part(p) = e
+                        && p.version > v
+                    {
+                        apply_back(&mut h, p);
                     }
                 }
                 Some(h)
@@ -311,16 +314,16 @@ impl Engine {
         }
         for id in c.subs {
             let key = (c.site, id);
-            if let Some(sub) = self.subs.subs.get_mut(&key) {
-                if sub.conn == Some(conn) {
-                    sub.materialize(&self.filters, None);
-                    sub.conn = None;
-                    sub.state = State::Detached {
-                        since: Instant::now(),
-                    };
-                    sub.dirty = true;
-                    sub.held_dirty = true;
-                }
+            if let Some(sub) = self.subs.subs.get_mut(&key)
+                && sub.conn == Some(conn)
+            {
+                sub.materialize(&self.filters, None);
+                sub.conn = None;
+                sub.state = State::Detached {
+                    since: Instant::now(),
+                };
+                sub.dirty = true;
+                sub.held_dirty = true;
             }
         }
         metrics::gauge!("tenantsync_connections").set(self.subs.conns.len() as f64);
@@ -430,15 +433,15 @@ impl Engine {
         // Where the sync starts.
         let (mode, base, acked, acked_set) = match existing {
             Some(old) => {
-                if let Some(oc) = old.conn {
-                    if oc != conn {
-                        if let Some(c) = self.subs.conns.get_mut(&oc) {
-                            c.subs.remove(&id);
-                        }
-                    }
+                if let Some(oc) = old.conn
+                    && oc != conn
+                    && let Some(c) = self.subs.conns.get_mut(&oc)
+                {
+                    c.subs.remove(&id);
                 }
                 self.leave_view(&key, old.view);
-                let r = match cursor {
+
+                match cursor {
                     Some(cur) if old.query == query => {
                         match old.held_at(cur, &self.filters, None) {
                             Some(h) => {
@@ -482,8 +485,7 @@ impl Engine {
                         None,
                         Some(Arc::default()),
                     ),
-                };
-                r
+                }
             }
             None => {
                 self.add_tenant_sub(&who.tenant, 1);
@@ -787,6 +789,8 @@ impl Engine {
         sub.queued = sub.queued.max(version);
         sub.dirty = true;
         sub.held_dirty = true;
+        sub.span
+            .in_scope(|| tracing::debug!(version, rows = held.len(), "initial sync done"));
         let resume = SyncBase {
             cursor: Some(version),
             held: held.clone(),
@@ -941,7 +945,7 @@ impl Engine {
                 return;
             }
         };
-        let mut per_conn: FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>> = FxMap::default();
+        let mut per_conn: PerConn = FxMap::default();
         for (f, d) in drafts {
             let table = self.filters.get(f).table;
             let part = Arc::new(self.part_of(table, &d, &rows, &whole, version));
@@ -1115,7 +1119,7 @@ impl Engine {
         let keys: Vec<SubKey> = self.subs.subs.keys().cloned().collect();
         let mut changed_views: FxSet<FilterId> = FxSet::default();
         let mut moved = 0;
-        let mut per_conn: FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>> = FxMap::default();
+        let mut per_conn: PerConn = FxMap::default();
         for key in keys {
             let (old_view, q_new) = {
                 let sub = &self.subs.subs[&key];
@@ -1520,18 +1524,18 @@ impl Engine {
     }
 
     pub(super) fn report(&mut self, site: SiteId) -> Result<PeerReport, ApiError> {
-        if !self.peers.contains_key(&site) {
-            if let Ok(Some(row)) = store::load_peer(self.db.conn(), &site) {
-                self.peers.insert(
-                    site,
-                    super::Peer {
-                        subject: row.subject,
-                        tenant: row.tenant,
-                        claims: row.claims.unwrap_or_else(|| "{}".into()),
-                        pushed_version: row.pushed_version,
-                    },
-                );
-            }
+        if !self.peers.contains_key(&site)
+            && let Ok(Some(row)) = store::load_peer(self.db.conn(), &site)
+        {
+            self.peers.insert(
+                site,
+                super::Peer {
+                    subject: row.subject,
+                    tenant: row.tenant,
+                    claims: row.claims.unwrap_or_else(|| "{}".into()),
+                    pushed_version: row.pushed_version,
+                },
+            );
         }
         let Some(peer) = self.peers.get(&site) else {
             return Err(ApiError::new(

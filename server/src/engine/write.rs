@@ -180,20 +180,20 @@ impl Engine {
         for w in &group {
             let mut m = FxMap::default();
             let mut err = None;
-            if let Write::Push(p) = w {
-                if !p.who.principal.service {
-                    let tables: FxSet<u16> = p
-                        .changes
-                        .iter()
-                        .filter_map(|c| self.schema.table(&c.table).map(|t| t.id))
-                        .collect();
-                    for t in tables {
-                        match self.plan_for(&p.who, t) {
-                            Ok(e) => {
-                                m.insert(t, e);
-                            }
-                            Err(e) => err = Some(e),
+            if let Write::Push(p) = w
+                && !p.who.principal.service
+            {
+                let tables: FxSet<u16> = p
+                    .changes
+                    .iter()
+                    .filter_map(|c| self.schema.table(&c.table).map(|t| t.id))
+                    .collect();
+                for t in tables {
+                    match self.plan_for(&p.who, t) {
+                        Ok(e) => {
+                            m.insert(t, e);
                         }
+                        Err(e) => err = Some(e),
                     }
                 }
             }
@@ -460,7 +460,7 @@ impl Engine {
                     .filter(|(i, _)| !(before[*i].is_none() && after[*i].is_none()))
                     .map(|(i, _)| i)
                     .collect();
-                let pairs: Vec<(Option<&[Value]>, Option<&[Value]>)> = idx
+                let pairs: Vec<tenantsync_policy::RowChange<'_>> = idx
                     .iter()
                     .map(|&i| (before[i].as_deref(), after[i].as_deref()))
                     .collect();

@@ -387,7 +387,9 @@ impl Replica {
         let mut touched = BTreeSet::new();
         let mut applied = Vec::new();
         let mut all_changes = Vec::new();
-        let mut plan: Vec<(String, BTreeSet<(String, PackedPk)>, Vec<RowKey>)> = Vec::new();
+        // (subscription, rows with changes, evicted rows)
+        type Plan = Vec<(String, BTreeSet<(String, PackedPk)>, Vec<RowKey>)>;
+        let mut plan: Plan = Vec::new();
         for (id, ps) in parts {
             let Some(s) = self.subs.get(&id) else {
                 continue;
