@@ -152,7 +152,7 @@ impl RowMerge {
                 return self.sentinel_tie(sh, st, c);
             }
             self.pending = PendingRow::default();
-            self.exec_pk(st, &self.t.sql.row_delete)?;
+            st.delete_row(&self.t, &self.pk_vals)?;
             let sentinel = self.winner_clock(sh, st, c, c.col_version)?;
             self.clock.sentinel = Some(sentinel);
             self.clock.clear_cells();
@@ -320,43 +320,17 @@ impl RowMerge {
             .map(|mut vals| vals.swap_remove(col)))
     }
 
-    fn exec_pk(&self, st: &State, sql: &str) -> Result<()> {
-        let mut stmt = st.conn().prepare_cached(sql)?;
-        bind_pk(&mut stmt, &self.pk_vals, 0)?;
-        stmt.raw_execute()?;
-        Ok(())
-    }
-
     fn flush(&mut self, st: &mut State) -> Result<()> {
         let mut pending = std::mem::take(&mut self.pending);
         if !pending.cols.is_empty() {
-            // The SQL is cached by column set: bind in column order.
+            // The statement is prepared per column set: bind in column order.
             pending.cols.sort_by_key(|(i, _)| *i);
-            let idx: Vec<usize> = pending.cols.iter().map(|(i, _)| *i).collect();
-            let sql = st.upsert_sql(&self.t, &idx);
-            let mut stmt = st.conn().prepare_cached(&sql)?;
-            bind_pk(&mut stmt, &self.pk_vals, 0)?;
-            for (k, (_, v)) in pending.cols.iter().enumerate() {
-                stmt.raw_bind_parameter(self.pk_vals.len() + k + 1, v)?;
-            }
-            stmt.raw_execute()?;
+            st.upsert_row(&self.t, &self.pk_vals, &pending.cols)?;
         } else if pending.ensure {
-            self.exec_pk(st, &self.t.sql.row_insert_pk)?;
+            st.ensure_row(&self.t, &self.pk_vals)?;
         }
         Ok(())
     }
-}
-
-/// Binds primary-key values to parameters `offset+1..`.
-pub(crate) fn bind_pk(
-    stmt: &mut rusqlite::Statement<'_>,
-    vals: &[Value],
-    offset: usize,
-) -> Result<()> {
-    for (i, v) in vals.iter().enumerate() {
-        stmt.raw_bind_parameter(offset + i + 1, ToSqlOutput::Borrowed(v.as_value_ref()))?;
-    }
-    Ok(())
 }
 
 /// Binds borrowed primary-key values to parameters `1..`.
