@@ -3,7 +3,15 @@
 //!
 //! - `insert_100k/{plain,crr}_{2,4}col`: 100k rows inserted with one prepared
 //!   statement in one transaction, into a plain table and into a CRR (the
-//!   ratio of the two medians is the write-tracking cost);
+//!   ratio of the two medians is the write-tracking cost), in memory;
+//! - `insert_100k/sql_trigger_{2,4}col`: the same rows into a plain table
+//!   whose AFTER INSERT trigger, in plain SQL with constant values, writes
+//!   what the core writes for a new row (one clock row keyed by the id, one
+//!   `(db_version, id)` row in a WITHOUT ROWID table): the floor any
+//!   trigger-based tracker with this layout pays (docs/arch/core.md,
+//!   "Write tracking");
+//! - `insert_100k_wal/{plain,sql_trigger,crr}_2col`: the same three on a WAL
+//!   file with synchronous=NORMAL (what the server runs);
 //! - `insert_1row_tx/{plain,crr}`: 1000 single-row transactions on a WAL file;
 //! - `changes_since_0/{typed,sql}_{2,4}col`: reading every change of 100k rows;
 //! - `apply/{typed,sql}_{2,4}col`: merging those changes into a fresh database.
@@ -86,6 +94,21 @@ fn crr(shape: &Shape) -> CrrConnection {
     c
 }
 
+/// Gives a plain table the trigger-only floor of our layout: per new row,
+/// one clock row keyed by the id and one `(db_version, id)` row, written by
+/// SQL with constant values (no engine, no function call).
+fn add_sql_trigger(conn: &rusqlite::Connection) {
+    conn.execute_batch(
+        "CREATE TABLE clock (pk INTEGER PRIMARY KEY, clock BLOB);
+         CREATE TABLE dbv (db_version INTEGER NOT NULL, pk INTEGER NOT NULL, PRIMARY KEY (db_version, pk)) WITHOUT ROWID;
+         CREATE TRIGGER t_track AFTER INSERT ON t BEGIN
+           INSERT OR IGNORE INTO clock (pk, clock) VALUES (NEW.id, x'0101020000010202000001');
+           INSERT OR IGNORE INTO dbv (db_version, pk) VALUES (1, NEW.id);
+         END;",
+    )
+    .unwrap();
+}
+
 fn bench_insert(c: &mut Criterion) {
     let mut g = c.benchmark_group("insert_100k");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
@@ -98,6 +121,17 @@ fn bench_insert(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        g.bench_function(format!("sql_trigger_{}", shape.name), |b| {
+            b.iter_batched(
+                || {
+                    let c = plain(shape);
+                    add_sql_trigger(&c);
+                    c
+                },
+                |conn| insert_rows(&conn, shape, ROWS),
+                BatchSize::PerIteration,
+            )
+        });
         g.bench_function(format!("crr_{}", shape.name), |b| {
             b.iter_batched(
                 || crr(shape),
@@ -106,6 +140,61 @@ fn bench_insert(c: &mut Criterion) {
             )
         });
     }
+    g.finish();
+}
+
+/// The same inserts on WAL files (synchronous=NORMAL), as the server and
+/// the CLI open databases.
+fn bench_insert_wal(c: &mut Criterion) {
+    let shape = &SHAPES[0];
+    let mut g = c.benchmark_group("insert_100k_wal");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.throughput(Throughput::Elements(ROWS as u64));
+    let dir = tempfile::tempdir().unwrap();
+    let mut k = 0;
+    let mut path = move || {
+        k += 1;
+        dir.path().join(format!("db{k}.sqlite"))
+    };
+    let mut plain_wal = |trigger: bool| {
+        let c = rusqlite::Connection::open(path()).unwrap();
+        c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .unwrap();
+        c.execute_batch(shape.ddl).unwrap();
+        if trigger {
+            add_sql_trigger(&c);
+        }
+        c
+    };
+    g.bench_function(format!("plain_{}", shape.name), |b| {
+        b.iter_batched(
+            || plain_wal(false),
+            |conn| insert_rows(&conn, shape, ROWS),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function(format!("sql_trigger_{}", shape.name), |b| {
+        b.iter_batched(
+            || plain_wal(true),
+            |conn| insert_rows(&conn, shape, ROWS),
+            BatchSize::PerIteration,
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut k = 0;
+    g.bench_function(format!("crr_{}", shape.name), |b| {
+        b.iter_batched(
+            || {
+                k += 1;
+                let db = CrrConnection::open(dir.path().join(format!("crr{k}.sqlite"))).unwrap();
+                db.conn().execute_batch(shape.ddl).unwrap();
+                db.as_crr("t").unwrap();
+                db
+            },
+            |db| insert_rows(db.conn(), shape, ROWS),
+            BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 
@@ -251,6 +340,7 @@ fn bench_read_and_apply(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_insert,
+    bench_insert_wal,
     bench_single_row_tx,
     bench_read_and_apply
 );

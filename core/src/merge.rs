@@ -442,3 +442,44 @@ pub(crate) fn merge_batch<'a>(
 pub(crate) fn pk_refs<'a>(t: &TableInfo, pk: &'a [u8]) -> Result<Vec<ValueRef<'a>>> {
     unpack_refs(pk).map_err(|e| Error::pk(&t.name, pk, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+
+    use super::*;
+
+    /// cr-sqlite's tie order (reference §3): `a` against `b`.
+    #[track_caller]
+    fn check(a: ValueRef<'_>, b: ValueRef<'_>, expected: Ordering) {
+        assert_eq!(compare_values(a, b), expected, "{a:?} vs {b:?}");
+        assert_eq!(compare_values(b, a), expected.reverse(), "{b:?} vs {a:?}");
+    }
+
+    #[test]
+    fn ties_rank_storage_classes_then_values() {
+        use ValueRef::{Blob, Integer, Null, Real, Text};
+        // Within a class: numeric, or bytewise with the shorter prefix lower.
+        check(Integer(5), Integer(3), Greater);
+        check(Integer(-1), Integer(i64::MIN), Greater);
+        check(Real(2.5), Real(-0.5), Greater);
+        check(Real(0.0), Real(-0.0), Equal);
+        check(Text(b"b"), Text(b"a"), Greater);
+        check(Text(b"a"), Text(b"B"), Greater);
+        check(Text("é".as_bytes()), Text(b"z"), Greater);
+        check(Text(b"ab"), Text(b"a"), Greater);
+        check(Blob(&[1, 2]), Blob(&[1]), Greater);
+        check(Blob(&[]), Blob(&[]), Equal);
+        check(Null, Null, Equal);
+        // Across classes: INTEGER > REAL > TEXT > BLOB > NULL, whatever the
+        // values (not SQLite's own order, where numbers sort below text).
+        check(Integer(1), Real(100.5), Greater);
+        check(Integer(1), Real(1.0), Greater);
+        check(Integer(i64::MIN), Text(b"zzz"), Greater);
+        check(Real(2.5), Text(b"a"), Greater);
+        check(Text(b"a"), Blob(&[0xff]), Greater);
+        check(Blob(&[0]), Null, Greater);
+        check(Integer(-5), Null, Greater);
+        check(Text(b""), Blob(&[0xff, 0xff]), Greater);
+    }
+}
