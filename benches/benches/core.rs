@@ -16,76 +16,19 @@
 //! - `changes_since_0/{typed,sql}_{2,4}col`: reading every change of 100k rows;
 //! - `apply/{typed,sql}_{2,4}col`: merging those changes into a fresh database.
 //!
-//! Data is seeded (no randomness between runs).
+//! Data is seeded (no randomness between runs); the fixtures are in
+//! `benches/src/lib.rs`. For instruction counts of each configuration under
+//! callgrind, see `benches/examples/insert_profile.rs`.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rusqlite::params;
+use tenantsync_benches::{Db, SHAPES, Shape, Tracking, insert_rows, text};
 use tenantsync_core::{Change, CrrConnection};
 
 const ROWS: i64 = 100_000;
-
-/// Deterministic pseudo-random text (a 64-bit LCG).
-fn text(i: i64) -> String {
-    let mut x = (i as u64)
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut s = String::with_capacity(24);
-    for _ in 0..16 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        s.push((b'a' + (x >> 59) as u8 % 26) as char);
-    }
-    s
-}
-
-struct Shape {
-    name: &'static str,
-    ddl: &'static str,
-    insert: &'static str,
-}
-
-const SHAPES: [Shape; 2] = [
-    Shape {
-        name: "2col",
-        ddl: "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER)",
-        insert: "INSERT INTO t VALUES (?1, ?2, ?3)",
-    },
-    Shape {
-        name: "4col",
-        ddl: "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER, c REAL, d BLOB)",
-        insert: "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)",
-    },
-];
-
-fn insert_rows(conn: &rusqlite::Connection, shape: &Shape, n: i64) {
-    conn.execute_batch("BEGIN").unwrap();
-    {
-        let mut stmt = conn.prepare(shape.insert).unwrap();
-        for i in 0..n {
-            if shape.name == "2col" {
-                stmt.execute(params![i, text(i), i * 7]).unwrap();
-            } else {
-                stmt.execute(params![
-                    i,
-                    text(i),
-                    i * 7,
-                    i as f64 * 0.5,
-                    text(i).into_bytes()
-                ])
-                .unwrap();
-            }
-        }
-    }
-    conn.execute_batch("COMMIT").unwrap();
-}
-
-fn plain(shape: &Shape) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open_in_memory().unwrap();
-    c.execute_batch(shape.ddl).unwrap();
-    c
-}
 
 fn crr(shape: &Shape) -> CrrConnection {
     let c = CrrConnection::open_in_memory().unwrap();
@@ -94,51 +37,23 @@ fn crr(shape: &Shape) -> CrrConnection {
     c
 }
 
-/// Gives a plain table the trigger-only floor of our layout: per new row,
-/// one clock row keyed by the id and one `(db_version, id)` row, written by
-/// SQL with constant values (no engine, no function call).
-fn add_sql_trigger(conn: &rusqlite::Connection) {
-    conn.execute_batch(
-        "CREATE TABLE clock (pk INTEGER PRIMARY KEY, clock BLOB);
-         CREATE TABLE dbv (db_version INTEGER NOT NULL, pk INTEGER NOT NULL, PRIMARY KEY (db_version, pk)) WITHOUT ROWID;
-         CREATE TRIGGER t_track AFTER INSERT ON t BEGIN
-           INSERT OR IGNORE INTO clock (pk, clock) VALUES (NEW.id, x'0101020000010202000001');
-           INSERT OR IGNORE INTO dbv (db_version, pk) VALUES (1, NEW.id);
-         END;",
-    )
-    .unwrap();
-}
+/// The three configurations the insert groups compare.
+const INSERTS: [Tracking; 3] = [Tracking::Plain, Tracking::SqlTrigger, Tracking::Crr];
 
 fn bench_insert(c: &mut Criterion) {
     let mut g = c.benchmark_group("insert_100k");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.throughput(Throughput::Elements(ROWS as u64));
     for shape in &SHAPES {
-        g.bench_function(format!("plain_{}", shape.name), |b| {
-            b.iter_batched(
-                || plain(shape),
-                |conn| insert_rows(&conn, shape, ROWS),
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function(format!("sql_trigger_{}", shape.name), |b| {
-            b.iter_batched(
-                || {
-                    let c = plain(shape);
-                    add_sql_trigger(&c);
-                    c
-                },
-                |conn| insert_rows(&conn, shape, ROWS),
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function(format!("crr_{}", shape.name), |b| {
-            b.iter_batched(
-                || crr(shape),
-                |db| insert_rows(db.conn(), shape, ROWS),
-                BatchSize::PerIteration,
-            )
-        });
+        for tracking in INSERTS {
+            g.bench_function(format!("{}_{}", tracking.name(), shape.name), |b| {
+                b.iter_batched(
+                    || Db::new(tracking, shape, None),
+                    |db| insert_rows(db.conn(), shape, ROWS),
+                    BatchSize::PerIteration,
+                )
+            });
+        }
     }
     g.finish();
 }
@@ -152,49 +67,22 @@ fn bench_insert_wal(c: &mut Criterion) {
     g.throughput(Throughput::Elements(ROWS as u64));
     let dir = tempfile::tempdir().unwrap();
     let mut k = 0;
-    let mut path = move || {
-        k += 1;
-        dir.path().join(format!("db{k}.sqlite"))
-    };
-    let mut plain_wal = |trigger: bool| {
-        let c = rusqlite::Connection::open(path()).unwrap();
-        c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
-            .unwrap();
-        c.execute_batch(shape.ddl).unwrap();
-        if trigger {
-            add_sql_trigger(&c);
-        }
-        c
-    };
-    g.bench_function(format!("plain_{}", shape.name), |b| {
-        b.iter_batched(
-            || plain_wal(false),
-            |conn| insert_rows(&conn, shape, ROWS),
-            BatchSize::PerIteration,
-        )
-    });
-    g.bench_function(format!("sql_trigger_{}", shape.name), |b| {
-        b.iter_batched(
-            || plain_wal(true),
-            |conn| insert_rows(&conn, shape, ROWS),
-            BatchSize::PerIteration,
-        )
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let mut k = 0;
-    g.bench_function(format!("crr_{}", shape.name), |b| {
-        b.iter_batched(
-            || {
-                k += 1;
-                let db = CrrConnection::open(dir.path().join(format!("crr{k}.sqlite"))).unwrap();
-                db.conn().execute_batch(shape.ddl).unwrap();
-                db.as_crr("t").unwrap();
-                db
-            },
-            |db| insert_rows(db.conn(), shape, ROWS),
-            BatchSize::PerIteration,
-        )
-    });
+    for tracking in INSERTS {
+        g.bench_function(format!("{}_{}", tracking.name(), shape.name), |b| {
+            b.iter_batched(
+                || {
+                    k += 1;
+                    Db::new(
+                        tracking,
+                        shape,
+                        Some(&dir.path().join(format!("db{k}.sqlite"))),
+                    )
+                },
+                |db| insert_rows(db.conn(), shape, ROWS),
+                BatchSize::PerIteration,
+            )
+        });
+    }
     g.finish();
 }
 
