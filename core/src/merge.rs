@@ -481,5 +481,7 @@ mod tests {
         check(Blob(&[0]), Null, Greater);
         check(Integer(-5), Null, Greater);
         check(Text(b""), Blob(&[0xff, 0xff]), Greater);
+        check(Null, Blob(&[]), Less);
+        check(Real(f64::MAX), Integer(i64::MIN), Less);
     }
 }
