@@ -94,7 +94,17 @@ pub(crate) struct RowMerge {
 impl RowMerge {
     /// Starts merging changes of the row `pk` (any encoding) of `t`.
     pub fn begin(st: &State, t: Arc<TableInfo>, pk: &[u8]) -> Result<RowMerge> {
-        let (mut canon, n) = canonicalize(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
+        Self::begin_canonical(st, t, pk, canonicalize(pk))
+    }
+
+    /// [`RowMerge::begin`] with `canonicalize(pk)` already computed.
+    fn begin_canonical(
+        st: &State,
+        t: Arc<TableInfo>,
+        pk: &[u8],
+        canonical: Result<(Vec<u8>, usize), crate::pack::PkError>,
+    ) -> Result<RowMerge> {
+        let (mut canon, n) = canonical.map_err(|e| Error::pk(&t.name, pk, e))?;
         if n != t.pks.len() {
             return Err(Error::PkArity {
                 table: t.name.clone(),
@@ -401,12 +411,17 @@ pub(crate) fn merge_batch<'a>(
         source: Box::new(e),
     };
     for (i, c) in changes.enumerate() {
+        // The canonical pk, when comparing needed it (reused to begin a row).
+        let mut canonical = None;
         let same_row = match &current {
             Some((m, raw, _, _)) => {
                 m.t.name == c.table
                     && (*raw == c.pk || {
                         // Same row in another encoding?
-                        matches!(canonicalize(c.pk), Ok((canon, _)) if canon == m.pk)
+                        let canon = canonicalize(c.pk);
+                        let same = matches!(&canon, Ok((k, _)) if *k == m.pk);
+                        canonical = Some(canon);
+                        same
                     })
             }
             None => false,
@@ -416,7 +431,8 @@ pub(crate) fn merge_batch<'a>(
                 m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
             }
             let t = st.table(c.table).map_err(|e| ctx(i, &c, e))?;
-            let m = RowMerge::begin(st, t, c.pk).map_err(|e| ctx(i, &c, e))?;
+            let canonical = canonical.unwrap_or_else(|| canonicalize(c.pk));
+            let m = RowMerge::begin_canonical(st, t, c.pk, canonical).map_err(|e| ctx(i, &c, e))?;
             stats.rows += 1;
             current = Some((m, c.pk, i, c));
         }
