@@ -14,7 +14,7 @@
 //! - [`http`]: [`HttpClient`] (schema, one push, one pull over HTTP) and
 //!   [`sync_round`], one whole round as `tenantsync replica sync` runs it.
 //! - [`subid`]: stable subscription ids derived from query text.
-//! - [`error`]: [`ReplicaError`].
+//! - [`error`]: the error type, [`ReplicaError`].
 
 pub mod error;
 pub mod handle;
