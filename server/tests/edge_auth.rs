@@ -1,9 +1,9 @@
 //! Bearer JWT verification (docs/PROTOCOL.md §3): which tokens the server
 //! accepts, and what it answers for the others.
 
-mod common;
+mod edge_common;
 
-use common::tokens::{self, claims, keys};
+use edge_common::tokens::{self, claims, keys};
 use serde_json::json;
 use tenantsync_protocol::ErrorCode;
 use tenantsync_server::auth::{Authenticator, JwtAlg, JwtKey, JwtSettings, KeyError, bearer_token};
