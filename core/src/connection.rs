@@ -24,6 +24,14 @@ use crate::state::{Shared, State, SyncBitGuard};
 /// `tenantsync_core_version`.
 pub const LAYOUT_VERSION: i64 = 1;
 
+/// A savepoint opened by [`CrrConnection::savepoint`].
+#[derive(Debug)]
+#[must_use = "release or roll back the savepoint"]
+pub struct Savepoint {
+    name: String,
+    saved: (i64, bool, i64, i64),
+}
+
 /// Which local db_version merged clocks are stamped with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MergeStamping {
@@ -269,6 +277,78 @@ impl CrrConnection {
     /// Changes the stamping of merged clocks (not persisted).
     pub fn set_merge_stamping(&self, stamping: MergeStamping) -> Result<()> {
         self.shared.lock()?.stamping = stamping;
+        Ok(())
+    }
+
+    /// Gives the current write transaction a db_version of its own even if
+    /// it changes no CRR row: records it as `pre_compact_dbversion` (the
+    /// floor `crsql_db_version()` never goes below, as after a compaction)
+    /// and returns it. A server uses it to mark an event that changes what
+    /// subscribers see without changing data (a policy reload) with a
+    /// version nothing else has. Must run inside a write transaction; the
+    /// version is the committed db_version once the transaction commits.
+    pub fn bump_db_version(&self) -> Result<i64> {
+        if self.shared.read_only {
+            return Err(Error::Invalid("the connection is read-only".into()));
+        }
+        if self.conn.is_autocommit() {
+            return Err(Error::Invalid(
+                "bump_db_version needs an open write transaction".into(),
+            ));
+        }
+        let sh = &*self.shared;
+        let mut st = sh.lock()?;
+        let v = st.next_version(sh, None)?;
+        st.conn().execute(
+            "INSERT INTO crsql_master (key, value) VALUES ('pre_compact_dbversion', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = max(CAST(value AS INTEGER), excluded.value)",
+            [v],
+        )?;
+        sh.wrote.store(true, Relaxed);
+        Ok(v)
+    }
+
+    /// Opens a savepoint of the caller's transaction and remembers the
+    /// engine's transaction counters, so that [`CrrConnection::rollback_to`]
+    /// undoes a write whole: its rows and the db_version it would have
+    /// consumed. (A plain `ROLLBACK TO` in SQL undoes the rows, but the
+    /// connection would still count the version as used.)
+    pub fn savepoint(&self, name: &str) -> Result<Savepoint> {
+        let sh = &*self.shared;
+        let _st = sh.lock()?;
+        let saved = (
+            sh.pending.load(Relaxed),
+            sh.wrote.load(Relaxed),
+            sh.seq.load(Relaxed),
+            sh.rows_impacted.load(Relaxed),
+        );
+        self.conn
+            .execute_batch(&format!("SAVEPOINT \"{}\"", name.replace('"', "\"\"")))?;
+        Ok(Savepoint {
+            name: name.to_owned(),
+            saved,
+        })
+    }
+
+    /// Rolls back to a savepoint of [`CrrConnection::savepoint`] (which stays
+    /// open) and restores the transaction counters it remembered.
+    pub fn rollback_to(&self, sp: &Savepoint) -> Result<()> {
+        let sh = &*self.shared;
+        let mut st = sh.lock()?;
+        self.conn
+            .execute_batch(&format!("ROLLBACK TO \"{}\"", sp.name.replace('"', "\"\"")))?;
+        sh.pending.store(sp.saved.0, Relaxed);
+        sh.wrote.store(sp.saved.1, Relaxed);
+        sh.seq.store(sp.saved.2, Relaxed);
+        sh.rows_impacted.store(sp.saved.3, Relaxed);
+        st.invalidate();
+        Ok(())
+    }
+
+    /// Releases a savepoint of [`CrrConnection::savepoint`].
+    pub fn release(&self, sp: Savepoint) -> Result<()> {
+        self.conn
+            .execute_batch(&format!("RELEASE \"{}\"", sp.name.replace('"', "\"\"")))?;
         Ok(())
     }
 

@@ -42,7 +42,7 @@ mod tracking;
 mod vtab;
 
 pub use change::{Change, ChangesQuery, RowRef, SiteFilter};
-pub use connection::{CrrConnection, LAYOUT_VERSION, MergeStamping, Options};
+pub use connection::{CrrConnection, LAYOUT_VERSION, MergeStamping, Options, Savepoint};
 pub use error::{Error, Result};
 pub use merge::ApplyStats;
 pub use pack::{PackedPk, PkError};

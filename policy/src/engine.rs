@@ -117,6 +117,31 @@ pub struct Membership {
     /// The comparison affinity of the `IN` (give it to [`MembershipSet::new`]).
     #[serde(skip)]
     pub affinity: Option<Affinity>,
+    /// Index of `column` in `table`'s columns.
+    #[serde(skip)]
+    pub column_index: usize,
+    /// The WHERE of `sql` alone (columns qualified with `table`'s name), with
+    /// `params`: `SELECT * FROM table WHERE <where_sql>` gives the member rows.
+    #[serde(skip)]
+    pub where_sql: String,
+    /// The subquery's WHERE (its own WHERE AND the identity's SELECT
+    /// policies on `table`) as a predicate over a row of `table` (table
+    /// column order): a row is a member when it is TRUE, and its `column`
+    /// value is then in the set. Its parameters are `params`; its nested
+    /// memberships are numbered locally, see `nested`. Evaluating it on
+    /// every row of `table` selects exactly what `sql` selects.
+    #[serde(skip)]
+    pub filter: Predicate,
+    /// For each local membership id `i` of `filter` (and of `index_cover`),
+    /// `nested[i]` is the id, in the same query or plan, of the membership
+    /// it stands for. Evaluate `filter` with a [`MembershipResults`] keyed
+    /// by the local ids.
+    #[serde(skip)]
+    pub nested: Vec<MembershipId>,
+    /// Atoms over `table`'s columns such that `filter` TRUE => some atom
+    /// true (local membership ids); `None` when no such cover exists.
+    #[serde(skip)]
+    pub index_cover: Option<Vec<IndexAtom>>,
 }
 
 fn ser_membership_id<S: serde::Serializer>(id: &MembershipId, s: S) -> Result<S::Ok, S::Error> {
@@ -164,6 +189,18 @@ impl IndexKey {
             Value::Text(t) => IndexKey::Text(t.clone()),
             Value::Blob(b) => IndexKey::Blob(b.clone()),
         })
+    }
+}
+
+/// The key under which a stored value `v` is found in an index of
+/// membership values built with [`MembershipSet::index_keys`] of a set with
+/// comparison affinity `aff` (the `IN`'s, [`Membership::affinity`]): `v`
+/// with that affinity applied, as [`IndexKey::from_value`]. `None` for NULL.
+pub fn membership_probe_key(v: &Value, aff: Option<Affinity>) -> Option<IndexKey> {
+    let b = Val::borrow(v);
+    match sqlite::apply_affinity(&b, aff) {
+        Some(c) => IndexKey::from_value(&c.into_value()),
+        None => IndexKey::from_value(v),
     }
 }
 
@@ -242,6 +279,10 @@ pub struct EffectiveQuery {
     pub params: Vec<Value>,
     /// `SELECT <snapshot_columns> FROM t WHERE <predicate>`.
     pub snapshot_sql: String,
+    /// The predicate alone as SQL (`<predicate>` of `snapshot_sql`, columns
+    /// qualified with the table's name), with `params`: for callers that
+    /// select other columns (`SELECT * FROM t WHERE <where_sql>`).
+    pub where_sql: String,
     /// The `crsql_changes` rows of currently visible rows since a version:
     /// bind `params` then the version as `?{delta_since_param}`.
     pub delta_sql: String,
@@ -510,6 +551,8 @@ struct Localizer<'a> {
     map: BTreeMap<usize, usize>,
     out_params: Vec<Value>,
     out_ms: Vec<BoundMembership>,
+    /// The global id each entry of `out_ms` stands for.
+    out_global: Vec<MembershipId>,
 }
 
 impl Localizer<'_> {
@@ -535,6 +578,7 @@ impl Localizer<'_> {
                     filter,
                     ..m.clone()
                 });
+                self.out_global.push(*membership);
                 Expr::InMembership {
                     expr: Box::new(lhs),
                     membership: MembershipId((self.out_ms.len() - 1) as u32),
@@ -656,8 +700,10 @@ fn public_memberships(
                 map: BTreeMap::new(),
                 out_params: Vec::new(),
                 out_ms: Vec::new(),
+                out_global: Vec::new(),
             };
             let filter = loc.expr(&m.filter);
+            let index_cover = cover(&filter, &loc.out_params);
             let printer = Printer {
                 schema,
                 memberships: &loc.out_ms,
@@ -666,6 +712,8 @@ fn public_memberships(
             let inner = &schema.tables[m.table];
             let mut sql = String::new();
             printer.subquery(inner, m.column, Some(&filter), &mut sql);
+            let mut where_sql = String::new();
+            printer.print(&filter, inner, &mut where_sql);
             Membership {
                 id: MembershipId(i as u32),
                 table: inner.name.clone(),
@@ -674,6 +722,11 @@ fn public_memberships(
                 params: loc.out_params,
                 direct: m.direct,
                 affinity: m.aff,
+                column_index: m.column,
+                where_sql,
+                filter: Predicate { root: filter },
+                nested: loc.out_global,
+                index_cover,
             }
         })
         .collect()
@@ -923,6 +976,7 @@ impl Engine {
             predicate: Predicate { root },
             params,
             snapshot_sql,
+            where_sql: pred_sql,
             delta_sql,
             delta_since_param: since,
             key,
@@ -1261,6 +1315,20 @@ impl WritePlan {
         rows: &[RowChange<'_>],
         ms: &MembershipResults,
     ) -> Result<Vec<WriteDecision>, WriteError> {
+        self.check_split(rows, ms, ms)
+    }
+
+    /// [`WritePlan::check`] with the membership sets of two states: the
+    /// before rows (SELECT visibility and USING) are judged with `before`
+    /// (the sets on the database before the write), the after rows (WITH
+    /// CHECK) with `after` (the sets once the write is applied), so a batch
+    /// that creates a list and shares it is judged on what it produces.
+    pub fn check_split(
+        &self,
+        rows: &[RowChange<'_>],
+        before: &MembershipResults,
+        after: &MembershipResults,
+    ) -> Result<Vec<WriteDecision>, WriteError> {
         for (index, (b, a)) in rows.iter().enumerate() {
             for r in [b, a].into_iter().flatten() {
                 if r.len() != self.columns {
@@ -1281,7 +1349,7 @@ impl WritePlan {
         }
         Ok(rows
             .iter()
-            .map(|(b, a)| self.check_one(*b, *a, ms))
+            .map(|(b, a)| self.check_one(*b, *a, before, after))
             .collect())
     }
 
@@ -1289,7 +1357,8 @@ impl WritePlan {
         &self,
         before: Option<&[Value]>,
         after: Option<&[Value]>,
-        ms: &MembershipResults,
+        ms_before: &MembershipResults,
+        ms_after: &MembershipResults,
     ) -> WriteDecision {
         let deny = |command, v: Verdict| match v {
             Verdict::Refused { policies, reason } => WriteDecision {
@@ -1302,7 +1371,13 @@ impl WritePlan {
         };
         match (before, after) {
             (None, Some(new)) => {
-                match self.judge(&self.insert, WriteCommand::Insert, "WITH CHECK", new, ms) {
+                match self.judge(
+                    &self.insert,
+                    WriteCommand::Insert,
+                    "WITH CHECK",
+                    new,
+                    ms_after,
+                ) {
                     Verdict::Granted(p) => WriteDecision {
                         allowed: true,
                         command: WriteCommand::Insert,
@@ -1318,7 +1393,7 @@ impl WritePlan {
                 } else {
                     WriteCommand::Delete
                 };
-                if !self.select.eval(old, &self.params, ms).is_true() {
+                if !self.select.eval(old, &self.params, ms_before).is_true() {
                     return WriteDecision {
                         allowed: false,
                         command: cmd,
@@ -1335,7 +1410,7 @@ impl WritePlan {
                 } else {
                     &self.delete
                 };
-                let g1 = match self.judge(using, cmd, "USING", old, ms) {
+                let g1 = match self.judge(using, cmd, "USING", old, ms_before) {
                     Verdict::Granted(p) => p,
                     v => return deny(cmd, v),
                 };
@@ -1347,7 +1422,7 @@ impl WritePlan {
                         policies: vec![g1],
                     };
                 };
-                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms) {
+                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms_after) {
                     Verdict::Granted(g2) => {
                         let reason = format!(
                             "policy `{g1}` (USING) grants UPDATE of the existing row and `{g2}` (WITH CHECK) accepts the new row"

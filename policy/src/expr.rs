@@ -247,6 +247,25 @@ impl MembershipSet {
         }
     }
 
+    /// The distinct non-NULL values, with the `IN`'s affinity applied, in
+    /// SQLite's order.
+    pub fn values(&self) -> &[Value] {
+        &self.values
+    }
+
+    /// Whether the subquery returned a NULL (then `x IN set` is NULL, not
+    /// FALSE, for values outside it).
+    pub fn has_null(&self) -> bool {
+        self.has_null
+    }
+
+    /// The index keys of the values: a row value `v` is in the set exactly
+    /// when [`crate::membership_probe_key`] of `v` (with the set's affinity)
+    /// is one of them.
+    pub fn index_keys(&self) -> impl Iterator<Item = crate::IndexKey> + '_ {
+        self.values.iter().filter_map(crate::IndexKey::from_value)
+    }
+
     /// Number of distinct non-NULL values.
     pub fn len(&self) -> usize {
         self.values.len()

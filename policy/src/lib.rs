@@ -35,7 +35,7 @@ mod sqlite;
 pub use diag::{Diagnostic, Diagnostics};
 pub use engine::{
     EffectiveQuery, Engine, IndexAtom, IndexKey, Membership, PolicyChange, Predicate, QueryError,
-    RowChange, ViewKey, WriteCommand, WriteDecision, WriteError, WritePlan,
+    RowChange, ViewKey, WriteCommand, WriteDecision, WriteError, WritePlan, membership_probe_key,
 };
 pub use expr::{CmpOp, Expr, MembershipId, MembershipResults, MembershipSet, Truth};
 pub use identity::{Identity, IdentityError};

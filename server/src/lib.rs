@@ -7,7 +7,20 @@
 //! - [`service`]: [`SyncService`], the handle the edge uses: start, sessions
 //!   ([`Session`], [`Outbox`]), push, pull, service SQL, policy reload, peer
 //!   reports, shutdown. Its types are the contract between the engine and
-//!   the edge.
+//!   the edge; its bodies only talk to the engine and readers by channels.
+//! - `engine`: the engine thread, the only writer: the loop and its
+//!   commands, group commits of pushes and service SQL (`engine::write`),
+//!   CommitBatches (`engine::commit`), views, membership instances and the
+//!   equality index (`engine::filters`), subscriptions, held-set tracking
+//!   and fan-out (`engine::subs`).
+//! - `reader`: the reader pool (snapshot, resume, refetch, pull jobs; fair
+//!   per tenant).
+//! - `outbox`: per-connection bounded queues; coalescing of whole-commit
+//!   items into `changes` checkpoints; the encoded-once change types.
+//! - `store`: the server's own tables (`tenantsync_peers`,
+//!   `tenantsync_subscriptions`).
+//! - `schema`: the schema as the engine and the policy engine see it.
+//! - `fair`: per-tenant round-robin queues.
 //! - The edge (tokio side), which never touches SQLite:
 //!   - [`auth`]: bearer JWT verification ([`auth::Authenticator`]) into a
 //!     [`Principal`].
@@ -23,8 +36,14 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+mod engine;
+mod fair;
 pub mod http;
+mod outbox;
+mod reader;
+mod schema;
 pub mod service;
+mod store;
 pub mod ws;
 
 pub use service::{

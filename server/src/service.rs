@@ -4,15 +4,31 @@
 //! readers, the outboxes: docs/arch/server.md) and the edge (auth, routes,
 //! sockets). The edge never touches SQLite; the engine never touches a socket.
 //!
-//! CONTRACT SKELETON: the bodies are implemented on the engine branch; the
-//! signatures and documented behaviour are what both sides build against.
+//! The signatures and documented behaviour are what both sides build
+//! against; the bodies talk to the engine thread and the readers through
+//! channels (no SQLite here, nothing blocking on the runtime).
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use fallible_iterator::FallibleIterator;
+use tenantsync_core::{Change, CrrConnection, MergeStamping, Options};
+use tenantsync_policy::{EffectiveQuery, Engine as PolicyEngine, PolicySet};
+use tenantsync_protocol::ws::ServerMsg;
+use tokio::sync::oneshot;
+
+use crate::engine::{
+    Cmd, Engine, PolicyState, PushCmd, PushReply, SharedPolicy, SqlCmd, Tuning, Who, Write,
+};
+use crate::outbox::{Drain, OutboxShared};
+use crate::reader::{Job, PullJob, Readers};
+use crate::schema::ServerSchema;
 
 use serde_json::{Map, Value as Json};
-use tenantsync_core::SiteId;
 use tenantsync_policy::Identity;
 use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::http::{
@@ -273,43 +289,356 @@ pub enum OutFrame {
     },
 }
 
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Cmd>,
+    schema: Arc<ServerSchema>,
+    policy: SharedPolicy,
+    limits: Limits,
+    tenant_claim: String,
+    server_site: tenantsync_core::SiteId,
+    version: Arc<AtomicI64>,
+    readers: Arc<Readers>,
+    rates: Mutex<HashMap<Arc<str>, Bucket>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            let (reply, _rx) = oneshot::channel();
+            let _ = self.tx.send(Cmd::Shutdown { reply });
+        }
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+fn stopped() -> ApiError {
+    ApiError::new(ErrorCode::ShuttingDown, "the server is stopping")
+}
+
 /// The running service. Cheap to clone; every clone is the same service.
 #[derive(Clone)]
 pub struct SyncService {
-    _inner: Arc<()>,
+    inner: Arc<Inner>,
+}
+
+/// Splits an SQL script into statements: `;` outside strings, quoted
+/// identifiers and comments ends one, except inside `CREATE TRIGGER ...
+/// END`.
+pub(crate) fn split_sql(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, words: &mut Vec<String>| {
+        if !word.is_empty() {
+            words.push(std::mem::take(word).to_ascii_uppercase());
+        }
+    };
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' | b'"' | b'`' | b'[' => {
+                flush(&mut word, &mut words);
+                let close = if c == b'[' { b']' } else { c };
+                i += 1;
+                while i < b.len() {
+                    if b[i] == close {
+                        if close != b']' && i + 1 < b.len() && b[i + 1] == close {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                flush(&mut word, &mut words);
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                flush(&mut word, &mut words);
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b';' => {
+                flush(&mut word, &mut words);
+                let trigger = words.first().is_some_and(|w| w == "CREATE")
+                    && words.iter().take(4).any(|w| w == "TRIGGER");
+                if !trigger || words.last().is_some_and(|w| w == "END") {
+                    let stmt = sql[start..=i].trim();
+                    if stmt.len() > 1 {
+                        out.push(stmt);
+                    }
+                    start = i + 1;
+                    words.clear();
+                }
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' => word.push(c as char),
+            _ => flush(&mut word, &mut words),
+        }
+        i += 1;
+    }
+    let rest = sql[start.min(sql.len())..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// Runs a schema script statement by statement; a statement creating
+/// something that exists is skipped (so a script without `IF NOT EXISTS`
+/// can be applied at every start).
+fn apply_schema(db: &CrrConnection, sql: &str) -> Result<(), String> {
+    for stmt in split_sql(sql) {
+        let r = (|| {
+            let mut batch = rusqlite::Batch::new(db.conn(), stmt);
+            while let Some(mut st) = batch.next()? {
+                let mut rows = st.raw_query();
+                while rows.next()?.is_some() {}
+            }
+            Ok::<(), rusqlite::Error>(())
+        })();
+        if let Err(e) = r {
+            let m = e.to_string();
+            if !m.contains("already exists") {
+                return Err(format!("{m} (in: {stmt})"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cheap checks of a push before it reaches the engine.
+pub(crate) fn validate_push(
+    schema: &ServerSchema,
+    site: &tenantsync_core::SiteId,
+    from: i64,
+    to: i64,
+    changes: &[Change],
+) -> Result<(), ApiError> {
+    let bad = |m: String| ApiError::new(ErrorCode::BadPush, m);
+    if to < from {
+        return Err(bad(format!(
+            "the range ({from}, {to}] is empty: `to` must be at least `from`"
+        )));
+    }
+    for (i, c) in changes.iter().enumerate() {
+        if c.site_id != *site {
+            return Err(ApiError::new(
+                ErrorCode::SiteMismatch,
+                format!(
+                    "change {i} was authored by site {}, not by the pushing peer {site}: push only your own changes",
+                    c.site_id
+                ),
+            ));
+        }
+        if c.db_version <= from || c.db_version > to {
+            return Err(bad(format!(
+                "change {i} has db_version {}, outside the push's range ({from}, {to}]",
+                c.db_version
+            )));
+        }
+        let Some(t) = schema.table(&c.table) else {
+            return Err(bad(format!(
+                "change {i}: table {:?} is not a CRR of this server",
+                c.table
+            )));
+        };
+        if !c.is_sentinel() && t.column(&c.cid).is_none() {
+            return Err(bad(format!(
+                "change {i}: table {:?} has no column {:?}",
+                c.table, c.cid
+            )));
+        }
+        match c.pk.unpack() {
+            Ok(v) if v.len() == t.pk.len() => {}
+            Ok(v) => {
+                return Err(bad(format!(
+                    "change {i}: the pk of {:?} has {} values, the table's key has {}",
+                    c.table,
+                    v.len(),
+                    t.pk.len()
+                )));
+            }
+            Err(e) => {
+                return Err(bad(format!(
+                    "change {i}: the pk {} does not decode: {e}",
+                    c.pk
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl SyncService {
     /// Opens the database, applies the schema, loads and validates the
     /// policies, starts the engine thread and the readers. Refuses to start
     /// on an invalid policy file (every diagnostic in the error).
-    pub fn start(_config: ServiceConfig) -> Result<SyncService, StartError> {
-        unimplemented!("engine branch")
+    pub fn start(config: ServiceConfig) -> Result<SyncService, StartError> {
+        let db_err = |e| StartError::Database {
+            path: config.db_path.clone(),
+            source: e,
+        };
+        let db = CrrConnection::open_with(
+            &config.db_path,
+            Options {
+                merge_stamping: MergeStamping::Local,
+                ..Options::default()
+            },
+        )
+        .map_err(db_err)?;
+        let sync = match config.synchronous {
+            Synchronous::Full => "PRAGMA synchronous = FULL",
+            Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+        };
+        db.conn()
+            .execute_batch(sync)
+            .map_err(|e| db_err(e.into()))?;
+        apply_schema(&db, &config.schema_sql).map_err(StartError::Schema)?;
+        db.conn()
+            .execute_batch(crate::store::CREATE)
+            .map_err(|e| StartError::Schema(e.to_string()))?;
+        let schema = Arc::new(ServerSchema::read(&db, &config.schema_sql).map_err(db_err)?);
+        let set = PolicySet::parse(&config.policy_name, &config.policy_sql, &schema.policy)
+            .map_err(|d| StartError::Policy {
+                diagnostics: d.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        let policy = PolicyEngine::new(set);
+        let shared: SharedPolicy = Arc::new(RwLock::new(PolicyState {
+            epoch: 0,
+            engine: Arc::new(policy.clone()),
+        }));
+        let server_site = db.site_id();
+        let (tx, rx) = mpsc::channel();
+        let readers = Arc::new(Readers::start(
+            config.readers,
+            &config.db_path,
+            schema.clone(),
+            tx.clone(),
+            config.limits.max_message_bytes,
+        )?);
+        let version = Arc::new(AtomicI64::new(0));
+        let engine = Engine::new(
+            db,
+            schema.clone(),
+            policy,
+            shared.clone(),
+            config.limits.clone(),
+            tx.clone(),
+            readers.clone(),
+            Tuning::default(),
+            version.clone(),
+        )
+        .map_err(db_err)?;
+        let thread = std::thread::Builder::new()
+            .name("tenantsync-engine".into())
+            .spawn(move || engine.run(rx))?;
+        tracing::info!(db = %config.db_path.display(), site = %server_site, "tenantsync service started");
+        Ok(SyncService {
+            inner: Arc::new(Inner {
+                tx,
+                schema,
+                policy: shared,
+                limits: config.limits,
+                tenant_claim: config.tenant_claim,
+                server_site,
+                version,
+                readers,
+                rates: Mutex::new(HashMap::new()),
+                thread: Mutex::new(Some(thread)),
+                stopped: AtomicBool::new(false),
+            }),
+        })
     }
 
     /// The server database's site id.
-    pub fn server_site_id(&self) -> SiteId {
-        unimplemented!("engine branch")
+    pub fn server_site_id(&self) -> tenantsync_core::SiteId {
+        self.inner.server_site
     }
 
     /// The last committed server version.
     pub fn db_version(&self) -> i64 {
-        unimplemented!("engine branch")
+        self.inner.version.load(Ordering::Acquire)
     }
 
     /// `GET /v1/schema`.
     pub fn schema(&self) -> SchemaResponse {
-        unimplemented!("engine branch")
+        self.inner.schema.response.clone()
     }
 
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
-        unimplemented!("engine branch")
+        &self.inner.limits
     }
 
     /// The tenant claim's name (for [`Principal::from_claims`]).
     pub fn tenant_claim(&self) -> &str {
-        unimplemented!("engine branch")
+        &self.inner.tenant_claim
+    }
+
+    fn send(&self, c: Cmd) -> Result<(), ApiError> {
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(stopped());
+        }
+        self.inner.tx.send(c).map_err(|_| stopped())
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    fn policy(&self) -> (u64, Arc<PolicyEngine>) {
+        let p = self.inner.policy.read().unwrap_or_else(|p| p.into_inner());
+        (p.epoch, p.engine.clone())
+    }
+
+    /// Takes one push from the tenant's token bucket.
+    fn rate(&self, tenant: &Arc<str>) -> Result<(), ApiError> {
+        let l = &self.inner.limits;
+        let mut rates = self.inner.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let b = rates.entry(tenant.clone()).or_insert(Bucket {
+            tokens: l.push_burst_per_tenant,
+            at: Instant::now(),
+        });
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * l.push_rate_per_tenant)
+            .min(l.push_burst_per_tenant);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = ((1.0 - b.tokens) / l.push_rate_per_tenant.max(1e-9) * 1000.0).ceil() as u64;
+            let mut e = ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "tenant {:?} is over its push rate of {}/s; retry after {wait} ms",
+                    &**tenant, l.push_rate_per_tenant
+                ),
+            );
+            e.retry_after_ms = Some(wait.max(1));
+            Err(e)
+        }
     }
 
     /// Starts a WebSocket session after a valid `hello`: binds `site` to the
@@ -319,26 +648,194 @@ impl SyncService {
     /// [`Session::handle`] and writes every frame [`Outbox::next`] yields.
     pub async fn open_session(
         &self,
-        _principal: Principal,
-        _site: SiteId,
-        _client: Option<String>,
+        principal: Principal,
+        site: tenantsync_core::SiteId,
+        client: Option<String>,
     ) -> Result<(Session, Outbox), ApiError> {
-        unimplemented!("engine branch")
+        let l = &self.inner.limits;
+        let outbox = Arc::new(OutboxShared::new(
+            site,
+            l.max_message_bytes,
+            l.outbox_items,
+            l.outbox_bytes,
+        ));
+        let who = Who::new(&principal);
+        let ok = self
+            .ask(|reply| Cmd::Open {
+                who: who.clone(),
+                site,
+                client,
+                outbox: outbox.clone(),
+                reply,
+            })
+            .await??;
+        let welcome = ServerMsg::Welcome {
+            protocol: tenantsync_protocol::PROTOCOL_VERSION,
+            server_site_id: self.inner.server_site,
+            db_version: ok.db_version,
+            peer: tenantsync_protocol::ws::PeerInfo {
+                site_id: site,
+                pushed_version: ok.pushed_version,
+            },
+            limits: tenantsync_protocol::ws::Limits {
+                max_message_bytes: l.max_message_bytes,
+                max_subscriptions: l.max_subscriptions_per_connection,
+            },
+        };
+        outbox.push_frame(OutFrame::Text(
+            serde_json::to_string(&welcome).expect("messages serialise"),
+        ));
+        Ok((
+            Session {
+                service: self.clone(),
+                conn: ok.conn,
+                site,
+                who,
+                outbox: outbox.clone(),
+                subs: HashSet::new(),
+            },
+            Outbox {
+                drain: Drain::new(outbox),
+            },
+        ))
     }
 
     /// `POST /v1/push`.
-    pub async fn push(&self, _p: &Principal, _req: PushRequest) -> Result<PushResponse, PushError> {
-        unimplemented!("engine branch")
+    pub async fn push(&self, p: &Principal, req: PushRequest) -> Result<PushResponse, PushError> {
+        validate_push(
+            &self.inner.schema,
+            &req.site_id,
+            req.from,
+            req.to,
+            &req.changes,
+        )
+        .map_err(PushError::Api)?;
+        let who = Who::new(p);
+        self.rate(&who.tenant).map_err(PushError::Api)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Cmd::Write(Write::Push(PushCmd {
+            who,
+            site: req.site_id,
+            from: req.from,
+            to: req.to,
+            changes: req.changes,
+            reply: PushReply::Http(tx),
+            received: Instant::now(),
+        })))
+        .map_err(PushError::Api)?;
+        rx.await.map_err(|_| PushError::Api(stopped()))?
     }
 
     /// `POST /v1/pull` (long-polls up to `min(wait_ms, limits.max_wait)`).
-    pub async fn pull(&self, _p: &Principal, _req: PullRequest) -> Result<PullResponse, ApiError> {
-        unimplemented!("engine branch")
+    pub async fn pull(&self, p: &Principal, req: PullRequest) -> Result<PullResponse, ApiError> {
+        let (epoch, policy) = self.policy();
+        let mut subs = Vec::new();
+        let mut seen = HashSet::new();
+        for s in req.subscriptions {
+            if !seen.insert(s.id.clone()) {
+                return Err(ApiError::new(
+                    ErrorCode::BadMessage,
+                    format!("subscription id {:?} is listed twice", s.id),
+                ));
+            }
+            let q = policy.rewrite(&p.identity, &s.query).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::QueryRefused,
+                    format!("subscription {:?}: {e}", s.id),
+                )
+            })?;
+            subs.push((s, Arc::new(q)));
+        }
+        let who = Who::new(p);
+        let site = req.site_id;
+        let meta: Vec<(String, String, String)> = subs
+            .iter()
+            .map(|(s, q)| (s.id.clone(), s.query.clone(), q.table.clone()))
+            .collect();
+        let tables: Vec<String> = subs
+            .iter()
+            .flat_map(|(_, q)| q.depends_on.clone())
+            .collect();
+        let items = self
+            .ask(|reply| Cmd::PullBegin {
+                who: who.clone(),
+                site,
+                subs,
+                unsubscribe: req.unsubscribe,
+                epoch,
+                reply,
+            })
+            .await??;
+        let wait = Duration::from_millis(req.wait_ms).min(self.inner.limits.max_wait);
+        let deadline = Instant::now() + wait;
+        let items = Arc::new(items);
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let job_items = items
+                .iter()
+                .map(|i| crate::reader::PullItem {
+                    id: i.id.clone(),
+                    q: i.q.clone(),
+                    mode: i.mode,
+                    base: i.base.clone(),
+                })
+                .collect();
+            self.inner.readers.submit(
+                &who.tenant,
+                Job::Pull(PullJob {
+                    site,
+                    items: job_items,
+                    max_bytes: self.inner.limits.max_pull_bytes,
+                    reply: tx,
+                }),
+            );
+            let r = rx.await.map_err(|_| stopped())??;
+            let now = Instant::now();
+            if r.any || now >= deadline || items.is_empty() {
+                let done = r
+                    .held
+                    .iter()
+                    .zip(&meta)
+                    .map(|((id, h), (_, query, table))| {
+                        (
+                            id.clone(),
+                            query.clone(),
+                            table.clone(),
+                            r.response.version,
+                            h.clone(),
+                        )
+                    })
+                    .collect();
+                self.send(Cmd::PullEnd { site, done })?;
+                return Ok(r.response);
+            }
+            let (wtx, wrx) = oneshot::channel();
+            self.send(Cmd::PullWait {
+                tables: tables.clone(),
+                since: r.response.version,
+                reply: wtx,
+            })?;
+            let _ = tokio::time::timeout(deadline - now, wrx).await;
+        }
     }
 
     /// `POST /v1/sql` (service role only: `forbidden` otherwise).
-    pub async fn sql(&self, _p: &Principal, _req: SqlRequest) -> Result<SqlResponse, ApiError> {
-        unimplemented!("engine branch")
+    pub async fn sql(&self, p: &Principal, req: SqlRequest) -> Result<SqlResponse, ApiError> {
+        if !p.service {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "POST /v1/sql needs a token with the service role",
+            ));
+        }
+        let who = Who::new(p);
+        self.ask(|reply| {
+            Cmd::Write(Write::Sql(SqlCmd {
+                who,
+                statements: req.statements,
+                reply,
+            }))
+        })
+        .await?
     }
 
     /// Replaces the policy set if `policy_sql` is valid (`policy_invalid`
@@ -346,66 +843,243 @@ impl SyncService {
     /// `POST /v1/admin/policy` (service role checked by the edge) and SIGHUP.
     pub async fn reload_policy(
         &self,
-        _policy_name: &str,
-        _policy_sql: &str,
+        policy_name: &str,
+        policy_sql: &str,
     ) -> Result<PolicyReloadResponse, ApiError> {
-        unimplemented!("engine branch")
+        let (name, sql) = (policy_name.to_owned(), policy_sql.to_owned());
+        self.ask(|reply| Cmd::Reload { name, sql, reply }).await?
     }
 
     /// `GET /v1/admin/peers/{site_id}` (service role checked by the edge).
-    pub async fn peer_report(&self, _site: SiteId) -> Result<PeerReport, ApiError> {
-        unimplemented!("engine branch")
+    pub async fn peer_report(&self, site: tenantsync_core::SiteId) -> Result<PeerReport, ApiError> {
+        self.ask(|reply| Cmd::Report { site, reply }).await?
     }
 
     /// Stops: every session's outbox yields `OutFrame::Close(shutting_down)`,
     /// queued writes are answered `shutting_down`, dirty cursors and held
     /// sets are persisted, the WAL is checkpointed, the database closed.
     /// Returns when done (bounded by `timeout`).
-    pub async fn shutdown(&self, _timeout: Duration) {
-        unimplemented!("engine branch")
+    pub async fn shutdown(&self, timeout: Duration) {
+        if self.inner.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Cmd::Shutdown { reply: tx }).is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+        let t = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = t {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
     }
 }
 
 /// One WebSocket session's handle into the engine (after `hello`). Dropping
 /// it detaches the session (its subscriptions stay resumable).
 pub struct Session {
-    _private: (),
+    service: SyncService,
+    conn: crate::engine::ConnId,
+    site: tenantsync_core::SiteId,
+    who: Who,
+    outbox: Arc<OutboxShared>,
+    subs: HashSet<String>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.service.inner.tx.send(Cmd::Close { conn: self.conn });
+    }
 }
 
 impl Session {
+    fn frame(&self, m: &ServerMsg) {
+        self.outbox.push_frame(OutFrame::Text(
+            serde_json::to_string(m).expect("messages serialise"),
+        ));
+    }
+
+    fn error(&self, e: ApiError, reference: Option<String>) {
+        if e.code.closes_connection() {
+            self.outbox.push_frame(OutFrame::Close {
+                code: e.code,
+                message: e.message,
+            });
+        } else {
+            self.frame(&ServerMsg::Error(e.ws(reference)));
+        }
+    }
+
+    fn send(&self, c: Cmd) {
+        if let Err(e) = self.service.send(c) {
+            self.error(e, None);
+        }
+    }
+
     /// Handles one client message (never `hello`, which opened the session:
     /// a second `hello` is answered `bad_message`). Every answer, data and
     /// error goes through the session's [`Outbox`], in protocol order.
-    pub async fn handle(&mut self, _msg: ClientMsg) {
-        unimplemented!("engine branch")
+    pub async fn handle(&mut self, msg: ClientMsg) {
+        if self
+            .who
+            .principal
+            .expires_at
+            .is_some_and(|t| t <= SystemTime::now())
+        {
+            self.error(
+                ApiError::new(
+                    ErrorCode::TokenExpired,
+                    "the session's token expired; reconnect with a fresh one",
+                ),
+                None,
+            );
+            return;
+        }
+        match msg {
+            ClientMsg::Hello { .. } => self.error(
+                ApiError::new(
+                    ErrorCode::BadMessage,
+                    "hello was already received on this session",
+                ),
+                None,
+            ),
+            ClientMsg::Subscribe { id, query, cursor } => {
+                let l = &self.service.inner.limits;
+                if !self.subs.contains(&id) && self.subs.len() >= l.max_subscriptions_per_connection
+                {
+                    let m = format!(
+                        "this connection has its maximum of {} subscriptions",
+                        l.max_subscriptions_per_connection
+                    );
+                    self.error(ApiError::new(ErrorCode::LimitExceeded, m), Some(id));
+                    return;
+                }
+                let (epoch, policy) = self.service.policy();
+                let q: EffectiveQuery = match policy.rewrite(&self.who.principal.identity, &query) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        self.error(
+                            ApiError::new(ErrorCode::QueryRefused, e.to_string()),
+                            Some(id),
+                        );
+                        return;
+                    }
+                };
+                self.subs.insert(id.clone());
+                self.send(Cmd::Subscribe {
+                    conn: self.conn,
+                    id: Arc::from(id.as_str()),
+                    query,
+                    cursor,
+                    q: Arc::new(q),
+                    epoch,
+                });
+            }
+            ClientMsg::Unsubscribe { id } => {
+                self.subs.remove(&id);
+                self.send(Cmd::Unsubscribe {
+                    conn: self.conn,
+                    id,
+                });
+            }
+            ClientMsg::Resync { sub, cursor } => self.send(Cmd::Resync {
+                conn: self.conn,
+                id: sub,
+                cursor,
+            }),
+            ClientMsg::Ack { cursors } => self.send(Cmd::Ack {
+                conn: self.conn,
+                cursors,
+            }),
+            ClientMsg::Push {
+                id,
+                from,
+                to,
+                changes,
+            } => {
+                let inner = &self.service.inner;
+                if let Err(e) = validate_push(&inner.schema, &self.site, from, to, &changes)
+                    .and_then(|()| self.service.rate(&self.who.tenant))
+                {
+                    self.error(e, Some(id));
+                    return;
+                }
+                self.send(Cmd::Write(Write::Push(PushCmd {
+                    who: self.who.clone(),
+                    site: self.site,
+                    from,
+                    to,
+                    changes,
+                    reply: PushReply::Ws {
+                        outbox: self.outbox.clone(),
+                        id,
+                    },
+                    received: Instant::now(),
+                })));
+            }
+            ClientMsg::Ping { id } => self.frame(&ServerMsg::Pong { id }),
+        }
     }
 
     /// Queues an error the edge detected (bad JSON, unknown type, too large).
-    pub fn reply_error(&self, _error: ErrorMsg) {
-        unimplemented!("engine branch")
+    pub fn reply_error(&self, error: ErrorMsg) {
+        if error.code.closes_connection() {
+            self.outbox.push_frame(OutFrame::Close {
+                code: error.code,
+                message: error.message,
+            });
+        } else {
+            self.frame(&ServerMsg::Error(error));
+        }
     }
 
     /// The peer's site id.
-    pub fn site(&self) -> SiteId {
-        unimplemented!("engine branch")
+    pub fn site(&self) -> tenantsync_core::SiteId {
+        self.site
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_sql;
+
+    #[test]
+    fn scripts_split_into_statements() {
+        let sql = "-- a; comment\nCREATE TABLE t (a TEXT DEFAULT ';');\n/* b; */ CREATE TABLE \"x;y\" (b);\n\
+                   CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE t SET a = 'x;'; DELETE FROM t; END;\n\
+                   SELECT crsql_as_crr('t')";
+        assert_eq!(
+            split_sql(sql),
+            vec![
+                "-- a; comment\nCREATE TABLE t (a TEXT DEFAULT ';');",
+                "/* b; */ CREATE TABLE \"x;y\" (b);",
+                "CREATE TRIGGER tr AFTER INSERT ON t BEGIN UPDATE t SET a = 'x;'; DELETE FROM t; END;",
+                "SELECT crsql_as_crr('t')",
+            ]
+        );
     }
 }
 
 /// The frames for one WebSocket session, in order: welcome, answers,
 /// `subscribed`, sync chunks, coalesced `changes` checkpoints.
 pub struct Outbox {
-    _private: (),
+    drain: Drain,
 }
 
 impl Outbox {
     /// The next frame; `None` when the session is over (after a `Close`).
     pub async fn next(&mut self) -> Option<OutFrame> {
-        unimplemented!("engine branch")
+        self.drain.next().await
     }
 
     /// Tells the outbox a frame it yielded was written to the socket (for
     /// the delivery-latency histogram and the lagging/drained bookkeeping).
     pub fn written(&mut self) {
-        unimplemented!("engine branch")
+        self.drain.written();
     }
 }

@@ -242,3 +242,58 @@ fn cr_sqlite_databases_are_refused_with_a_clear_error() {
     let err = CrrConnection::open(&path2).unwrap_err();
     assert!(err.to_string().contains("t__crsql_pks"), "{err}");
 }
+
+#[test]
+fn bump_db_version_gives_a_transaction_its_own_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bump.db");
+    let a = CrrConnection::open(&path).unwrap();
+    a.conn().execute_batch(T).unwrap();
+    a.conn()
+        .execute_batch("INSERT INTO t VALUES (1, 'a', 'b')")
+        .unwrap();
+    assert_eq!(a.db_version().unwrap(), 1);
+    // Outside a transaction it is refused.
+    assert!(a.bump_db_version().is_err());
+    // A reader inside a read transaction keeps its version.
+    let r = CrrConnection::open_with(
+        &path,
+        Options {
+            read_only: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    r.conn().execute_batch("BEGIN").unwrap();
+    let _: i64 = r
+        .conn()
+        .query_row("SELECT count(*) FROM t", [], |x| x.get(0))
+        .unwrap();
+    assert_eq!(r.db_version().unwrap(), 1);
+    a.conn().execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(a.bump_db_version().unwrap(), 2);
+    assert_eq!(
+        a.bump_db_version().unwrap(),
+        2,
+        "one version per transaction"
+    );
+    a.conn().execute_batch("COMMIT").unwrap();
+    assert_eq!(a.db_version().unwrap(), 2);
+    assert_eq!(r.db_version().unwrap(), 1, "the reader's snapshot is older");
+    r.conn().execute_batch("COMMIT").unwrap();
+    assert_eq!(r.db_version().unwrap(), 2);
+    // The next write gets the next version; no clock was written by the bump.
+    a.conn()
+        .execute_batch("UPDATE t SET a = 'x' WHERE id = 1")
+        .unwrap();
+    assert_eq!(a.db_version().unwrap(), 3);
+    assert_eq!(a.changes_since(1, None).unwrap().len(), 1);
+    drop(a);
+    let a = CrrConnection::open(&path).unwrap();
+    assert_eq!(a.db_version().unwrap(), 3);
+    // A rolled back bump leaves nothing.
+    a.conn().execute_batch("BEGIN IMMEDIATE").unwrap();
+    assert_eq!(a.bump_db_version().unwrap(), 4);
+    a.conn().execute_batch("ROLLBACK").unwrap();
+    assert_eq!(a.db_version().unwrap(), 3);
+}

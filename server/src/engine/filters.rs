@@ -1,0 +1,915 @@
+//! Views and membership instances, both *filters*: a predicate over one
+//! table's rows with the exact set of rows it selects at the engine's
+//! version, maintained from every commit. An instance also keeps the value
+//! each member row contributes to its membership set.
+//!
+//! Finding the filters a changed row touches never evaluates every filter:
+//! an equality index (from each filter's index cover: `col = ?`, `col IN
+//! (...)`, and one entry per value of a membership set for `col IN
+//! (SELECT ...)`), the filters without a cover of the row's table, and the
+//! filters that held the row before (`holders`, the reverse index).
+//!
+//! Per commit, filters are processed by level: instances without nested
+//! memberships first, then the instances that read them, then views. A
+//! filter one of whose memberships changed in this commit is re-evaluated
+//! whole with its SQL on the engine connection (exact at the version);
+//! every other candidate is evaluated on the changed row's after-image.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use smallvec::SmallVec;
+use tenantsync_core::{CrrConnection, PackedPk};
+use tenantsync_policy::{
+    Affinity, EffectiveQuery, IndexAtom, IndexKey, Membership, MembershipId, MembershipResults,
+    MembershipSet, Predicate, ViewKey, membership_probe_key,
+};
+use tenantsync_types::Value;
+
+use crate::outbox::RowChanges;
+use crate::schema::ServerSchema;
+
+pub(crate) type Hasher = foldhash::fast::FixedState;
+pub(crate) type FxMap<K, V> = HashMap<K, V, Hasher>;
+pub(crate) type FxSet<K> = HashSet<K, Hasher>;
+/// A set of packed primary keys (what a subscription holds).
+pub(crate) type PkSet = FxSet<PackedPk>;
+
+pub(crate) type FilterId = u32;
+pub(crate) type RowId = u32;
+
+/// One row changed by a commit.
+pub(crate) struct ChangedRow {
+    pub table: u16,
+    pub pk: PackedPk,
+    /// The row after the commit (None: deleted or absent).
+    pub after: Option<Vec<Value>>,
+    /// The commit's changes of the row, encoded.
+    pub delta: Arc<RowChanges>,
+}
+
+struct RowEntry {
+    table: u16,
+    pk: PackedPk,
+    holders: SmallVec<[FilterId; 4]>,
+}
+
+/// Interned rows: (table, pk) -> RowId, with the filters holding each.
+#[derive(Default)]
+struct Rows {
+    map: FxMap<u16, FxMap<PackedPk, RowId>>,
+    entries: Vec<Option<RowEntry>>,
+    free: Vec<RowId>,
+}
+
+impl Rows {
+    fn get(&self, table: u16, pk: &PackedPk) -> Option<RowId> {
+        self.map.get(&table).and_then(|m| m.get(pk)).copied()
+    }
+
+    fn hold(&mut self, table: u16, pk: &PackedPk, f: FilterId) -> RowId {
+        let id = match self.get(table, pk) {
+            Some(id) => id,
+            None => {
+                let e = RowEntry {
+                    table,
+                    pk: pk.clone(),
+                    holders: SmallVec::new(),
+                };
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        self.entries[id as usize] = Some(e);
+                        id
+                    }
+                    None => {
+                        self.entries.push(Some(e));
+                        (self.entries.len() - 1) as RowId
+                    }
+                };
+                self.map.entry(table).or_default().insert(pk.clone(), id);
+                id
+            }
+        };
+        let e = self.entries[id as usize].as_mut().expect("live row");
+        if !e.holders.contains(&f) {
+            e.holders.push(f);
+        }
+        id
+    }
+
+    fn release(&mut self, id: RowId, f: FilterId) {
+        let slot = &mut self.entries[id as usize];
+        let e = slot.as_mut().expect("live row");
+        e.holders.retain(|h| *h != f);
+        if e.holders.is_empty() {
+            let e = slot.take().expect("live row");
+            if let Some(m) = self.map.get_mut(&e.table) {
+                m.remove(&e.pk);
+            }
+            self.free.push(id);
+        }
+    }
+
+    fn pk(&self, id: RowId) -> &PackedPk {
+        &self.entries[id as usize].as_ref().expect("live row").pk
+    }
+
+    fn holders(&self, id: RowId) -> &[FilterId] {
+        &self.entries[id as usize]
+            .as_ref()
+            .expect("live row")
+            .holders
+    }
+}
+
+pub(crate) struct InstanceData {
+    pub key: String,
+    column: usize,
+    aff: Option<Affinity>,
+    /// Member row -> its value.
+    values: FxMap<RowId, Value>,
+    /// Distinct values (by index key) -> (value, count).
+    counts: FxMap<IndexKey, (Value, u32)>,
+    nulls: u32,
+    pub set: MembershipSet,
+    /// Views, instances and write plans using it.
+    pub refs: u32,
+    /// Filters whose predicates read it.
+    dependents: Vec<FilterId>,
+    /// (filter, column) pairs with an `InMembership` index atom on it.
+    atom_users: Vec<(FilterId, u16, usize)>,
+    /// Tables its set depends on (its own and nested ones').
+    pub tables: Vec<u16>,
+}
+
+pub(crate) struct ViewData {
+    pub key: ViewKey,
+    pub q: Arc<EffectiveQuery>,
+    /// Subscriptions on it (site, sub id).
+    pub subs: FxSet<super::SubKey>,
+    /// Version of its last part.
+    pub last_part: i64,
+    /// Since when it has no subscription (dropped after a while).
+    pub idle_since: Option<Instant>,
+}
+
+pub(crate) enum Kind {
+    View(ViewData),
+    Instance(InstanceData),
+}
+
+pub(crate) struct Filter {
+    pub table: u16,
+    pred: Predicate,
+    params: Vec<Value>,
+    where_sql: String,
+    /// Sets of its memberships, by local id.
+    ms: MembershipResults,
+    /// (local id, instance) for each membership it reads.
+    deps: Vec<(u32, FilterId)>,
+    atoms: Option<Vec<IndexAtom>>,
+    pub level: u32,
+    pub rows: FxSet<RowId>,
+    pub kind: Kind,
+}
+
+type IndexDim = (u16, usize, Option<Affinity>);
+
+/// What one commit (or a re-evaluation) did to one view.
+#[derive(Default, Debug)]
+pub(crate) struct Draft {
+    /// Indexes into the commit's rows: changes of rows that stay.
+    pub deltas: Vec<usize>,
+    /// Indexes into the commit's rows: held rows deleted.
+    pub deleted: Vec<usize>,
+    pub entered: Vec<PackedPk>,
+    pub left: Vec<PackedPk>,
+}
+
+impl Draft {
+    pub fn is_empty(&self) -> bool {
+        self.deltas.is_empty()
+            && self.deleted.is_empty()
+            && self.entered.is_empty()
+            && self.left.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FilterError {
+    #[error("{0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Core(#[from] tenantsync_core::Error),
+    #[error("table {0} is not a CRR")]
+    Table(String),
+}
+
+/// Every filter, the index and the interned rows.
+#[derive(Default)]
+pub(crate) struct Filters {
+    list: Vec<Option<Filter>>,
+    free: Vec<FilterId>,
+    rows: Rows,
+    eq: FxMap<IndexDim, FxMap<IndexKey, SmallVec<[FilterId; 2]>>>,
+    /// Per table: the probe dimensions in use, with reference counts.
+    probes: FxMap<u16, Vec<(usize, Option<Affinity>, u32)>>,
+    uncovered: FxMap<u16, Vec<FilterId>>,
+    pub views: FxMap<ViewKey, FilterId>,
+    instances: FxMap<String, FilterId>,
+    max_level: u32,
+}
+
+fn instance_key(m: &Membership) -> String {
+    format!(
+        "{}\n{}",
+        m.sql,
+        serde_json::to_string(&m.params).expect("values serialise")
+    )
+}
+
+impl Filters {
+    pub fn get(&self, f: FilterId) -> &Filter {
+        self.list[f as usize].as_ref().expect("live filter")
+    }
+
+    pub fn get_mut(&mut self, f: FilterId) -> &mut Filter {
+        self.list[f as usize].as_mut().expect("live filter")
+    }
+
+    pub fn view(&self, f: FilterId) -> &ViewData {
+        match &self.get(f).kind {
+            Kind::View(v) => v,
+            Kind::Instance(_) => panic!("filter {f} is not a view"),
+        }
+    }
+
+    pub fn view_mut(&mut self, f: FilterId) -> &mut ViewData {
+        match &mut self.get_mut(f).kind {
+            Kind::View(v) => v,
+            Kind::Instance(_) => panic!("filter {f} is not a view"),
+        }
+    }
+
+    pub fn instance(&self, f: FilterId) -> &InstanceData {
+        match &self.get(f).kind {
+            Kind::Instance(i) => i,
+            Kind::View(_) => panic!("filter {f} is not an instance"),
+        }
+    }
+
+    pub fn view_ids(&self) -> Vec<FilterId> {
+        self.views.values().copied().collect()
+    }
+
+    pub fn instance_count(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// The pks a view (or instance) selects now.
+    pub fn pks(&self, f: FilterId) -> PkSet {
+        self.get(f)
+            .rows
+            .iter()
+            .map(|r| self.rows.pk(*r).clone())
+            .collect()
+    }
+
+    pub fn contains(&self, f: FilterId, table: u16, pk: &PackedPk) -> bool {
+        self.rows
+            .get(table, pk)
+            .is_some_and(|r| self.get(f).rows.contains(&r))
+    }
+
+    /// Whether `row` matches filter `f` (with its current membership sets).
+    pub fn matches(&self, f: FilterId, row: &[Value]) -> bool {
+        let x = self.get(f);
+        x.pred.eval(row, &x.params, &x.ms).is_true()
+    }
+
+    fn alloc(&mut self, f: Filter) -> FilterId {
+        match self.free.pop() {
+            Some(id) => {
+                self.list[id as usize] = Some(f);
+                id
+            }
+            None => {
+                self.list.push(Some(f));
+                (self.list.len() - 1) as FilterId
+            }
+        }
+    }
+
+    /// The instance of membership `id` of `ms` (creating it, and its nested
+    /// ones, at the engine's version); takes a reference.
+    pub fn instance_for(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        ms: &[Membership],
+        id: MembershipId,
+    ) -> Result<FilterId, FilterError> {
+        let m = &ms[id.0 as usize];
+        let key = instance_key(m);
+        if let Some(&f) = self.instances.get(&key) {
+            if let Kind::Instance(i) = &mut self.get_mut(f).kind {
+                i.refs += 1;
+            }
+            return Ok(f);
+        }
+        let table = schema
+            .table(&m.table)
+            .ok_or_else(|| FilterError::Table(m.table.clone()))?
+            .id;
+        let mut deps = Vec::new();
+        let mut level = 0;
+        let mut tables = vec![table];
+        for (local, g) in m.nested.iter().enumerate() {
+            let n = self.instance_for(db, schema, ms, *g)?;
+            level = level.max(self.get(n).level + 1);
+            if let Kind::Instance(i) = &self.get(n).kind {
+                tables.extend(i.tables.iter().copied());
+            }
+            deps.push((local as u32, n));
+        }
+        tables.sort_unstable();
+        tables.dedup();
+        let f = Filter {
+            table,
+            pred: m.filter.clone(),
+            params: m.params.clone(),
+            where_sql: m.where_sql.clone(),
+            ms: MembershipResults::new(),
+            deps,
+            atoms: m.index_cover.clone(),
+            level,
+            rows: FxSet::default(),
+            kind: Kind::Instance(InstanceData {
+                key: key.clone(),
+                column: m.column_index,
+                aff: m.affinity,
+                values: FxMap::default(),
+                counts: FxMap::default(),
+                nulls: 0,
+                set: MembershipSet::new(std::iter::empty(), m.affinity),
+                refs: 1,
+                dependents: Vec::new(),
+                atom_users: Vec::new(),
+                tables,
+            }),
+        };
+        self.max_level = self.max_level.max(level);
+        let id = self.alloc(f);
+        self.instances.insert(key, id);
+        self.link(id);
+        let rows = self.select(db, schema, id)?;
+        for (pk, row) in rows {
+            self.set_member(id, &pk, Some(&row));
+        }
+        self.refresh_set(id);
+        Ok(id)
+    }
+
+    /// The view of `q` (creating it at the engine's version).
+    pub fn view_for(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        q: &Arc<EffectiveQuery>,
+        version: i64,
+    ) -> Result<FilterId, FilterError> {
+        if let Some(&f) = self.views.get(&q.key) {
+            return Ok(f);
+        }
+        let table = schema
+            .table(&q.table)
+            .ok_or_else(|| FilterError::Table(q.table.clone()))?
+            .id;
+        let mut deps = Vec::new();
+        for m in q.memberships.iter().filter(|m| m.direct) {
+            let n = self.instance_for(db, schema, &q.memberships, m.id)?;
+            deps.push((m.id.0, n));
+        }
+        let f = Filter {
+            table,
+            pred: q.predicate.clone(),
+            params: q.params.clone(),
+            where_sql: q.where_sql.clone(),
+            ms: MembershipResults::new(),
+            deps,
+            atoms: q.index_cover.clone(),
+            level: u32::MAX,
+            rows: FxSet::default(),
+            kind: Kind::View(ViewData {
+                key: q.key.clone(),
+                q: q.clone(),
+                subs: FxSet::default(),
+                last_part: version,
+                idle_since: Some(Instant::now()),
+            }),
+        };
+        let id = self.alloc(f);
+        self.views.insert(q.key.clone(), id);
+        self.link(id);
+        let rows = self.select(db, schema, id)?;
+        for (pk, _) in rows {
+            let r = self.rows.hold(table, &pk, id);
+            self.get_mut(id).rows.insert(r);
+        }
+        Ok(id)
+    }
+
+    /// Registers a filter with its instances and the index.
+    fn link(&mut self, id: FilterId) {
+        let deps = self.get(id).deps.clone();
+        for (local, inst) in &deps {
+            let set = self.instance(*inst).set.clone();
+            self.get_mut(id).ms.insert(MembershipId(*local), set);
+            if let Kind::Instance(i) = &mut self.get_mut(*inst).kind {
+                i.dependents.push(id);
+            }
+        }
+        let (table, atoms) = {
+            let f = self.get(id);
+            (f.table, f.atoms.clone())
+        };
+        match atoms {
+            None => self.uncovered.entry(table).or_default().push(id),
+            Some(atoms) => {
+                for a in atoms {
+                    match a {
+                        IndexAtom::Eq { column, value } => {
+                            self.index_add((table, column, None), value, id);
+                        }
+                        IndexAtom::InMembership { column, membership } => {
+                            let inst = deps
+                                .iter()
+                                .find(|(l, _)| *l == membership.0)
+                                .map(|(_, i)| *i)
+                                .expect("an atom's membership is a dependency");
+                            let (aff, keys): (Option<Affinity>, Vec<IndexKey>) = {
+                                let i = self.instance(inst);
+                                (i.aff, i.set.index_keys().collect())
+                            };
+                            for k in keys {
+                                self.index_add((table, column, aff), k, id);
+                            }
+                            if let Kind::Instance(i) = &mut self.get_mut(inst).kind {
+                                i.atom_users.push((id, table, column));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn index_add(&mut self, dim: IndexDim, key: IndexKey, f: FilterId) {
+        let m = self.eq.entry(dim).or_default();
+        let v = m.entry(key).or_default();
+        if !v.contains(&f) {
+            v.push(f);
+        }
+        let probes = self.probes.entry(dim.0).or_default();
+        match probes.iter_mut().find(|p| p.0 == dim.1 && p.1 == dim.2) {
+            Some(p) => p.2 += 1,
+            None => probes.push((dim.1, dim.2, 1)),
+        }
+    }
+
+    fn index_remove(&mut self, dim: IndexDim, key: &IndexKey, f: FilterId) {
+        if let Some(m) = self.eq.get_mut(&dim) {
+            if let Some(v) = m.get_mut(key) {
+                let before = v.len();
+                v.retain(|x| *x != f);
+                if v.len() < before {
+                    if v.is_empty() {
+                        m.remove(key);
+                    }
+                    if let Some(probes) = self.probes.get_mut(&dim.0) {
+                        if let Some(p) = probes.iter_mut().find(|p| p.0 == dim.1 && p.1 == dim.2) {
+                            p.2 -= 1;
+                        }
+                        probes.retain(|p| p.2 > 0);
+                    }
+                }
+            }
+            if m.is_empty() {
+                self.eq.remove(&dim);
+            }
+        }
+    }
+
+    /// Drops a view (no subscriptions left) and the instances only it used.
+    pub fn drop_view(&mut self, id: FilterId) {
+        if let Kind::View(v) = &self.get(id).kind {
+            let key = v.key.clone();
+            self.views.remove(&key);
+        }
+        self.unlink(id);
+    }
+
+    /// Releases one reference to an instance.
+    pub fn release_instance(&mut self, id: FilterId) {
+        let gone = match &mut self.get_mut(id).kind {
+            Kind::Instance(i) => {
+                i.refs -= 1;
+                i.refs == 0
+            }
+            Kind::View(_) => false,
+        };
+        if gone {
+            if let Kind::Instance(i) = &self.get(id).kind {
+                let key = i.key.clone();
+                self.instances.remove(&key);
+            }
+            self.unlink(id);
+        }
+    }
+
+    fn unlink(&mut self, id: FilterId) {
+        let f = self.list[id as usize].take().expect("live filter");
+        self.free.push(id);
+        for r in &f.rows {
+            self.rows.release(*r, id);
+        }
+        match &f.atoms {
+            None => {
+                if let Some(v) = self.uncovered.get_mut(&f.table) {
+                    v.retain(|x| *x != id);
+                }
+            }
+            Some(atoms) => {
+                for a in atoms {
+                    match a {
+                        IndexAtom::Eq { column, value } => {
+                            self.index_remove((f.table, *column, None), value, id)
+                        }
+                        IndexAtom::InMembership { column, membership } => {
+                            if let Some((_, inst)) = f.deps.iter().find(|(l, _)| *l == membership.0)
+                            {
+                                let (aff, keys): (Option<Affinity>, Vec<IndexKey>) = {
+                                    let i = self.instance(*inst);
+                                    (i.aff, i.set.index_keys().collect())
+                                };
+                                for k in keys {
+                                    self.index_remove((f.table, *column, aff), &k, id);
+                                }
+                                if let Kind::Instance(i) = &mut self.get_mut(*inst).kind {
+                                    i.atom_users.retain(|(x, _, _)| *x != id);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (_, inst) in &f.deps {
+            if let Kind::Instance(i) = &mut self.get_mut(*inst).kind {
+                i.dependents.retain(|x| *x != id);
+            }
+            self.release_instance(*inst);
+        }
+    }
+
+    /// `SELECT * FROM t WHERE <filter>` on the engine connection: every
+    /// selected row with its pk.
+    fn select(
+        &self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        id: FilterId,
+    ) -> Result<Vec<(PackedPk, Vec<Value>)>, FilterError> {
+        let f = self.get(id);
+        let t = &schema.tables[f.table as usize];
+        let sql = format!(
+            "SELECT * FROM \"{}\" WHERE {}",
+            t.name.replace('"', "\"\""),
+            f.where_sql
+        );
+        let mut stmt = db.conn().prepare_cached(&sql)?;
+        let n = stmt.column_count();
+        let rows = stmt.query_map(rusqlite::params_from_iter(f.params.iter()), |r| {
+            (0..n)
+                .map(|i| r.get::<_, Value>(i))
+                .collect::<rusqlite::Result<Vec<Value>>>()
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let row = row?;
+            let pkv: Vec<Value> = t.pk.iter().map(|&i| row[i].clone()).collect();
+            let pk = PackedPk::pack(&pkv).map_err(|e| {
+                FilterError::Core(tenantsync_core::Error::Invalid(format!(
+                    "cannot pack the primary key of a {} row: {e}",
+                    t.name
+                )))
+            })?;
+            out.push((pk, row));
+        }
+        Ok(out)
+    }
+
+    /// Sets whether a row is a member of instance `id` (with its row
+    /// values); returns whether the set of values may have changed.
+    fn set_member(&mut self, id: FilterId, pk: &PackedPk, row: Option<&[Value]>) -> bool {
+        let table = self.get(id).table;
+        let rid = self
+            .rows
+            .get(table, pk)
+            .filter(|r| self.get(id).rows.contains(r));
+        let Kind::Instance(i) = &self.get(id).kind else {
+            unreachable!()
+        };
+        let new_val = row.map(|r| r[i.column].clone());
+        let old_val = rid.and_then(|r| i.values.get(&r).cloned());
+        if old_val == new_val {
+            return false;
+        }
+        let mut changed = false;
+        if let Some(old) = &old_val {
+            let r = rid.expect("a member row is interned");
+            let Kind::Instance(i) = &mut self.get_mut(id).kind else {
+                unreachable!()
+            };
+            i.values.remove(&r);
+            changed |= count_remove(i, old);
+            self.get_mut(id).rows.remove(&r);
+            self.rows.release(r, id);
+        }
+        if let Some(new) = new_val {
+            let r = self.rows.hold(table, pk, id);
+            self.get_mut(id).rows.insert(r);
+            let Kind::Instance(i) = &mut self.get_mut(id).kind else {
+                unreachable!()
+            };
+            changed |= count_add(i, &new);
+            i.values.insert(r, new);
+        }
+        changed
+    }
+
+    /// Rebuilds an instance's set; updates its dependents' sets and index
+    /// entries. Returns whether the set changed.
+    fn refresh_set(&mut self, id: FilterId) -> bool {
+        let (new_set, old_keys, users, dependents) = {
+            let Kind::Instance(i) = &self.get(id).kind else {
+                unreachable!()
+            };
+            let mut vals: Vec<Value> = i.counts.values().map(|(v, _)| v.clone()).collect();
+            if i.nulls > 0 {
+                vals.push(Value::Null);
+            }
+            let set = MembershipSet::new(vals, i.aff);
+            if set.values() == i.set.values() && set.has_null() == i.set.has_null() {
+                return false;
+            }
+            let old: FxSet<IndexKey> = i.set.index_keys().collect();
+            (set, old, i.atom_users.clone(), i.dependents.clone())
+        };
+        let new_keys: FxSet<IndexKey> = new_set.index_keys().collect();
+        let aff = self.instance(id).aff;
+        for (user, table, column) in &users {
+            for k in old_keys.difference(&new_keys) {
+                self.index_remove((*table, *column, aff), k, *user);
+            }
+            for k in new_keys.difference(&old_keys) {
+                self.index_add((*table, *column, aff), k.clone(), *user);
+            }
+        }
+        for d in &dependents {
+            let locals: Vec<u32> = self
+                .get(*d)
+                .deps
+                .iter()
+                .filter(|(_, i)| *i == id)
+                .map(|(l, _)| *l)
+                .collect();
+            for l in locals {
+                self.get_mut(*d).ms.insert(MembershipId(l), new_set.clone());
+            }
+        }
+        if let Kind::Instance(i) = &mut self.get_mut(id).kind {
+            i.set = new_set;
+        }
+        true
+    }
+
+    /// The filters a changed row may touch.
+    fn candidates(&self, row: &ChangedRow, out: &mut Vec<FilterId>) {
+        out.clear();
+        if let Some(after) = &row.after {
+            if let Some(probes) = self.probes.get(&row.table) {
+                for (col, aff, _) in probes {
+                    let Some(key) = membership_probe_key(&after[*col], *aff) else {
+                        continue;
+                    };
+                    if let Some(fs) = self
+                        .eq
+                        .get(&(row.table, *col, *aff))
+                        .and_then(|m| m.get(&key))
+                    {
+                        out.extend(fs.iter().copied());
+                    }
+                }
+            }
+        }
+        if let Some(u) = self.uncovered.get(&row.table) {
+            out.extend(u.iter().copied());
+        }
+        if let Some(r) = self.rows.get(row.table, &row.pk) {
+            out.extend(self.rows.holders(r).iter().copied());
+        }
+        out.sort_unstable();
+        out.dedup();
+    }
+
+    /// Applies one commit: updates every instance and view it touches and
+    /// returns what each touched view gets.
+    pub fn apply_commit(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        rows: &[ChangedRow],
+    ) -> Result<Vec<(FilterId, Draft)>, FilterError> {
+        let mut cands: Vec<Vec<FilterId>> = Vec::with_capacity(rows.len());
+        let mut buf = Vec::new();
+        for r in rows {
+            self.candidates(r, &mut buf);
+            cands.push(buf.clone());
+        }
+        let by_key: FxMap<(u16, &PackedPk), usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.table, &r.pk), i))
+            .collect();
+        let mut reeval: FxSet<FilterId> = FxSet::default();
+        let mut drafts: FxMap<FilterId, Draft> = FxMap::default();
+        let mut levels: Vec<u32> = (0..=self.max_level).collect();
+        levels.push(u32::MAX);
+        for level in levels {
+            let mut changed_sets: Vec<FilterId> = Vec::new();
+            // Whole re-evaluation of filters whose memberships changed.
+            let mut todo: Vec<FilterId> = reeval
+                .iter()
+                .copied()
+                .filter(|f| {
+                    self.list[*f as usize]
+                        .as_ref()
+                        .is_some_and(|x| x.level == level)
+                })
+                .collect();
+            todo.sort_unstable();
+            for f in &todo {
+                let sel = self.select(db, schema, *f)?;
+                let table = self.get(*f).table;
+                match &self.get(*f).kind {
+                    Kind::Instance(_) => {
+                        let new: FxMap<PackedPk, Vec<Value>> = sel.into_iter().collect();
+                        let old: Vec<PackedPk> = self
+                            .get(*f)
+                            .rows
+                            .iter()
+                            .map(|r| self.rows.pk(*r).clone())
+                            .collect();
+                        let mut ch = false;
+                        for pk in old {
+                            if !new.contains_key(&pk) {
+                                ch |= self.set_member(*f, &pk, None);
+                            }
+                        }
+                        for (pk, row) in &new {
+                            ch |= self.set_member(*f, pk, Some(row));
+                        }
+                        if ch && self.refresh_set(*f) {
+                            changed_sets.push(*f);
+                        }
+                    }
+                    Kind::View(_) => {
+                        let new: FxSet<PackedPk> = sel.into_iter().map(|(pk, _)| pk).collect();
+                        let old: Vec<(RowId, PackedPk)> = self
+                            .get(*f)
+                            .rows
+                            .iter()
+                            .map(|r| (*r, self.rows.pk(*r).clone()))
+                            .collect();
+                        let d = drafts.entry(*f).or_default();
+                        let mut old_set = FxSet::default();
+                        for (rid, pk) in old {
+                            if new.contains(&pk) {
+                                if let Some(&i) = by_key.get(&(table, &pk)) {
+                                    d.deltas.push(i);
+                                }
+                                old_set.insert(pk);
+                            } else {
+                                match by_key.get(&(table, &pk)) {
+                                    Some(&i) if rows[i].after.is_none() => d.deleted.push(i),
+                                    _ => d.left.push(pk.clone()),
+                                }
+                                self.get_mut(*f).rows.remove(&rid);
+                                self.rows.release(rid, *f);
+                                old_set.insert(pk);
+                            }
+                        }
+                        for pk in new {
+                            if !old_set.contains(&pk) {
+                                let r = self.rows.hold(table, &pk, *f);
+                                self.get_mut(*f).rows.insert(r);
+                                d.entered.push(pk);
+                            }
+                        }
+                    }
+                }
+            }
+            // Incremental evaluation of the other candidates.
+            for (i, r) in rows.iter().enumerate() {
+                for &f in &cands[i] {
+                    let Some(x) = self.list[f as usize].as_ref() else {
+                        continue;
+                    };
+                    if x.level != level || x.table != r.table || reeval.contains(&f) {
+                        continue;
+                    }
+                    let after = r
+                        .after
+                        .as_deref()
+                        .filter(|row| x.pred.eval(row, &x.params, &x.ms).is_true());
+                    match &x.kind {
+                        Kind::Instance(_) => {
+                            if self.set_member(f, &r.pk, after) && self.refresh_set(f) {
+                                changed_sets.push(f);
+                            }
+                        }
+                        Kind::View(_) => {
+                            let rid = self.rows.get(r.table, &r.pk);
+                            let before = rid.is_some_and(|id| x.rows.contains(&id));
+                            let d = drafts.entry(f).or_default();
+                            match (before, after.is_some()) {
+                                (false, true) => {
+                                    let id = self.rows.hold(r.table, &r.pk, f);
+                                    self.get_mut(f).rows.insert(id);
+                                    d.entered.push(r.pk.clone());
+                                }
+                                (true, true) => d.deltas.push(i),
+                                (true, false) => {
+                                    if r.after.is_none() {
+                                        d.deleted.push(i);
+                                    } else {
+                                        d.left.push(r.pk.clone());
+                                    }
+                                    let id = rid.expect("held");
+                                    self.get_mut(f).rows.remove(&id);
+                                    self.rows.release(id, f);
+                                }
+                                (false, false) => {}
+                            }
+                        }
+                    }
+                }
+            }
+            for inst in changed_sets {
+                let deps = self.instance(inst).dependents.clone();
+                reeval.extend(deps);
+            }
+        }
+        let mut out: Vec<(FilterId, Draft)> =
+            drafts.into_iter().filter(|(_, d)| !d.is_empty()).collect();
+        out.sort_unstable_by_key(|(f, _)| *f);
+        Ok(out)
+    }
+}
+
+fn count_add(i: &mut InstanceData, v: &Value) -> bool {
+    match IndexKey::from_value(v) {
+        None => {
+            i.nulls += 1;
+            i.nulls == 1
+        }
+        Some(k) => {
+            let e = i.counts.entry(k).or_insert_with(|| (v.clone(), 0));
+            e.1 += 1;
+            e.1 == 1
+        }
+    }
+}
+
+fn count_remove(i: &mut InstanceData, v: &Value) -> bool {
+    match IndexKey::from_value(v) {
+        None => {
+            i.nulls -= 1;
+            i.nulls == 0
+        }
+        Some(k) => {
+            let Some(e) = i.counts.get_mut(&k) else {
+                return false;
+            };
+            e.1 -= 1;
+            if e.1 == 0 {
+                i.counts.remove(&k);
+                true
+            } else {
+                false
+            }
+        }
+    }
+}

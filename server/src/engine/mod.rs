@@ -1,0 +1,575 @@
+//! The engine thread: the only writer of the server database and the place
+//! where every visibility decision is taken, at an exact version
+//! (docs/arch/server.md, "The engine loop").
+//!
+//! - [`Cmd`]: what the async side and the readers send it.
+//! - `filters`: views, membership instances, the equality index, `holders`.
+//! - `commit`: the CommitBatch (changes of a commit, encoded once).
+//! - `subs`: subscriptions (pending, live, lagging, detached) and their
+//!   exact held-set tracking; connections; fan-out to outboxes.
+//! - `write`: pushes (policy checks before/after, refusals with state) and
+//!   service SQL (under an authorizer), in fair group commits.
+
+mod commit;
+pub(crate) mod filters;
+mod subs;
+mod write;
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tenantsync_core::{CrrConnection, SiteId};
+use tenantsync_policy::{EffectiveQuery, Engine as PolicyEngine, PolicySet};
+use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::http::{
+    PeerReport, PolicyReloadResponse, PullSub, PushResponse, SqlResponse, SqlStatement,
+};
+use tokio::sync::oneshot;
+
+pub(crate) use filters::PkSet;
+use filters::{FxMap, FxSet};
+
+use crate::fair::FairQueue;
+use crate::outbox::OutboxShared;
+use crate::reader::{PullItem, Readers};
+use crate::schema::ServerSchema;
+use crate::service::{ApiError, Limits, Principal, PushError};
+use crate::store;
+
+/// A subscription's identity: (peer site, subscription id).
+pub(crate) type SubKey = (SiteId, Arc<str>);
+pub(crate) type ConnId = u64;
+
+/// The policies every session rewrites with (the engine replaces them).
+pub(crate) struct PolicyState {
+    pub epoch: u64,
+    pub engine: Arc<PolicyEngine>,
+}
+
+pub(crate) type SharedPolicy = Arc<RwLock<PolicyState>>;
+
+/// Who wrote: what the engine needs of a principal.
+#[derive(Clone)]
+pub(crate) struct Who {
+    pub principal: Principal,
+    /// The claims' canonical JSON (caches are keyed by it).
+    pub ident_key: Arc<str>,
+    pub tenant: Arc<str>,
+}
+
+impl Who {
+    pub fn new(p: &Principal) -> Who {
+        Who {
+            ident_key: Arc::from(
+                serde_json::to_string(p.identity.claims()).expect("claims serialise"),
+            ),
+            tenant: Arc::from(p.tenant.as_deref().unwrap_or("")),
+            principal: p.clone(),
+        }
+    }
+}
+
+pub(crate) struct OpenOk {
+    pub conn: ConnId,
+    pub pushed_version: i64,
+    pub db_version: i64,
+}
+
+pub(crate) enum PushReply {
+    Ws {
+        outbox: Arc<OutboxShared>,
+        id: String,
+    },
+    Http(oneshot::Sender<Result<PushResponse, PushError>>),
+}
+
+pub(crate) struct PushCmd {
+    pub who: Who,
+    pub site: SiteId,
+    pub from: i64,
+    pub to: i64,
+    pub changes: Vec<tenantsync_core::Change>,
+    pub reply: PushReply,
+    pub received: Instant,
+}
+
+pub(crate) struct SqlCmd {
+    pub who: Who,
+    pub statements: Vec<SqlStatement>,
+    pub reply: oneshot::Sender<Result<SqlResponse, ApiError>>,
+}
+
+pub(crate) enum Write {
+    Push(PushCmd),
+    Sql(SqlCmd),
+}
+
+pub(crate) enum Cmd {
+    Open {
+        who: Who,
+        site: SiteId,
+        client: Option<String>,
+        outbox: Arc<OutboxShared>,
+        reply: oneshot::Sender<Result<OpenOk, ApiError>>,
+    },
+    Close {
+        conn: ConnId,
+    },
+    Subscribe {
+        conn: ConnId,
+        id: Arc<str>,
+        query: String,
+        cursor: Option<i64>,
+        q: Arc<EffectiveQuery>,
+        epoch: u64,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        id: String,
+    },
+    Resync {
+        conn: ConnId,
+        id: String,
+        cursor: i64,
+    },
+    Ack {
+        conn: ConnId,
+        cursors: BTreeMap<String, i64>,
+    },
+    Write(Write),
+    PullBegin {
+        who: Who,
+        site: SiteId,
+        subs: Vec<(PullSub, Arc<EffectiveQuery>)>,
+        unsubscribe: Vec<String>,
+        epoch: u64,
+        reply: oneshot::Sender<Result<Vec<PullItem>, ApiError>>,
+    },
+    PullEnd {
+        site: SiteId,
+        done: Vec<(String, String, String, i64, Arc<PkSet>)>,
+    },
+    PullWait {
+        tables: Vec<String>,
+        since: i64,
+        reply: oneshot::Sender<()>,
+    },
+    Reload {
+        name: String,
+        sql: String,
+        reply: oneshot::Sender<Result<PolicyReloadResponse, ApiError>>,
+    },
+    Report {
+        site: SiteId,
+        reply: oneshot::Sender<Result<PeerReport, ApiError>>,
+    },
+    SyncDone {
+        sub: SubKey,
+        epoch: u64,
+        version: i64,
+        held: Arc<PkSet>,
+    },
+    SyncAbandoned {
+        sub: SubKey,
+        epoch: u64,
+    },
+    Drained {
+        conn: ConnId,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Tunables of the engine loop.
+#[derive(Debug, Clone)]
+pub(crate) struct Tuning {
+    /// Writes per tenant per group commit.
+    pub quantum: usize,
+    /// Writes per group commit.
+    pub max_group: usize,
+    /// How long a detached subscription stays in memory.
+    pub grace: Duration,
+    /// How long a view without subscriptions is kept.
+    pub view_idle: Duration,
+    /// Subscription rows persisted per tick.
+    pub persist_batch: usize,
+    /// Parts buffered for a pending subscription before it falls back to a
+    /// resume.
+    pub pending_parts: usize,
+    /// How often quiet subscriptions get an empty part.
+    pub heartbeat: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            quantum: 8,
+            max_group: 256,
+            grace: Duration::from_secs(60),
+            view_idle: Duration::from_secs(30),
+            persist_batch: 2000,
+            pending_parts: 4096,
+            heartbeat: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Peer {
+    subject: String,
+    tenant: Option<String>,
+    claims: String,
+    pushed_version: i64,
+}
+
+pub(crate) struct Engine {
+    db: CrrConnection,
+    schema: Arc<ServerSchema>,
+    policy: PolicyEngine,
+    policy_gen: u64,
+    shared_policy: SharedPolicy,
+    /// The version the engine's connection reads at (last commit).
+    version: i64,
+    limits: Limits,
+    tuning: Tuning,
+    tx: Sender<Cmd>,
+    readers: Arc<Readers>,
+    writes: FairQueue<Write>,
+    peers: FxMap<SiteId, Peer>,
+    filters: filters::Filters,
+    subs: subs::Subs,
+    plans: write::Plans,
+    waiters: Vec<(Vec<String>, oneshot::Sender<()>)>,
+    last_tick: Instant,
+    last_heartbeat: Instant,
+    stopping: bool,
+    /// Set while a service statement is prepared (the authorizer judges).
+    guard: Arc<std::sync::atomic::AtomicBool>,
+    /// The committed version, for [`crate::SyncService::db_version`].
+    published: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: CrrConnection,
+        schema: Arc<ServerSchema>,
+        policy: PolicyEngine,
+        shared_policy: SharedPolicy,
+        limits: Limits,
+        tx: Sender<Cmd>,
+        readers: Arc<Readers>,
+        tuning: Tuning,
+        published: Arc<std::sync::atomic::AtomicI64>,
+    ) -> tenantsync_core::Result<Engine> {
+        let mut db = db;
+        let version = db.db_version()?;
+        let guard = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        write::install_authorizer(&mut db, guard.clone())?;
+        published.store(version, std::sync::atomic::Ordering::Release);
+        Ok(Engine {
+            db,
+            schema,
+            policy,
+            policy_gen: 0,
+            shared_policy,
+            version,
+            limits,
+            tuning,
+            tx,
+            readers,
+            writes: FairQueue::default(),
+            peers: FxMap::default(),
+            filters: filters::Filters::default(),
+            subs: subs::Subs::default(),
+            plans: write::Plans::default(),
+            waiters: Vec::new(),
+            last_tick: Instant::now(),
+            last_heartbeat: Instant::now(),
+            stopping: false,
+            guard,
+            published,
+        })
+    }
+
+    /// The loop: runs until `Shutdown` (or every sender is gone).
+    pub fn run(mut self, rx: Receiver<Cmd>) {
+        let tick = Duration::from_millis(250);
+        loop {
+            let wait = if self.writes.is_empty() {
+                tick.saturating_sub(self.last_tick.elapsed())
+            } else {
+                Duration::ZERO
+            };
+            let first = match rx.recv_timeout(wait) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stop();
+                    return;
+                }
+            };
+            let mut shutdown = None;
+            let mut batch: Vec<Cmd> = first.into_iter().collect();
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            for c in batch {
+                match c {
+                    Cmd::Shutdown { reply } => shutdown = Some(reply),
+                    Cmd::Write(w) => {
+                        let tenant = match &w {
+                            Write::Push(p) => p.who.tenant.clone(),
+                            Write::Sql(s) => s.who.tenant.clone(),
+                        };
+                        self.writes.push(&tenant, w);
+                    }
+                    other => self.handle(other),
+                }
+            }
+            if let Some(reply) = shutdown {
+                self.stop();
+                let _ = reply.send(());
+                return;
+            }
+            if !self.writes.is_empty() {
+                let group = self.writes.take(self.tuning.quantum, self.tuning.max_group);
+                self.run_group(group);
+            }
+            if self.last_tick.elapsed() >= tick {
+                self.last_tick = Instant::now();
+                self.tick();
+            }
+        }
+    }
+
+    fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Open {
+                who,
+                site,
+                client,
+                outbox,
+                reply,
+            } => {
+                let r = self.open(who, site, client, outbox);
+                let _ = reply.send(r);
+            }
+            Cmd::Close { conn } => self.close(conn),
+            Cmd::Subscribe {
+                conn,
+                id,
+                query,
+                cursor,
+                q,
+                epoch,
+            } => self.subscribe(conn, id, query, cursor, q, epoch),
+            Cmd::Unsubscribe { conn, id } => self.unsubscribe(conn, &id),
+            Cmd::Resync { conn, id, cursor } => self.resync(conn, &id, cursor),
+            Cmd::Ack { conn, cursors } => self.ack(conn, cursors),
+            Cmd::PullBegin {
+                who,
+                site,
+                subs,
+                unsubscribe,
+                epoch,
+                reply,
+            } => {
+                let r = self.pull_begin(&who, site, subs, unsubscribe, epoch);
+                let _ = reply.send(r);
+            }
+            Cmd::PullEnd { site, done } => self.pull_end(site, done),
+            Cmd::PullWait {
+                tables,
+                since,
+                reply,
+            } => {
+                if self.version > since {
+                    let _ = reply.send(());
+                } else {
+                    self.waiters.push((tables, reply));
+                }
+            }
+            Cmd::Reload { name, sql, reply } => {
+                let r = self.reload(&name, &sql);
+                let _ = reply.send(r);
+            }
+            Cmd::Report { site, reply } => {
+                let r = self.report(site);
+                let _ = reply.send(r);
+            }
+            Cmd::SyncDone {
+                sub,
+                epoch,
+                version,
+                held,
+            } => self.sync_done(sub, epoch, version, held),
+            Cmd::SyncAbandoned { sub, epoch } => self.sync_abandoned(sub, epoch),
+            Cmd::Drained { conn } => self.drained(conn),
+            Cmd::Write(_) | Cmd::Shutdown { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// Loads (or creates, binding it to `who`) the peer of a site.
+    fn bind_peer(&mut self, who: &Who, site: SiteId) -> Result<i64, ApiError> {
+        let internal = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
+        if !self.peers.contains_key(&site) {
+            if let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)? {
+                self.peers.insert(
+                    site,
+                    Peer {
+                        subject: row.subject,
+                        tenant: row.tenant,
+                        claims: row.claims.unwrap_or_else(|| "{}".into()),
+                        pushed_version: row.pushed_version,
+                    },
+                );
+            }
+        }
+        let claims = who.ident_key.to_string();
+        let tenant = who.principal.tenant.clone();
+        match self.peers.get_mut(&site) {
+            Some(p) if p.subject != who.principal.subject => Err(ApiError::new(
+                ErrorCode::SiteBoundToOtherSubject,
+                format!(
+                    "site id {site} is bound to another token subject; a peer uses its own site id"
+                ),
+            )),
+            Some(p) => {
+                if p.claims != claims || p.tenant != tenant {
+                    p.claims = claims.clone();
+                    p.tenant = tenant.clone();
+                    store::upsert_peer(
+                        self.db.conn(),
+                        &site,
+                        &who.principal.subject,
+                        tenant.as_deref(),
+                        &claims,
+                    )
+                    .map_err(internal)?;
+                }
+                Ok(p.pushed_version)
+            }
+            None => {
+                store::upsert_peer(
+                    self.db.conn(),
+                    &site,
+                    &who.principal.subject,
+                    tenant.as_deref(),
+                    &claims,
+                )
+                .map_err(internal)?;
+                self.peers.insert(
+                    site,
+                    Peer {
+                        subject: who.principal.subject.clone(),
+                        tenant,
+                        claims,
+                        pushed_version: 0,
+                    },
+                );
+                Ok(0)
+            }
+        }
+    }
+
+    fn reload(&mut self, name: &str, sql: &str) -> Result<PolicyReloadResponse, ApiError> {
+        let set = PolicySet::parse(name, sql, &self.schema.policy).map_err(|d| {
+            let mut e = ApiError::new(
+                ErrorCode::PolicyInvalid,
+                format!("the policy file {name} is invalid; the old policies stay"),
+            );
+            e.diagnostics = d.to_string().lines().map(str::to_owned).collect();
+            e
+        })?;
+        let change = self.policy.replace_policies(set);
+        self.policy_gen += 1;
+        {
+            let mut st = self
+                .shared_policy
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            st.epoch = self.policy_gen;
+            st.engine = Arc::new(self.policy.clone());
+        }
+        self.plans.clear(&mut self.filters);
+        // The reload gets a version of its own: what subscribers see changes
+        // at it, and a cursor names one state.
+        let bumped = (|| {
+            self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
+            let v = self.db.bump_db_version();
+            match v {
+                Ok(_) => {
+                    self.db.conn().execute_batch("COMMIT")?;
+                    self.db.db_version()
+                }
+                Err(e) => {
+                    let _ = self.db.conn().execute_batch("ROLLBACK");
+                    Err(e)
+                }
+            }
+        })();
+        let version = bumped.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        self.version = version;
+        self.published
+            .store(version, std::sync::atomic::Ordering::Release);
+        let (changed_views, moved) = self.move_after_reload(&change, version);
+        for (_, w) in self.waiters.drain(..) {
+            let _ = w.send(());
+        }
+        tracing::info!(
+            policy = name,
+            changed_views,
+            moved,
+            version,
+            "policies reloaded"
+        );
+        Ok(PolicyReloadResponse {
+            changed_views,
+            moved_subscriptions: moved,
+        })
+    }
+
+    fn tick(&mut self) {
+        self.persist(false);
+        self.expire();
+        self.retry_lagging();
+        if self.last_heartbeat.elapsed() >= self.tuning.heartbeat {
+            self.last_heartbeat = Instant::now();
+            self.heartbeat();
+        }
+        self.gauges();
+    }
+
+    fn stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        for w in self.writes.drain_all() {
+            write::refuse_shutting_down(w);
+        }
+        self.close_all();
+        self.persist(true);
+        if let Err(e) = self
+            .db
+            .conn()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        {
+            tracing::warn!(error = %e, "checkpoint at shutdown failed");
+        }
+        self.readers.stop();
+        tracing::info!(version = self.version, "engine stopped");
+    }
+}
+
+pub(crate) fn tables_of(set: &FxSet<u16>, schema: &ServerSchema) -> Vec<String> {
+    set.iter()
+        .map(|t| schema.tables[*t as usize].name.to_string())
+        .collect()
+}

@@ -1,0 +1,662 @@
+//! The write path: group commits of pushes and service SQL, each in its own
+//! savepoint, applied whole or refused whole (docs/arch/server.md, "Write
+//! path").
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use tenantsync_core::{PackedPk, SiteId};
+use tenantsync_policy::{MembershipResults, MembershipSet, WritePlan};
+use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::RowKey;
+use tenantsync_protocol::http::{PushResponse, SqlResponse, SqlResult};
+use tenantsync_protocol::ws::{PushRefusal, RefusedRow, ServerMsg};
+use tenantsync_types::Value;
+
+use super::filters::{FilterId, Filters, FxMap, FxSet};
+use super::{Engine, PushCmd, PushReply, SqlCmd, Write, commit};
+use crate::service::{ApiError, OutFrame, PushError};
+use crate::store;
+
+/// A write plan with the membership instances its checks read.
+pub(crate) struct PlanEntry {
+    plan: WritePlan,
+    /// Per direct membership: its instance and the tables its set reads.
+    direct: Vec<(tenantsync_policy::MembershipId, FilterId, Vec<u16>)>,
+}
+
+/// Cached plans per (identity, table), holding instance references.
+#[derive(Default)]
+pub(crate) struct Plans {
+    map: FxMap<(Arc<str>, u16), Arc<PlanEntry>>,
+}
+
+impl Plans {
+    pub fn clear(&mut self, filters: &mut Filters) {
+        for (_, e) in self.map.drain() {
+            for (_, f, _) in &e.direct {
+                filters.release_instance(*f);
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Applied { pushed_version: i64 },
+    Duplicate { pushed_version: i64 },
+    Refused(Box<PushRefusal>),
+    Error(ApiError),
+}
+
+pub(super) fn refuse_shutting_down(w: Write) {
+    let e = ApiError::new(ErrorCode::ShuttingDown, "the server is stopping");
+    match w {
+        Write::Push(p) => reply_push(p.reply, "", Err(PushError::Api(e))),
+        Write::Sql(s) => {
+            let _ = s.reply.send(Err(e));
+        }
+    }
+}
+
+fn reply_push(reply: PushReply, _id: &str, r: Result<PushResponse, PushError>) {
+    match reply {
+        PushReply::Http(tx) => {
+            let _ = tx.send(r);
+        }
+        PushReply::Ws { outbox, id } => {
+            let msg = match r {
+                Ok(ok) => ServerMsg::PushOk {
+                    id,
+                    pushed_version: ok.pushed_version,
+                    server_version: ok.server_version,
+                },
+                Err(PushError::Refused(mut r)) => {
+                    r.id = id;
+                    ServerMsg::PushRefused(*r)
+                }
+                Err(PushError::Api(e)) => ServerMsg::Error(e.ws(Some(id))),
+            };
+            outbox.push_frame(OutFrame::Text(
+                serde_json::to_string(&msg).expect("messages serialise"),
+            ));
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Internal, e.to_string())
+}
+
+/// The SQLite authorizer for service SQL: no writes to internal tables, no
+/// schema changes, ATTACH, PRAGMA or transaction control. It is installed
+/// on the engine connection for good and judges only while `guard` is set,
+/// i.e. while a service statement is being prepared.
+pub(crate) fn install_authorizer(
+    db: &mut tenantsync_core::CrrConnection,
+    guard: Arc<std::sync::atomic::AtomicBool>,
+) -> rusqlite::Result<()> {
+    db.conn_mut().authorizer(Some(move |ctx: AuthContext<'_>| {
+        if guard.load(std::sync::atomic::Ordering::SeqCst) {
+            authorize(ctx)
+        } else {
+            Authorization::Allow
+        }
+    }))
+}
+
+fn authorize(ctx: AuthContext<'_>) -> Authorization {
+    let internal = |t: &str| {
+        let l = t.to_ascii_lowercase();
+        l.starts_with("sqlite_")
+            || l.starts_with("crsql_")
+            || l.contains("__crsql_")
+            || l.starts_with("tenantsync_")
+    };
+    if ctx.accessor.is_some() {
+        // Inside a trigger (the CRR tracking): the engine's own work.
+        return Authorization::Allow;
+    }
+    match ctx.action {
+        AuthAction::Insert { table_name }
+        | AuthAction::Delete { table_name }
+        | AuthAction::Update { table_name, .. } => {
+            if internal(table_name) {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        AuthAction::Read { .. } | AuthAction::Select | AuthAction::Recursive => {
+            Authorization::Allow
+        }
+        AuthAction::Function { function_name } => {
+            let f = function_name.to_ascii_lowercase();
+            if f.starts_with("crsql_") && f != "crsql_db_version" && f != "crsql_site_id" {
+                Authorization::Deny
+            } else {
+                Authorization::Allow
+            }
+        }
+        _ => Authorization::Deny,
+    }
+}
+
+impl Engine {
+    fn plan_for(&mut self, who: &super::Who, table: u16) -> Result<Arc<PlanEntry>, ApiError> {
+        let key = (who.ident_key.clone(), table);
+        if let Some(p) = self.plans.map.get(&key) {
+            return Ok(p.clone());
+        }
+        if self.plans.map.len() > 8192 {
+            self.plans.clear(&mut self.filters);
+        }
+        let tname = self.schema.tables[table as usize].name.clone();
+        let plan = self
+            .policy
+            .write_plan(&who.principal.identity, &tname)
+            .map_err(|e| ApiError::new(ErrorCode::BadPush, e.to_string()))?;
+        let mut direct = Vec::new();
+        for m in plan.memberships.iter().filter(|m| m.direct) {
+            let f = self
+                .filters
+                .instance_for(&self.db, &self.schema, &plan.memberships, m.id)
+                .map_err(internal)?;
+            let tables = self.filters.instance(f).tables.clone();
+            direct.push((m.id, f, tables));
+        }
+        let e = Arc::new(PlanEntry { plan, direct });
+        self.plans.map.insert(key, e.clone());
+        Ok(e)
+    }
+
+    /// Runs a group of writes in one transaction and fans the commit out.
+    pub(super) fn run_group(&mut self, group: Vec<Write>) {
+        // Plans (and the instances they read) are built before the
+        // transaction, at the committed version.
+        let mut plans: Vec<FxMap<u16, Arc<PlanEntry>>> = Vec::with_capacity(group.len());
+        let mut pre: Vec<Option<ApiError>> = Vec::with_capacity(group.len());
+        for w in &group {
+            let mut m = FxMap::default();
+            let mut err = None;
+            if let Write::Push(p) = w {
+                if !p.who.principal.service {
+                    let tables: FxSet<u16> = p
+                        .changes
+                        .iter()
+                        .filter_map(|c| self.schema.table(&c.table).map(|t| t.id))
+                        .collect();
+                    for t in tables {
+                        match self.plan_for(&p.who, t) {
+                            Ok(e) => {
+                                m.insert(t, e);
+                            }
+                            Err(e) => err = Some(e),
+                        }
+                    }
+                }
+            }
+            plans.push(m);
+            pre.push(err);
+        }
+        let prev = self.version;
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(group.len());
+        let mut sql_results: Vec<Option<Vec<SqlResult>>> = Vec::with_capacity(group.len());
+        let mut pending_pv: FxMap<SiteId, i64> = FxMap::default();
+        let mut touched: FxSet<u16> = FxSet::default();
+        if let Err(e) = self.db.conn().execute_batch("BEGIN IMMEDIATE") {
+            for w in group {
+                fail(w, internal(&e));
+            }
+            return;
+        }
+        for (i, w) in group.iter().enumerate() {
+            if let Some(e) = pre[i].take() {
+                outcomes.push(Outcome::Error(e));
+                sql_results.push(None);
+                continue;
+            }
+            let sp = match self.db.savepoint("tenantsync_write") {
+                Ok(sp) => sp,
+                Err(e) => {
+                    outcomes.push(Outcome::Error(internal(e)));
+                    sql_results.push(None);
+                    continue;
+                }
+            };
+            match w {
+                Write::Push(p) => {
+                    let o = self.push_one(p, &plans[i], &mut pending_pv, &mut touched, &sp);
+                    if let Outcome::Error(_) = &o {
+                        let _ = self.db.rollback_to(&sp);
+                    }
+                    let _ = self.db.release(sp);
+                    outcomes.push(o);
+                    sql_results.push(None);
+                }
+                Write::Sql(s) => match self.sql_one(s) {
+                    Ok(r) => {
+                        let _ = self.db.release(sp);
+                        for t in &self.schema.tables {
+                            touched.insert(t.id);
+                        }
+                        outcomes.push(Outcome::Applied { pushed_version: 0 });
+                        sql_results.push(Some(r));
+                    }
+                    Err(e) => {
+                        let _ = self.db.rollback_to(&sp);
+                        let _ = self.db.release(sp);
+                        outcomes.push(Outcome::Error(e));
+                        sql_results.push(None);
+                    }
+                },
+            }
+        }
+        if let Err(e) = self.db.conn().execute_batch("COMMIT") {
+            let _ = self.db.conn().execute_batch("ROLLBACK");
+            tracing::error!(error = %e, "group commit failed");
+            for w in group {
+                fail(w, internal(&e));
+            }
+            return;
+        }
+        for (site, v) in pending_pv {
+            if let Some(p) = self.peers.get_mut(&site) {
+                p.pushed_version = v;
+            }
+        }
+        let version = match self.db.db_version() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the db_version after a commit");
+                prev
+            }
+        };
+        self.version = version;
+        self.published
+            .store(version, std::sync::atomic::Ordering::Release);
+        for ((w, o), r) in group.into_iter().zip(outcomes).zip(sql_results) {
+            match w {
+                Write::Push(p) => {
+                    let res = match o {
+                        Outcome::Applied { pushed_version } => {
+                            metrics::counter!("tenantsync_changes_in_total")
+                                .increment(p.changes.len() as u64);
+                            Ok(PushResponse {
+                                pushed_version,
+                                server_version: version,
+                            })
+                        }
+                        Outcome::Duplicate { pushed_version } => Ok(PushResponse {
+                            pushed_version,
+                            server_version: 0,
+                        }),
+                        Outcome::Refused(r) => {
+                            metrics::counter!("tenantsync_push_refused_total").increment(1);
+                            Err(PushError::Refused(r))
+                        }
+                        Outcome::Error(e) => Err(PushError::Api(e)),
+                    };
+                    metrics::histogram!("tenantsync_push_seconds")
+                        .record(p.received.elapsed().as_secs_f64());
+                    reply_push(p.reply, "", res);
+                }
+                Write::Sql(s) => {
+                    let res = match (o, r) {
+                        (Outcome::Error(e), _) => Err(e),
+                        (_, Some(results)) => Ok(SqlResponse {
+                            db_version: version,
+                            results,
+                        }),
+                        _ => Err(internal("no result")),
+                    };
+                    let _ = s.reply.send(res);
+                }
+            }
+        }
+        if version > prev {
+            match commit::read_batch(&self.db, &self.schema, prev, version) {
+                Ok(rows) => self.fan_out(rows, version),
+                Err(e) => tracing::error!(error = %e, version, "reading the commit failed"),
+            }
+        }
+    }
+
+    fn membership_sets(
+        &self,
+        plans: &FxMap<u16, Arc<PlanEntry>>,
+        table: u16,
+        touched: &FxSet<u16>,
+    ) -> Result<MembershipResults, ApiError> {
+        let mut r = MembershipResults::new();
+        let Some(e) = plans.get(&table) else {
+            return Ok(r);
+        };
+        for (id, inst, tables) in &e.direct {
+            let set: MembershipSet = if tables.iter().any(|t| touched.contains(t)) {
+                let m = &e.plan.memberships[id.0 as usize];
+                let mut stmt = self.db.conn().prepare_cached(&m.sql).map_err(internal)?;
+                let vals: Vec<Value> = stmt
+                    .query_map(rusqlite::params_from_iter(m.params.iter()), |row| {
+                        row.get(0)
+                    })
+                    .map_err(internal)?
+                    .collect::<rusqlite::Result<_>>()
+                    .map_err(internal)?;
+                m.set(vals)
+            } else {
+                self.filters.instance(*inst).set.clone()
+            };
+            r.insert(*id, set);
+        }
+        Ok(r)
+    }
+
+    fn push_one(
+        &mut self,
+        p: &PushCmd,
+        plans: &FxMap<u16, Arc<PlanEntry>>,
+        pending_pv: &mut FxMap<SiteId, i64>,
+        touched: &mut FxSet<u16>,
+        sp: &tenantsync_core::Savepoint,
+    ) -> Outcome {
+        let pv = match pending_pv.get(&p.site) {
+            Some(v) => *v,
+            None => match self.bind_peer(&p.who, p.site) {
+                Ok(v) => v,
+                Err(e) => return Outcome::Error(e),
+            },
+        };
+        if p.to <= pv {
+            return Outcome::Duplicate { pushed_version: pv };
+        }
+        if p.from > pv {
+            let mut e = ApiError::new(
+                ErrorCode::Gap,
+                format!(
+                    "the push starts after version {}, the server holds your changes up to {pv}: resend from there",
+                    p.from
+                ),
+            );
+            e.pushed_version = Some(pv);
+            return Outcome::Error(e);
+        }
+        // Rows, in first-seen order.
+        let mut rows: Vec<(u16, PackedPk)> = Vec::new();
+        {
+            let mut seen: FxSet<(u16, PackedPk)> = FxSet::default();
+            for c in &p.changes {
+                let Some(t) = self.schema.table(&c.table) else {
+                    return Outcome::Error(ApiError::new(
+                        ErrorCode::BadPush,
+                        format!("table {:?} is not a CRR", c.table),
+                    ));
+                };
+                let pk = c.pk.canonical().unwrap_or_else(|_| c.pk.clone());
+                if seen.insert((t.id, pk.clone())) {
+                    rows.push((t.id, pk));
+                }
+            }
+        }
+        let push_tables: FxSet<u16> = rows.iter().map(|(t, _)| *t).collect();
+        let service = p.who.principal.service;
+        let mut before: Vec<Option<Vec<Value>>> = Vec::new();
+        let mut ms_before: FxMap<u16, MembershipResults> = FxMap::default();
+        if !service {
+            for (t, pk) in &rows {
+                match self
+                    .db
+                    .row_values(&self.schema.tables[*t as usize].name, pk)
+                {
+                    Ok(v) => before.push(v),
+                    Err(e) => {
+                        return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
+                    }
+                }
+            }
+            for t in &push_tables {
+                match self.membership_sets(plans, *t, touched) {
+                    Ok(m) => {
+                        ms_before.insert(*t, m);
+                    }
+                    Err(e) => return Outcome::Error(e),
+                }
+            }
+        }
+        let stats = match self.db.apply(&p.changes) {
+            Ok(s) => s,
+            Err(e) => {
+                return Outcome::Error(ApiError::new(
+                    ErrorCode::BadPush,
+                    format!("the changes cannot be merged: {e}"),
+                ));
+            }
+        };
+        let _ = stats;
+        let mut now_touched = touched.clone();
+        now_touched.extend(push_tables.iter().copied());
+        if !service {
+            let mut after: Vec<Option<Vec<Value>>> = Vec::with_capacity(rows.len());
+            for (t, pk) in &rows {
+                match self
+                    .db
+                    .row_values(&self.schema.tables[*t as usize].name, pk)
+                {
+                    Ok(v) => after.push(v),
+                    Err(e) => return Outcome::Error(internal(e)),
+                }
+            }
+            let mut refused: Vec<RefusedRow> = Vec::new();
+            for t in &push_tables {
+                let ms_after = match self.membership_sets(plans, *t, &now_touched) {
+                    Ok(m) => m,
+                    Err(e) => return Outcome::Error(e),
+                };
+                let idx: Vec<usize> = rows
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (rt, _))| rt == t)
+                    .filter(|(i, _)| !(before[*i].is_none() && after[*i].is_none()))
+                    .map(|(i, _)| i)
+                    .collect();
+                let pairs: Vec<(Option<&[Value]>, Option<&[Value]>)> = idx
+                    .iter()
+                    .map(|&i| (before[i].as_deref(), after[i].as_deref()))
+                    .collect();
+                let Some(plan) = plans.get(t) else {
+                    continue;
+                };
+                let decisions = match plan.plan.check_split(&pairs, &ms_before[t], &ms_after) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
+                    }
+                };
+                for (k, d) in decisions.iter().enumerate() {
+                    if !d.allowed {
+                        let (rt, pk) = &rows[idx[k]];
+                        refused.push(RefusedRow {
+                            table: self.schema.tables[*rt as usize].name.to_string(),
+                            pk: pk.clone(),
+                            command: serde_json::to_value(d.command)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default(),
+                            policy: d.policies.first().cloned(),
+                            reason: d.reason.clone(),
+                        });
+                    }
+                }
+            }
+            if !refused.is_empty() {
+                if let Err(e) = self.db.rollback_to(sp) {
+                    return Outcome::Error(internal(e));
+                }
+                let new_pv = pv.max(p.to);
+                if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
+                    return Outcome::Error(internal(e));
+                }
+                pending_pv.insert(p.site, new_pv);
+                return match self.refusal(p, &rows, refused, new_pv) {
+                    Ok(r) => Outcome::Refused(Box::new(r)),
+                    Err(e) => Outcome::Error(e),
+                };
+            }
+        }
+        let new_pv = pv.max(p.to);
+        if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
+            return Outcome::Error(internal(e));
+        }
+        pending_pv.insert(p.site, new_pv);
+        *touched = now_touched;
+        Outcome::Applied {
+            pushed_version: new_pv,
+        }
+    }
+
+    /// The refusal: every row the push touched, as the server has it now
+    /// (`state`, whole rows the peer may read) or `invisible`.
+    fn refusal(
+        &mut self,
+        p: &PushCmd,
+        rows: &[(u16, PackedPk)],
+        refused: Vec<RefusedRow>,
+        pushed_version: i64,
+    ) -> Result<PushRefusal, ApiError> {
+        let mut by_table: BTreeMap<u16, Vec<PackedPk>> = BTreeMap::new();
+        for (t, pk) in rows {
+            by_table.entry(*t).or_default().push(pk.clone());
+        }
+        let mut state = Vec::new();
+        let mut invisible = Vec::new();
+        for (t, pks) in by_table {
+            let table = &self.schema.tables[t as usize];
+            let q = self
+                .policy
+                .rewrite(
+                    &p.who.principal.identity,
+                    &format!("SELECT * FROM \"{}\"", table.name.replace('"', "\"\"")),
+                )
+                .map_err(internal)?;
+            let pk_cond: Vec<String> = table
+                .pk
+                .iter()
+                .enumerate()
+                .map(|(k, &c)| {
+                    format!(
+                        "\"{}\".\"{}\" IS ?{}",
+                        table.name.replace('"', "\"\""),
+                        table.columns[c].replace('"', "\"\""),
+                        q.params.len() + k + 1
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "SELECT 1 FROM \"{}\" WHERE {} AND ({})",
+                table.name.replace('"', "\"\""),
+                pk_cond.join(" AND "),
+                q.where_sql
+            );
+            let mut visible = Vec::new();
+            for pk in pks {
+                let vals = pk.unpack().map_err(internal)?;
+                let mut params = q.params.clone();
+                params.extend(vals);
+                let mut stmt = self.db.conn().prepare_cached(&sql).map_err(internal)?;
+                let seen = stmt
+                    .exists(rusqlite::params_from_iter(params.iter()))
+                    .map_err(internal)?;
+                if seen {
+                    visible.push(pk);
+                } else {
+                    invisible.push(RowKey {
+                        table: table.name.to_string(),
+                        pk,
+                    });
+                }
+            }
+            state.extend(commit::whole_changes(&self.db, &table.name, &visible).map_err(internal)?);
+        }
+        let n = refused.len();
+        Ok(PushRefusal {
+            id: String::new(),
+            code: ErrorCode::PolicyRefused,
+            message: format!(
+                "{n} of {} rows refused by write policies: {}",
+                rows.len(),
+                refused
+                    .first()
+                    .map(|r| r.reason.as_str())
+                    .unwrap_or_default()
+            ),
+            rows: refused,
+            state,
+            invisible,
+            pushed_version,
+        })
+    }
+
+    fn sql_one(&mut self, s: &SqlCmd) -> Result<Vec<SqlResult>, ApiError> {
+        if !s.who.principal.service {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "POST /v1/sql needs the service role",
+            ));
+        }
+        let started = Instant::now();
+        let mut results = Vec::new();
+        let mut changed = 0u64;
+        for (i, st) in s.statements.iter().enumerate() {
+            let err = |e: rusqlite::Error| {
+                ApiError::new(
+                    ErrorCode::SqlError,
+                    format!(
+                        "statement {} ({:?}) failed: {e}; nothing was applied",
+                        i + 1,
+                        st.sql
+                    ),
+                )
+            };
+            let conn = self.db.conn();
+            self.guard.store(true, std::sync::atomic::Ordering::SeqCst);
+            let prepared = conn.prepare(&st.sql);
+            self.guard.store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut stmt = prepared.map_err(err)?;
+            let n = stmt.column_count();
+            let mut rows = Vec::new();
+            {
+                let mut q = stmt
+                    .query(rusqlite::params_from_iter(st.params.iter()))
+                    .map_err(err)?;
+                while let Some(r) = q.next().map_err(err)? {
+                    let row: Vec<Value> = (0..n)
+                        .map(|k| r.get::<_, Value>(k))
+                        .collect::<rusqlite::Result<_>>()
+                        .map_err(err)?;
+                    rows.push(row);
+                }
+            }
+            let changes = if stmt.readonly() { 0 } else { conn.changes() };
+            changed += changes;
+            results.push(SqlResult { rows, changes });
+        }
+        tracing::info!(
+            subject = %s.who.principal.subject,
+            statements = ?s.statements.iter().map(|x| x.sql.as_str()).collect::<Vec<_>>(),
+            rows_changed = changed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "service SQL"
+        );
+        Ok(results)
+    }
+}
+
+fn fail(w: Write, e: ApiError) {
+    match w {
+        Write::Push(p) => reply_push(p.reply, "", Err(PushError::Api(e))),
+        Write::Sql(s) => {
+            let _ = s.reply.send(Err(e));
+        }
+    }
+}

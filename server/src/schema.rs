@@ -1,0 +1,111 @@
+//! The server's view of its schema: the policy engine's [`Schema`] (CRRs and
+//! local tables, without the server's own `tenantsync_*` tables), per-CRR
+//! facts the engine needs (column names, primary-key positions) and the
+//! `GET /v1/schema` answer.
+
+use std::sync::Arc;
+
+use tenantsync_core::CrrConnection;
+use tenantsync_policy::{ColumnSchema, Schema, TableSchema};
+use tenantsync_protocol::http::{ColumnInfo, SchemaResponse, TableInfo};
+
+/// Tables the server keeps for itself (never synced, never in policies).
+pub(crate) fn is_server_table(name: &str) -> bool {
+    name.to_ascii_lowercase().starts_with("tenantsync_")
+}
+
+/// One CRR as the engine uses it.
+#[derive(Debug)]
+pub(crate) struct Table {
+    /// Index in [`ServerSchema::tables`].
+    pub id: u16,
+    pub name: Arc<str>,
+    pub columns: Vec<String>,
+    /// Column indexes of the primary key, in key order.
+    pub pk: Vec<usize>,
+}
+
+impl Table {
+    /// The column index of `cid` (`None` for an unknown column).
+    pub fn column(&self, cid: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == cid)
+    }
+}
+
+/// Everything the server knows about its schema.
+#[derive(Debug)]
+pub(crate) struct ServerSchema {
+    pub policy: Schema,
+    /// The CRRs.
+    pub tables: Vec<Table>,
+    pub response: SchemaResponse,
+}
+
+impl ServerSchema {
+    pub fn read(db: &CrrConnection, schema_sql: &str) -> tenantsync_core::Result<ServerSchema> {
+        let core = db.schema()?;
+        let mut policy = Schema::default();
+        let mut tables = Vec::new();
+        let mut infos = Vec::new();
+        for t in core.tables.iter().filter(|t| !is_server_table(&t.name)) {
+            let mut pk: Vec<(u32, usize)> = t
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.pk > 0)
+                .map(|(i, c)| (c.pk, i))
+                .collect();
+            pk.sort();
+            let pk: Vec<usize> = pk.into_iter().map(|(_, i)| i).collect();
+            policy.tables.push(TableSchema {
+                name: t.name.clone(),
+                columns: t
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        ColumnSchema::new(
+                            c.name.clone(),
+                            (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
+                        )
+                    })
+                    .collect(),
+                pk: pk.clone(),
+                is_crr: t.is_crr,
+            });
+            if t.is_crr {
+                infos.push(TableInfo {
+                    name: t.name.clone(),
+                    columns: t
+                        .columns
+                        .iter()
+                        .map(|c| ColumnInfo {
+                            name: c.name.clone(),
+                            decl_type: c.decl_type.clone(),
+                            pk: c.pk,
+                        })
+                        .collect(),
+                    crr: true,
+                });
+                tables.push(Table {
+                    id: tables.len() as u16,
+                    name: Arc::from(t.name.as_str()),
+                    columns: t.columns.iter().map(|c| c.name.clone()).collect(),
+                    pk,
+                });
+            }
+        }
+        Ok(ServerSchema {
+            policy,
+            tables,
+            response: SchemaResponse {
+                schema_sql: schema_sql.to_owned(),
+                tables: infos,
+            },
+        })
+    }
+
+    /// The CRR named `name` (exactly, as core names it).
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables.iter().find(|t| &*t.name == name)
+    }
+}

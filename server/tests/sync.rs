@@ -1,0 +1,454 @@
+//! The engine end to end, in process: sessions driven with
+//! `Session::handle`, frames read from `Outbox::next`, replicas checked
+//! against the query + policy evaluated directly on the server database.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::ws::{ClientMsg, ServerMsg};
+
+const SEED: &str = "
+INSERT INTO lists VALUES (1, 't1', 'alice', 'alice''s'), (2, 't2', 'bob', 'bob''s'), (3, 't1', 'carol', 'carol''s');
+INSERT INTO todos VALUES
+  (1, 't1', 1, 'alice', 'a1', 0, 1), (2, 't1', 1, 'alice', 'a2', 0, 2),
+  (10, 't2', 2, 'bob', 'b1', 0, 1), (11, 't2', 2, 'bob', 'b2', 0, 1),
+  (20, 't1', 3, 'carol', 'c1', 0, 1);
+";
+
+async fn seeded() -> (Server, Truth) {
+    let s = Server::start();
+    s.sql_batch(SEED).await;
+    let t = Truth::open(&s.path, POLICY);
+    (s, t)
+}
+
+trait Batch {
+    async fn sql_batch(&self, sql: &str);
+}
+
+impl Batch for Server {
+    async fn sql_batch(&self, sql: &str) {
+        for st in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            self.sql(st).await;
+        }
+    }
+}
+
+fn errors(r: &Replica) -> Vec<(ErrorCode, String)> {
+    r.log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Error(e) => Some((e.code, e.message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_never_see_each_other_through_snapshot_and_deltas() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    let mut bob = Replica::new(principal("bob", "t2"), site(2));
+    for r in [&mut alice, &mut bob] {
+        r.connect(&s.service).await;
+        r.subscribe("all", "SELECT * FROM todos").await;
+        r.subscribe("lists", "SELECT * FROM lists").await;
+    }
+    alice.pump().await;
+    bob.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    assert_eq!(bob.todo_ids(), BTreeSet::from([10, 11]));
+    check_replica(&truth, &alice);
+    check_replica(&truth, &bob);
+    // Deltas: writes in both tenants.
+    s.sql("UPDATE todos SET title = 'x' WHERE id IN (1, 10)")
+        .await;
+    s.sql("INSERT INTO todos VALUES (3, 't1', 1, 'alice', 'a3', 0, 1), (12, 't2', 2, 'bob', 'b3', 0, 1)")
+        .await;
+    alice.pump().await;
+    bob.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2, 3]));
+    assert_eq!(bob.todo_ids(), BTreeSet::from([10, 11, 12]));
+    check_replica(&truth, &alice);
+    check_replica(&truth, &bob);
+    // Nothing of the other tenant ever reached either replica.
+    for (r, other) in [(&alice, [10, 11, 12]), (&bob, [1, 2, 3])] {
+        let ever = ids(r
+            .ever
+            .iter()
+            .filter(|(t, _)| t == "todos")
+            .map(|(_, p)| p.clone()));
+        for o in other {
+            assert!(!ever.contains(&o), "{} saw todo {o}", r.who.subject);
+        }
+    }
+    assert!(errors(&alice).is_empty(), "{:?}", errors(&alice));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_rows_by_their_filter_column_and_their_tenant() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    let mut bob = Replica::new(principal("bob", "t2"), site(2));
+    alice.connect(&s.service).await;
+    bob.connect(&s.service).await;
+    alice
+        .subscribe("open", "SELECT * FROM todos WHERE done = 0")
+        .await;
+    bob.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    bob.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    // Out of the filter: evicted (not deleted on the server).
+    s.sql("UPDATE todos SET done = 1 WHERE id = 1").await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([2]));
+    check_replica(&truth, &alice);
+    // Back in: whole.
+    s.sql("UPDATE todos SET done = 0, title = 'back' WHERE id = 1")
+        .await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    check_replica(&truth, &alice);
+    // To another tenant (and owner): leaves alice, enters bob.
+    s.sql("UPDATE todos SET tenant_id = 't2', owner = 'bob' WHERE id = 2")
+        .await;
+    alice.pump().await;
+    bob.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1]));
+    assert_eq!(bob.todo_ids(), BTreeSet::from([2, 10, 11]));
+    check_replica(&truth, &alice);
+    check_replica(&truth, &bob);
+    // A real delete spreads as a delete.
+    s.sql("DELETE FROM todos WHERE id = 10").await;
+    bob.pump().await;
+    assert_eq!(bob.todo_ids(), BTreeSet::from([2, 11]));
+    check_replica(&truth, &bob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberships_granted_and_revoked_move_todos_in_and_out() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    // Carol shares list 3 with alice: its todos enter.
+    s.sql("INSERT INTO members VALUES (3, 'alice', 't1')").await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2, 20]));
+    check_replica(&truth, &alice);
+    // A new todo in the shared list arrives as a delta of the view.
+    s.sql("INSERT INTO todos VALUES (21, 't1', 3, 'carol', 'c2', 0, 1)")
+        .await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2, 20, 21]));
+    // Revoked: they leave.
+    s.sql("DELETE FROM members WHERE list_id = 3 AND user_id = 'alice'")
+        .await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    check_replica(&truth, &alice);
+    // The report is clean once acked.
+    let report = s.service.peer_report(site(1)).await.unwrap();
+    assert!(report.clean, "{report:?}");
+    assert_eq!(report.subscriptions[0].held_rows, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_into_another_tenants_rows_is_refused_whole() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    let before = s.service.db_version();
+    // Alice forges a change of bob's todo 10 (she does not have it) and an
+    // allowed change of her own todo 1, in one transaction.
+    alice.exec(
+        "INSERT INTO todos VALUES (10, 't2', 2, 'bob', 'hijacked', 0, 1);
+         UPDATE todos SET title = 'mine' WHERE id = 1;",
+    );
+    // Two local transactions, pushed together.
+    let to = alice.db.db_version().unwrap();
+    alice.push().await.unwrap();
+    alice.pump().await;
+    let refusal = alice
+        .log
+        .iter()
+        .find_map(|m| match m {
+            ServerMsg::PushRefused(r) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("refused");
+    assert_eq!(refusal.code, ErrorCode::PolicyRefused);
+    assert_eq!(refusal.rows.len(), 1, "{refusal:?}");
+    assert_eq!(ids([refusal.rows[0].pk.clone()]), BTreeSet::from([10]));
+    assert!(refusal.rows[0].policy.is_some() || !refusal.rows[0].reason.is_empty());
+    // The server state of the visible row (todo 1), the invisible one named.
+    assert!(
+        refusal
+            .state
+            .iter()
+            .all(|c| ids([c.pk.clone()]) == BTreeSet::from([1]))
+    );
+    assert!(!refusal.state.is_empty());
+    assert_eq!(
+        refusal
+            .invisible
+            .iter()
+            .map(|k| ids([k.pk.clone()]))
+            .collect::<Vec<_>>(),
+        vec![BTreeSet::from([10])]
+    );
+    // Nothing changed on the server; the push is consumed.
+    assert_eq!(s.service.db_version(), before);
+    assert_eq!(refusal.pushed_version, to);
+    let bobs = truth.visible(&principal("bob", "t2").identity, "SELECT * FROM todos");
+    let ten = bobs
+        .values()
+        .find(|r| r[0] == tenantsync_types::Value::Integer(10))
+        .unwrap();
+    assert_eq!(ten[4], tenantsync_types::Value::Text("b1".into()));
+    // The replica is back to the server's state.
+    check_replica(&truth, &alice);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_duplicates_are_harmless_and_gaps_are_errors() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    // Alice's second device.
+    let mut bob2 = Replica::new(principal("alice", "t1"), site(4));
+    alice.connect(&s.service).await;
+    bob2.connect(&s.service).await;
+    bob2.subscribe("all", "SELECT * FROM todos WHERE list_id = 1")
+        .await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    bob2.pump().await;
+    alice.exec("INSERT INTO todos VALUES (5, 't1', 1, 'alice', 'new', 0, 1)");
+    let v1 = alice.db.db_version().unwrap();
+    let changes = alice
+        .db
+        .changes_since(0, None)
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.site_id == site(1))
+        .collect::<Vec<_>>();
+    // A gap: starting after what the server holds.
+    alice
+        .send(ClientMsg::Push {
+            id: "gap".into(),
+            from: v1,
+            to: v1 + 1,
+            changes: vec![],
+        })
+        .await;
+    alice.pump().await;
+    let gap = alice
+        .log
+        .iter()
+        .find_map(|m| match m {
+            ServerMsg::Error(e) if e.code == ErrorCode::Gap => Some(e.clone()),
+            _ => None,
+        })
+        .expect("gap");
+    assert_eq!(gap.pushed_version, Some(0));
+    assert_eq!(gap.reference.as_deref(), Some("gap"));
+    // The real push, twice.
+    for id in ["p1", "p1-again"] {
+        alice
+            .send(ClientMsg::Push {
+                id: id.into(),
+                from: 0,
+                to: v1,
+                changes: changes.clone(),
+            })
+            .await;
+    }
+    alice.pump().await;
+    let oks: Vec<(i64, i64)> = alice
+        .log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::PushOk {
+                pushed_version,
+                server_version,
+                ..
+            } => Some((*pushed_version, *server_version)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(oks.len(), 2);
+    assert_eq!(oks[0].0, v1);
+    assert!(oks[0].1 > 0);
+    assert_eq!(
+        oks[1],
+        (v1, 0),
+        "a duplicate is push_ok with server_version 0"
+    );
+    // Carol's view of list 1 got it once; alice got no echo of her write
+    // but holds the row.
+    bob2.pump().await;
+    assert!(bob2.todo_ids().contains(&5));
+    check_replica(&truth, &alice);
+    check_replica(&truth, &bob2);
+    // pushed_version survives a reconnect.
+    alice.disconnect();
+    alice.connect(&s.service).await;
+    assert_eq!(alice.pushed_version, v1);
+    // A pushed change authored by another site.
+    let mut foreign = changes.clone();
+    foreign[0].site_id = site(9);
+    alice
+        .send(ClientMsg::Push {
+            id: "foreign".into(),
+            from: v1,
+            to: v1 + 1,
+            changes: foreign
+                .into_iter()
+                .map(|mut c| {
+                    c.db_version = v1 + 1;
+                    c
+                })
+                .collect(),
+        })
+        .await;
+    alice.pump().await;
+    assert!(
+        errors(&alice)
+            .iter()
+            .any(|(c, _)| *c == ErrorCode::SiteMismatch)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_resumes_exactly_and_misses_nothing() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    alice.disconnect();
+    // While away: a delta, an entering row, a leaving row, a delete.
+    s.sql("UPDATE todos SET title = 'while away' WHERE id = 1")
+        .await;
+    s.sql("INSERT INTO todos VALUES (4, 't1', 1, 'alice', 'a4', 0, 1)")
+        .await;
+    s.sql("UPDATE todos SET owner = 'carol', list_id = 3 WHERE id = 2")
+        .await;
+    s.sql("INSERT INTO members VALUES (3, 'alice', 't1')").await;
+    s.sql("DELETE FROM todos WHERE id = 20").await;
+    alice.connect(&s.service).await;
+    alice.resume_all().await;
+    alice.pump().await;
+    let subscribed: Vec<_> = alice
+        .log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Subscribed { mode, .. } => Some(*mode),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        subscribed.last(),
+        Some(&tenantsync_protocol::SubscribeMode::Resume)
+    );
+    check_replica(&truth, &alice);
+    // The peer report: held rows equal what the policy allows.
+    let report = s.service.peer_report(site(1)).await.unwrap();
+    assert!(report.clean, "{report:?}");
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_exactly_when_acked_and_refetches_otherwise() {
+    let (s, _truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    let mut carol = Replica::new(principal("carol", "t1"), site(3));
+    alice.connect(&s.service).await;
+    carol.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    carol.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    carol.pump().await;
+    carol.auto_ack = false;
+    s.sql("UPDATE todos SET title = 'unacked by carol' WHERE id = 20")
+        .await;
+    carol.pump().await;
+    alice.disconnect();
+    carol.disconnect();
+    let s = s.restart().await;
+    let truth = Truth::open(&s.path, POLICY);
+    s.sql("UPDATE todos SET title = 'after restart' WHERE id IN (1, 20)")
+        .await;
+    alice.connect(&s.service).await;
+    carol.connect(&s.service).await;
+    carol.auto_ack = true;
+    alice.resume_all().await;
+    carol.resume_all().await;
+    alice.pump().await;
+    carol.pump().await;
+    let mode = |r: &Replica| {
+        r.log
+            .iter()
+            .filter_map(|m| match m {
+                ServerMsg::Subscribed { mode, .. } => Some(*mode),
+                _ => None,
+            })
+            .last()
+    };
+    assert_eq!(
+        mode(&alice),
+        Some(tenantsync_protocol::SubscribeMode::Resume)
+    );
+    assert_eq!(
+        mode(&carol),
+        Some(tenantsync_protocol::SubscribeMode::Refetch)
+    );
+    check_replica(&truth, &alice);
+    check_replica(&truth, &carol);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reloads_move_rows_and_never_leak_across_tenants() {
+    let (s, truth) = seeded().await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.subscribe("lists", "SELECT * FROM lists").await;
+    alice.pump().await;
+    check_replica(&truth, &alice);
+    // Everyone in the tenant sees every todo of the tenant now.
+    let wider = POLICY.replace(
+        "CREATE POLICY todos_owner ON todos FOR SELECT TO authenticated\n  USING (owner = auth.uid());",
+        "CREATE POLICY todos_owner ON todos FOR SELECT TO authenticated\n  USING (owner = auth.uid() OR tenant_id = auth.claim('tenant_id'));",
+    );
+    assert_ne!(wider, POLICY);
+    let r = s.service.reload_policy("policy.sql", &wider).await.unwrap();
+    assert!(r.moved_subscriptions >= 1);
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2, 20]));
+    check_replica(&Truth::open(&s.path, &wider), &alice);
+    // A bad file keeps the old set.
+    let bad = s
+        .service
+        .reload_policy("bad.sql", "CREATE POLICY x ON nope FOR SELECT USING (1);")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code, ErrorCode::PolicyInvalid);
+    assert!(!bad.diagnostics.is_empty());
+    // Back to the original: carol's todo leaves.
+    s.service.reload_policy("policy.sql", POLICY).await.unwrap();
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    check_replica(&truth, &alice);
+    let report = s.service.peer_report(site(1)).await.unwrap();
+    assert!(report.clean, "{report:?}");
+}
