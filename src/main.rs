@@ -6,7 +6,9 @@
 //!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md);
 //!   [`cmd::replica`] is `tenantsync replica sync` (one round of sync over
 //!   HTTP) and [`cmd::token`] is `tenantsync token` (an HS256 test token),
-//!   both in docs/CLI.md.
+//!   both in docs/CLI.md;
+//!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
+//!   protocol docs/PROTOCOL.md).
 
 use std::process::ExitCode;
 
@@ -36,6 +38,8 @@ enum Command {
     Replica(cmd::replica::ReplicaCommand),
     /// Mint an HS256 test token (for trying a server from a shell; docs/CLI.md).
     Token(cmd::token::TokenArgs),
+    /// Run the sync server: HTTP + WebSocket (docs/CLI.md, docs/PROTOCOL.md).
+    Serve(Box<cmd::serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -66,5 +70,6 @@ fn main() -> ExitCode {
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         )),
+        Command::Serve(args) => cmd::serve::run(args),
     }
 }

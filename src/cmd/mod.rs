@@ -2,5 +2,6 @@
 
 pub mod policy;
 pub mod replica;
+pub mod serve;
 pub mod sql;
 pub mod token;
