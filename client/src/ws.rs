@@ -1,7 +1,8 @@
 //! [`SyncClient`]: the live WebSocket client (docs/PROTOCOL.md §4, §11).
 //!
-//! One tokio task keeps a session with the server: connect with a bearer
-//! token, `hello`, push what is pending, subscribe every subscription with
+//! One tokio task keeps a session with the server: fetch the server's
+//! schema over HTTP if the replica is new, connect with a bearer token,
+//! `hello`, push what is pending, subscribe every subscription with
 //! its cursor, apply what arrives, acknowledge after each local commit,
 //! push local writes as they happen, and on any failure reconnect with
 //! exponential backoff and resume from the persisted cursors. The replica
@@ -92,7 +93,7 @@ impl ClientConfig {
     }
 }
 
-/// The WebSocket URL of a server base URL.
+/// The WebSocket URL of a server base URL (`http://h:p` -> `ws://h:p/v1/sync`).
 pub fn sync_url(base: &str) -> String {
     let base = base.trim_end_matches('/');
     let base = if let Some(rest) = base.strip_prefix("http://") {
@@ -454,14 +455,35 @@ impl Worker {
         }
     }
 
+    /// Fetches and runs the server's schema when the replica is new.
+    async fn ensure_schema(&mut self, token: &str) -> std::result::Result<(), String> {
+        if !self
+            .replica
+            .run(|r| r.is_new())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let http = crate::http::HttpClient::new(&self.cfg.url, token).map_err(|e| e.to_string())?;
+        let schema = http.schema().await.map_err(|e| e.to_string())?;
+        self.replica
+            .run(move |r| r.apply_schema(&schema.schema_sql))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Connects and runs one session until it ends.
     async fn session(&mut self) -> End {
+        let token = (self.cfg.token)();
+        if let Err(reason) = self.ensure_schema(&token).await {
+            return failed(format!("cannot get the server's schema: {reason}"), false);
+        }
         let url = sync_url(&self.cfg.url);
         let mut request = match url.as_str().into_client_request() {
             Ok(r) => r,
             Err(e) => return failed(format!("bad server URL {url}: {e}"), false),
         };
-        let token = (self.cfg.token)();
         match format!("Bearer {token}").parse() {
             Ok(v) => {
                 request.headers_mut().insert("authorization", v);
