@@ -201,12 +201,18 @@ fn print_summary(report: &RoundReport, out: &mut impl Write) -> std::io::Result<
     for id in &report.unsubscribed {
         writeln!(out, "unsubscribed {id}")?;
     }
-    if report.rows_removed > 0 || report.quarantined > 0 {
+    if report.rows_removed > 0 {
         writeln!(
             out,
-            "removed {} row{} no subscription holds; {} local change{} in quarantine (table tenantsync_replica_quarantine)",
+            "removed {} row{} that no subscription holds any more",
             report.rows_removed,
-            plural(report.rows_removed),
+            plural(report.rows_removed)
+        )?;
+    }
+    if report.quarantined > 0 {
+        writeln!(
+            out,
+            "quarantined {} local change{} in this round (table tenantsync_replica_quarantine)",
             report.quarantined,
             plural(report.quarantined)
         )?;
