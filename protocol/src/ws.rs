@@ -144,15 +144,17 @@ pub struct PushRefusal {
     pub code: ErrorCode,
     /// Human-readable summary.
     pub message: String,
-    /// The refused rows.
+    /// The rows the write policies refused, with the reasons.
     pub rows: Vec<RefusedRow>,
-    /// The server's current state (whole rows, with clocks) of the refused
-    /// rows the peer may see.
+    /// The server's current state (whole rows, with clocks) of every row
+    /// the push touched that the peer may see (nothing of the push was
+    /// applied).
     #[serde(with = "array_list")]
     pub state: Vec<Change>,
-    /// Refused rows the peer may not see on the server.
+    /// The push's rows the peer may not see on the server (drop them).
     pub invisible: Vec<RowKey>,
-    /// The push is consumed: the peer's pushed_version after it.
+    /// The peer's pushed_version, unchanged: the server does not hold the
+    /// refused changes (docs/PROTOCOL.md §7).
     pub pushed_version: i64,
 }
 

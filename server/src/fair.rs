@@ -33,6 +33,7 @@ impl<T> FairQueue<T> {
         self.len += 1;
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

@@ -21,6 +21,7 @@
 //!   `tenantsync_subscriptions`).
 //! - `schema`: the schema as the engine and the policy engine see it.
 //! - `fair`: per-tenant round-robin queues.
+//! - `bench` (hidden): hooks for the criterion benchmarks.
 //! - The edge (tokio side), which never touches SQLite:
 //!   - [`auth`]: bearer JWT verification ([`auth::Authenticator`]) into a
 //!     [`Principal`].
@@ -35,6 +36,8 @@
 
 pub mod app;
 pub mod auth;
+#[doc(hidden)]
+pub mod bench;
 pub mod config;
 mod engine;
 mod fair;
@@ -45,6 +48,8 @@ mod schema;
 pub mod service;
 mod store;
 pub mod ws;
+
+const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
 pub use service::{
     ApiError, Limits, OutFrame, Outbox, Principal, PushError, ServiceConfig, Session, StartError,

@@ -50,13 +50,6 @@ impl RowChanges {
     pub fn bytes(&self) -> usize {
         self.changes.iter().map(|e| e.json.len() + 1).sum()
     }
-
-    pub fn key(&self) -> RowKey {
-        RowKey {
-            table: self.table.to_string(),
-            pk: self.pk.clone(),
-        }
-    }
 }
 
 /// What one view (or one moved subscription) gets for one version: computed
@@ -244,10 +237,11 @@ impl OutboxShared {
     }
 
     fn after_pop(&self, bytes_left: usize) {
-        if bytes_left <= self.max_bytes / 2 && self.lagging.swap(false, Ordering::AcqRel) {
-            if let Some(f) = self.drained_hook.lock().expect("outbox hook lock").as_ref() {
-                f();
-            }
+        if bytes_left <= self.max_bytes / 2
+            && self.lagging.swap(false, Ordering::AcqRel)
+            && let Some(f) = self.drained_hook.lock().expect("outbox hook lock").as_ref()
+        {
+            f();
         }
     }
 }
@@ -392,7 +386,7 @@ pub(crate) fn build_changes(items: &[Item], me: &SiteId, max: usize) -> Vec<Stri
         loop {
             let room = max.saturating_sub(b.len() + 48 + sub.len());
             let (mut take, mut size) = (0, 0);
-            while take < rest.len() && size + rest[take].len() + 1 <= room {
+            while take < rest.len() && size + rest[take].len() < room {
                 size += rest[take].len() + 1;
                 take += 1;
             }

@@ -49,6 +49,9 @@ impl SyncBase {
 pub(crate) struct SyncJob {
     pub sub: SubKey,
     pub epoch: u64,
+    /// The subscription's current sync epoch (the engine bumps it when it
+    /// starts another sync): a stale job stops queueing chunks.
+    pub current: Arc<std::sync::atomic::AtomicU64>,
     pub q: Arc<EffectiveQuery>,
     pub base: SyncBase,
     pub outbox: Arc<OutboxShared>,
@@ -388,6 +391,7 @@ impl Reader {
         }
         chunks.push(cur);
         let n = chunks.len();
+        let mut last_text = String::new();
         for (k, changes) in chunks.into_iter().enumerate() {
             let last = k + 1 == n;
             let msg = ServerMsg::Snapshot {
@@ -399,8 +403,22 @@ impl Reader {
                 last,
             };
             let text = serde_json::to_string(&msg).expect("messages serialise");
+            if last {
+                // The engine queues the last chunk itself when it records
+                // the sync, so the peer cannot acknowledge a sync the engine
+                // does not know yet, and nothing of the view can come first.
+                last_text = text;
+                break;
+            }
             let mut tries = 0;
-            while !j.outbox.try_push_text(text.clone()) {
+            loop {
+                if j.current.load(Ordering::Acquire) != j.epoch {
+                    // Another sync replaced this one.
+                    return;
+                }
+                if j.outbox.try_push_text(text.clone()) {
+                    break;
+                }
                 tries += 1;
                 if tries > 40 || j.outbox.is_closed() {
                     let _ = self.engine.send(Cmd::SyncAbandoned {
@@ -417,6 +435,7 @@ impl Reader {
             epoch: j.epoch,
             version,
             held: Arc::new(c.held),
+            last: last_text,
         });
     }
 

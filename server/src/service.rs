@@ -268,8 +268,8 @@ impl ApiError {
 /// A push that was not applied.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PushError {
-    /// Write policies refused rows: nothing applied, the push is consumed
-    /// (HTTP 403 with the refusal as body).
+    /// Write policies refused rows: nothing applied, `pushed_version`
+    /// unchanged (HTTP 403 with the refusal as body).
     Refused(Box<PushRefusal>),
     /// Any other error (gap, bad_push, site_mismatch, rate_limited, ...).
     Api(ApiError),
@@ -1044,6 +1044,25 @@ impl Session {
     }
 }
 
+/// The frames for one WebSocket session, in order: welcome, answers,
+/// `subscribed`, sync chunks, coalesced `changes` checkpoints.
+pub struct Outbox {
+    drain: Drain,
+}
+
+impl Outbox {
+    /// The next frame; `None` when the session is over (after a `Close`).
+    pub async fn next(&mut self) -> Option<OutFrame> {
+        self.drain.next().await
+    }
+
+    /// Tells the outbox a frame it yielded was written to the socket (for
+    /// the delivery-latency histogram and the lagging/drained bookkeeping).
+    pub fn written(&mut self) {
+        self.drain.written();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::split_sql;
@@ -1062,24 +1081,5 @@ mod tests {
                 "SELECT crsql_as_crr('t')",
             ]
         );
-    }
-}
-
-/// The frames for one WebSocket session, in order: welcome, answers,
-/// `subscribed`, sync chunks, coalesced `changes` checkpoints.
-pub struct Outbox {
-    drain: Drain,
-}
-
-impl Outbox {
-    /// The next frame; `None` when the session is over (after a `Close`).
-    pub async fn next(&mut self) -> Option<OutFrame> {
-        self.drain.next().await
-    }
-
-    /// Tells the outbox a frame it yielded was written to the socket (for
-    /// the delivery-latency histogram and the lagging/drained bookkeeping).
-    pub fn written(&mut self) {
-        self.drain.written();
     }
 }

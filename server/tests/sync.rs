@@ -206,9 +206,10 @@ async fn a_write_into_another_tenants_rows_is_refused_whole() {
             .collect::<Vec<_>>(),
         vec![BTreeSet::from([10])]
     );
-    // Nothing changed on the server; the push is consumed.
+    // Nothing changed on the server; the push is not held.
     assert_eq!(s.service.db_version(), before);
-    assert_eq!(refusal.pushed_version, to);
+    assert_eq!(refusal.pushed_version, 0);
+    let _ = to;
     let bobs = truth.visible(&principal("bob", "t2").identity, "SELECT * FROM todos");
     let ten = bobs
         .values()
@@ -402,7 +403,7 @@ async fn restart_resumes_exactly_when_acked_and_refetches_otherwise() {
                 ServerMsg::Subscribed { mode, .. } => Some(*mode),
                 _ => None,
             })
-            .last()
+            .next_back()
     };
     assert_eq!(
         mode(&alice),
@@ -451,4 +452,262 @@ async fn policy_reloads_move_rows_and_never_leak_across_tenants() {
     check_replica(&truth, &alice);
     let report = s.service.peer_report(site(1)).await.unwrap();
     assert!(report.clean, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_outbox_is_caught_up_exactly() {
+    let s = Server::start_with(|c| {
+        c.limits.outbox_items = 2;
+        c.limits.outbox_bytes = 4096;
+    });
+    s.sql_batch(SEED).await;
+    let truth = Truth::open(&s.path, POLICY);
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    // Alice does not read while many commits touch her view.
+    for i in 0..40 {
+        s.sql(&format!(
+            "INSERT OR REPLACE INTO todos VALUES ({}, 't1', 1, 'alice', 'burst {i}', 0, 1)",
+            100 + i % 7
+        ))
+        .await;
+        s.sql(&format!("UPDATE todos SET done = {} WHERE id = 1", i % 2))
+            .await;
+    }
+    s.sql("UPDATE todos SET owner = 'carol' WHERE id = 2").await;
+    alice.pump_for(Duration::from_millis(300)).await;
+    alice.pump().await;
+    // She was caught up by a resume (mode resume after the first sync).
+    let modes: Vec<_> = alice
+        .log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Subscribed { mode, .. } => Some(*mode),
+            _ => None,
+        })
+        .collect();
+    assert!(modes.len() >= 2, "no catch-up sync: {modes:?}");
+    assert_eq!(modes[1], tenantsync_protocol::SubscribeMode::Resume);
+    check_replica(&truth, &alice);
+    assert_eq!(alice.todo_ids(), (100..107).chain([1]).collect());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_then_deltas_have_no_gap_and_no_duplicate_under_concurrent_writes() {
+    let (s, truth) = seeded().await;
+    let writer = {
+        let service = s.service.clone();
+        tokio::spawn(async move {
+            for i in 0..150 {
+                let sql = format!(
+                    "INSERT OR REPLACE INTO todos VALUES ({}, 't1', 1, 'alice', 'w{i}', {}, 1)",
+                    200 + i % 23,
+                    i % 2
+                );
+                service
+                    .sql(
+                        &service_principal(),
+                        tenantsync_protocol::http::SqlRequest {
+                            statements: vec![tenantsync_protocol::http::SqlStatement {
+                                sql,
+                                params: vec![],
+                            }],
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut peers = Vec::new();
+    for k in 0..6u8 {
+        let mut r = Replica::new(principal("alice", "t1"), site(10 + k));
+        r.connect(&s.service).await;
+        r.subscribe("all", "SELECT * FROM todos WHERE done = 0")
+            .await;
+        r.pump_for(Duration::from_millis(20)).await;
+        peers.push(r);
+    }
+    writer.await.unwrap();
+    for r in &mut peers {
+        r.pump().await;
+    }
+    for r in &peers {
+        check_replica(&truth, r);
+        // Every checkpoint started exactly at the cursor before it: the
+        // replica never saw a gap (it would have sent resync).
+        let resyncs = r
+            .log
+            .iter()
+            .filter(|m| matches!(m, ServerMsg::Subscribed { .. }))
+            .count();
+        assert_eq!(resyncs, 1, "{}: a gap forced a resync", r.site);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_report_shows_held_rows_until_a_revocation_is_acked() {
+    let (s, _truth) = seeded().await;
+    s.sql("INSERT INTO members VALUES (3, 'alice', 't1')").await;
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.connect(&s.service).await;
+    alice.subscribe("all", "SELECT * FROM todos").await;
+    alice.pump().await;
+    let r = s.service.peer_report(site(1)).await.unwrap();
+    assert!(r.clean && r.connected);
+    assert_eq!(r.subscriptions[0].held_rows, 3);
+    // Revoked, delivered, not acked yet: the report says what she holds.
+    alice.auto_ack = false;
+    s.sql("DELETE FROM members WHERE list_id = 3 AND user_id = 'alice'")
+        .await;
+    alice.pump().await;
+    assert_eq!(alice.todo_ids(), BTreeSet::from([1, 2]));
+    let r = s.service.peer_report(site(1)).await.unwrap();
+    assert!(!r.clean, "{r:?}");
+    assert_eq!(
+        ids(r.subscriptions[0].not_allowed.iter().map(|k| k.pk.clone())),
+        BTreeSet::from([20])
+    );
+    assert_eq!(r.subscriptions[0].unacked_leaving, 1);
+    // Acked: clean, holding exactly what the policy allows.
+    alice.ack(&["all"]).await;
+    alice.pump().await;
+    let r = s.service.peer_report(site(1)).await.unwrap();
+    assert!(r.clean, "{r:?}");
+    assert_eq!(r.subscriptions[0].held_rows, 2);
+    // After a restart too (held sets are persisted with the cursor).
+    alice.disconnect();
+    let s = s.restart().await;
+    let r = s.service.peer_report(site(1)).await.unwrap();
+    assert!(r.clean && !r.connected, "{r:?}");
+    assert_eq!(r.subscriptions[0].held_rows, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_sql_cannot_touch_internal_tables_or_the_schema() {
+    let (s, _truth) = seeded().await;
+    for sql in [
+        "UPDATE tenantsync_peers SET pushed_version = 99",
+        "DELETE FROM todos__crsql_clock",
+        "DROP TABLE todos",
+        "CREATE TABLE evil (x)",
+        "PRAGMA journal_mode = DELETE",
+        "ATTACH DATABASE ':memory:' AS other",
+        "COMMIT",
+        "SELECT crsql_as_table('todos')",
+    ] {
+        let e = s
+            .service
+            .sql(
+                &service_principal(),
+                tenantsync_protocol::http::SqlRequest {
+                    statements: vec![tenantsync_protocol::http::SqlStatement {
+                        sql: sql.into(),
+                        params: vec![],
+                    }],
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::SqlError, "{sql}: {e}");
+    }
+    // Not the service role: forbidden.
+    let e = s
+        .service
+        .sql(
+            &principal("alice", "t1"),
+            tenantsync_protocol::http::SqlRequest { statements: vec![] },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    // A failing statement rolls back the ones before it.
+    let before = s.service.db_version();
+    let e = s
+        .service
+        .sql(
+            &service_principal(),
+            tenantsync_protocol::http::SqlRequest {
+                statements: vec![
+                    tenantsync_protocol::http::SqlStatement {
+                        sql: "UPDATE todos SET title = ?1 WHERE id = 1".into(),
+                        params: vec![tenantsync_types::Value::Text("gone".into())],
+                    },
+                    tenantsync_protocol::http::SqlStatement {
+                        sql: "INSERT INTO nope VALUES (1)".into(),
+                        params: vec![],
+                    },
+                ],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::SqlError);
+    assert!(e.message.contains("statement 2"), "{e}");
+    assert_eq!(s.service.db_version(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_resume_from_their_cursor_and_long_poll() {
+    use tenantsync_protocol::http::{PullRequest, PullSub};
+    let (s, _truth) = seeded().await;
+    let alice = principal("alice", "t1");
+    let pull = |cursor: Option<i64>, wait_ms: u64| PullRequest {
+        site_id: site(1),
+        subscriptions: vec![PullSub {
+            id: "all".into(),
+            query: "SELECT * FROM todos".into(),
+            cursor,
+        }],
+        wait_ms,
+        unsubscribe: vec![],
+    };
+    let r = s.service.pull(&alice, pull(None, 0)).await.unwrap();
+    let part = &r.subs["all"];
+    assert_eq!(part.mode, tenantsync_protocol::SubscribeMode::Snapshot);
+    assert!(part.reset);
+    assert_eq!(
+        ids(part.changes.iter().map(|c| c.pk.clone())),
+        BTreeSet::from([1, 2])
+    );
+    let v = r.version;
+    // Nothing new: a long poll waits, then a write wakes it.
+    let svc = s.service.clone();
+    let waker = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        svc.sql(
+            &service_principal(),
+            tenantsync_protocol::http::SqlRequest {
+                statements: vec![tenantsync_protocol::http::SqlStatement {
+                    sql: "UPDATE todos SET owner = 'carol' WHERE id = 2".into(),
+                    params: vec![],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let started = std::time::Instant::now();
+    let r = s.service.pull(&alice, pull(Some(v), 5000)).await.unwrap();
+    waker.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    let part = &r.subs["all"];
+    assert_eq!(part.mode, tenantsync_protocol::SubscribeMode::Resume);
+    assert_eq!(part.from, v);
+    assert_eq!(
+        ids(part.evict.iter().map(|k| k.pk.clone())),
+        BTreeSet::from([2])
+    );
+    // An unknown cursor is a refetch.
+    let r = s
+        .service
+        .pull(&alice, pull(Some(v + 1000), 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.subs["all"].mode,
+        tenantsync_protocol::SubscribeMode::Refetch
+    );
 }

@@ -145,7 +145,6 @@ pub(crate) struct InstanceData {
 
 pub(crate) struct ViewData {
     pub key: ViewKey,
-    pub q: Arc<EffectiveQuery>,
     /// Subscriptions on it (site, sub id).
     pub subs: FxSet<super::SubKey>,
     /// Version of its last part.
@@ -282,12 +281,6 @@ impl Filters {
             .is_some_and(|r| self.get(f).rows.contains(&r))
     }
 
-    /// Whether `row` matches filter `f` (with its current membership sets).
-    pub fn matches(&self, f: FilterId, row: &[Value]) -> bool {
-        let x = self.get(f);
-        x.pred.eval(row, &x.params, &x.ms).is_true()
-    }
-
     fn alloc(&mut self, f: Filter) -> FilterId {
         match self.free.pop() {
             Some(id) => {
@@ -403,7 +396,6 @@ impl Filters {
             rows: FxSet::default(),
             kind: Kind::View(ViewData {
                 key: q.key.clone(),
-                q: q.clone(),
                 subs: FxSet::default(),
                 last_part: version,
                 idle_since: Some(Instant::now()),
@@ -698,19 +690,19 @@ impl Filters {
     /// The filters a changed row may touch.
     fn candidates(&self, row: &ChangedRow, out: &mut Vec<FilterId>) {
         out.clear();
-        if let Some(after) = &row.after {
-            if let Some(probes) = self.probes.get(&row.table) {
-                for (col, aff, _) in probes {
-                    let Some(key) = membership_probe_key(&after[*col], *aff) else {
-                        continue;
-                    };
-                    if let Some(fs) = self
-                        .eq
-                        .get(&(row.table, *col, *aff))
-                        .and_then(|m| m.get(&key))
-                    {
-                        out.extend(fs.iter().copied());
-                    }
+        if let Some(after) = &row.after
+            && let Some(probes) = self.probes.get(&row.table)
+        {
+            for (col, aff, _) in probes {
+                let Some(key) = membership_probe_key(&after[*col], *aff) else {
+                    continue;
+                };
+                if let Some(fs) = self
+                    .eq
+                    .get(&(row.table, *col, *aff))
+                    .and_then(|m| m.get(&key))
+                {
+                    out.extend(fs.iter().copied());
                 }
             }
         }

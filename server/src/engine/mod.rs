@@ -170,6 +170,8 @@ pub(crate) enum Cmd {
         epoch: u64,
         version: i64,
         held: Arc<PkSet>,
+        /// The last chunk's text (queued by the engine).
+        last: String,
     },
     SyncAbandoned {
         sub: SubKey,
@@ -408,7 +410,8 @@ impl Engine {
                 epoch,
                 version,
                 held,
-            } => self.sync_done(sub, epoch, version, held),
+                last,
+            } => self.sync_done(sub, epoch, version, held, last),
             Cmd::SyncAbandoned { sub, epoch } => self.sync_abandoned(sub, epoch),
             Cmd::Drained { conn } => self.drained(conn),
             Cmd::Write(_) | Cmd::Shutdown { .. } => unreachable!("handled by the loop"),
@@ -418,18 +421,18 @@ impl Engine {
     /// Loads (or creates, binding it to `who`) the peer of a site.
     fn bind_peer(&mut self, who: &Who, site: SiteId) -> Result<i64, ApiError> {
         let internal = |e: rusqlite::Error| ApiError::new(ErrorCode::Internal, e.to_string());
-        if !self.peers.contains_key(&site) {
-            if let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)? {
-                self.peers.insert(
-                    site,
-                    Peer {
-                        subject: row.subject,
-                        tenant: row.tenant,
-                        claims: row.claims.unwrap_or_else(|| "{}".into()),
-                        pushed_version: row.pushed_version,
-                    },
-                );
-            }
+        if !self.peers.contains_key(&site)
+            && let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)?
+        {
+            self.peers.insert(
+                site,
+                Peer {
+                    subject: row.subject,
+                    tenant: row.tenant,
+                    claims: row.claims.unwrap_or_else(|| "{}".into()),
+                    pushed_version: row.pushed_version,
+                },
+            );
         }
         let claims = who.ident_key.to_string();
         let tenant = who.principal.tenant.clone();

@@ -28,6 +28,9 @@ use crate::reader::{Job, PullItem, SyncBase, SyncJob};
 use crate::service::{ApiError, OutFrame};
 use crate::store;
 
+/// Parts of one version per connection: (subscription id, part).
+type PerConn = FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>>;
+
 pub(crate) struct Conn {
     pub site: SiteId,
     pub who: Who,
@@ -72,6 +75,8 @@ pub(crate) struct Sub {
     pub view: FilterId,
     pub state: State,
     pub epoch: u64,
+    /// `epoch`, shared with the sync job in flight.
+    pub current: Arc<std::sync::atomic::AtomicU64>,
     /// Acknowledged cursor.
     pub acked: Option<i64>,
     /// Held at `acked`; None: derive it from the view (live since).
@@ -146,18 +151,18 @@ impl Sub {
         }
         let mut start: Option<(usize, &Arc<PkSet>)> = None;
         for (i, e) in self.inflight.iter().enumerate() {
-            if let Inflight::Sync { version, held } = e {
-                if *version <= v {
-                    start = Some((i, held));
-                }
+            if let Inflight::Sync { version, held } = e
+                && *version <= v
+            {
+                start = Some((i, held));
             }
         }
         let fwd = |from: usize, mut h: PkSet| {
             for e in self.inflight.iter().skip(from) {
-                if let Inflight::Part(p) = e {
-                    if p.version <= v {
-                        apply_fwd(&mut h, p);
-                    }
+                if let Inflight::Part(p) = e
+                    && p.version <= v
+                {
+                    apply_fwd(&mut h, p);
                 }
             }
             h
@@ -177,10 +182,10 @@ impl Sub {
                     apply_back(&mut h, p);
                 }
                 for e in self.inflight.iter().rev() {
-                    if let Inflight::Part(p) = e {
-                        if p.version > v {
-                            apply_back(&mut h, p);
-                        }
+                    if let Inflight::Part(p) = e
+                        && p.version > v
+                    {
+                        apply_back(&mut h, p);
                     }
                 }
                 Some(h)
@@ -309,16 +314,16 @@ impl Engine {
         }
         for id in c.subs {
             let key = (c.site, id);
-            if let Some(sub) = self.subs.subs.get_mut(&key) {
-                if sub.conn == Some(conn) {
-                    sub.materialize(&self.filters, None);
-                    sub.conn = None;
-                    sub.state = State::Detached {
-                        since: Instant::now(),
-                    };
-                    sub.dirty = true;
-                    sub.held_dirty = true;
-                }
+            if let Some(sub) = self.subs.subs.get_mut(&key)
+                && sub.conn == Some(conn)
+            {
+                sub.materialize(&self.filters, None);
+                sub.conn = None;
+                sub.state = State::Detached {
+                    since: Instant::now(),
+                };
+                sub.dirty = true;
+                sub.held_dirty = true;
             }
         }
         metrics::gauge!("tenantsync_connections").set(self.subs.conns.len() as f64);
@@ -428,15 +433,15 @@ impl Engine {
         // Where the sync starts.
         let (mode, base, acked, acked_set) = match existing {
             Some(old) => {
-                if let Some(oc) = old.conn {
-                    if oc != conn {
-                        if let Some(c) = self.subs.conns.get_mut(&oc) {
-                            c.subs.remove(&id);
-                        }
-                    }
+                if let Some(oc) = old.conn
+                    && oc != conn
+                    && let Some(c) = self.subs.conns.get_mut(&oc)
+                {
+                    c.subs.remove(&id);
                 }
                 self.leave_view(&key, old.view);
-                let r = match cursor {
+
+                match cursor {
                     Some(cur) if old.query == query => {
                         match old.held_at(cur, &self.filters, None) {
                             Some(h) => {
@@ -480,8 +485,7 @@ impl Engine {
                         None,
                         Some(Arc::default()),
                     ),
-                };
-                r
+                }
             }
             None => {
                 self.add_tenant_sub(&who.tenant, 1);
@@ -532,6 +536,7 @@ impl Engine {
             view,
             state: State::Live,
             epoch: epoch0,
+            current: Arc::new(std::sync::atomic::AtomicU64::new(epoch0)),
             acked,
             acked_set,
             inflight: VecDeque::new(),
@@ -565,6 +570,8 @@ impl Engine {
             return;
         };
         sub.epoch += 1;
+        sub.current
+            .store(sub.epoch, std::sync::atomic::Ordering::Release);
         sub.state = State::Pending {
             base: base.clone(),
             buffer: Vec::new(),
@@ -585,6 +592,7 @@ impl Engine {
         let job = SyncJob {
             sub: key.clone(),
             epoch: sub.epoch,
+            current: sub.current.clone(),
             q: sub.q.clone(),
             base,
             outbox: conn.outbox.clone(),
@@ -745,7 +753,14 @@ impl Engine {
         }
     }
 
-    pub(super) fn sync_done(&mut self, key: SubKey, epoch: u64, version: i64, held: Arc<PkSet>) {
+    pub(super) fn sync_done(
+        &mut self,
+        key: SubKey,
+        epoch: u64,
+        version: i64,
+        held: Arc<PkSet>,
+        last: String,
+    ) {
         let now = self.version;
         let pending_parts = self.tuning.pending_parts;
         let Some(sub) = self.subs.subs.get_mut(&key) else {
@@ -764,6 +779,9 @@ impl Engine {
             return;
         };
         let _ = pending_parts;
+        if let Some(c) = sub.conn.and_then(|c| self.subs.conns.get(&c)) {
+            c.outbox.push_frame(OutFrame::Text(last));
+        }
         sub.inflight.push_back(Inflight::Sync {
             version,
             held: held.clone(),
@@ -771,6 +789,8 @@ impl Engine {
         sub.queued = sub.queued.max(version);
         sub.dirty = true;
         sub.held_dirty = true;
+        sub.span
+            .in_scope(|| tracing::debug!(version, rows = held.len(), "initial sync done"));
         let resume = SyncBase {
             cursor: Some(version),
             held: held.clone(),
@@ -925,7 +945,7 @@ impl Engine {
                 return;
             }
         };
-        let mut per_conn: FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>> = FxMap::default();
+        let mut per_conn: PerConn = FxMap::default();
         for (f, d) in drafts {
             let table = self.filters.get(f).table;
             let part = Arc::new(self.part_of(table, &d, &rows, &whole, version));
@@ -1099,7 +1119,7 @@ impl Engine {
         let keys: Vec<SubKey> = self.subs.subs.keys().cloned().collect();
         let mut changed_views: FxSet<FilterId> = FxSet::default();
         let mut moved = 0;
-        let mut per_conn: FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>> = FxMap::default();
+        let mut per_conn: PerConn = FxMap::default();
         for key in keys {
             let (old_view, q_new) = {
                 let sub = &self.subs.subs[&key];
@@ -1504,18 +1524,18 @@ impl Engine {
     }
 
     pub(super) fn report(&mut self, site: SiteId) -> Result<PeerReport, ApiError> {
-        if !self.peers.contains_key(&site) {
-            if let Ok(Some(row)) = store::load_peer(self.db.conn(), &site) {
-                self.peers.insert(
-                    site,
-                    super::Peer {
-                        subject: row.subject,
-                        tenant: row.tenant,
-                        claims: row.claims.unwrap_or_else(|| "{}".into()),
-                        pushed_version: row.pushed_version,
-                    },
-                );
-            }
+        if !self.peers.contains_key(&site)
+            && let Ok(Some(row)) = store::load_peer(self.db.conn(), &site)
+        {
+            self.peers.insert(
+                site,
+                super::Peer {
+                    subject: row.subject,
+                    tenant: row.tenant,
+                    claims: row.claims.unwrap_or_else(|| "{}".into()),
+                    pushed_version: row.pushed_version,
+                },
+            );
         }
         let Some(peer) = self.peers.get(&site) else {
             return Err(ApiError::new(

@@ -180,20 +180,20 @@ impl Engine {
         for w in &group {
             let mut m = FxMap::default();
             let mut err = None;
-            if let Write::Push(p) = w {
-                if !p.who.principal.service {
-                    let tables: FxSet<u16> = p
-                        .changes
-                        .iter()
-                        .filter_map(|c| self.schema.table(&c.table).map(|t| t.id))
-                        .collect();
-                    for t in tables {
-                        match self.plan_for(&p.who, t) {
-                            Ok(e) => {
-                                m.insert(t, e);
-                            }
-                            Err(e) => err = Some(e),
+            if let Write::Push(p) = w
+                && !p.who.principal.service
+            {
+                let tables: FxSet<u16> = p
+                    .changes
+                    .iter()
+                    .filter_map(|c| self.schema.table(&c.table).map(|t| t.id))
+                    .collect();
+                for t in tables {
+                    match self.plan_for(&p.who, t) {
+                        Ok(e) => {
+                            m.insert(t, e);
                         }
+                        Err(e) => err = Some(e),
                     }
                 }
             }
@@ -460,7 +460,7 @@ impl Engine {
                     .filter(|(i, _)| !(before[*i].is_none() && after[*i].is_none()))
                     .map(|(i, _)| i)
                     .collect();
-                let pairs: Vec<(Option<&[Value]>, Option<&[Value]>)> = idx
+                let pairs: Vec<tenantsync_policy::RowChange<'_>> = idx
                     .iter()
                     .map(|&i| (before[i].as_deref(), after[i].as_deref()))
                     .collect();
@@ -493,12 +493,9 @@ impl Engine {
                 if let Err(e) = self.db.rollback_to(sp) {
                     return Outcome::Error(internal(e));
                 }
-                let new_pv = pv.max(p.to);
-                if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
-                    return Outcome::Error(internal(e));
-                }
-                pending_pv.insert(p.site, new_pv);
-                return match self.refusal(p, &rows, refused, new_pv) {
+                // Not held: pushed_version stays (docs/PROTOCOL.md §7), so a
+                // peer that lost this answer resends and is refused again.
+                return match self.refusal(p, &rows, refused, pv) {
                     Ok(r) => Outcome::Refused(Box::new(r)),
                     Err(e) => Outcome::Error(e),
                 };

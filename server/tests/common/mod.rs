@@ -123,6 +123,8 @@ pub struct Replica {
     /// Every row key any message ever delivered to this replica.
     pub ever: BTreeSet<(String, PackedPk)>,
     pub auto_ack: bool,
+    /// Every frame and local statement, for failure messages.
+    pub trace: Vec<String>,
 }
 
 impl Replica {
@@ -148,6 +150,7 @@ impl Replica {
             next_push: 0,
             ever: BTreeSet::new(),
             auto_ack: true,
+            trace: Vec::new(),
         }
     }
 
@@ -163,7 +166,10 @@ impl Replica {
             .await
             .expect("welcome");
         match f {
-            ServerMsg::Welcome { peer, .. } => self.pushed_version = peer.pushed_version,
+            ServerMsg::Welcome { peer, .. } => {
+                self.pushed_version = peer.pushed_version;
+                self.evict_unheld_with(true);
+            }
             other => panic!("expected welcome, got {other:?}"),
         }
         for s in self.subs.values_mut() {
@@ -245,6 +251,7 @@ impl Replica {
     }
 
     async fn on_message(&mut self, m: ServerMsg) {
+        self.trace.push(format!("{m:?}"));
         match m {
             ServerMsg::Subscribed { ref id, .. } => {
                 let s = self.subs.entry(id.clone()).or_default();
@@ -282,6 +289,9 @@ impl Replica {
             }
             ServerMsg::PushOk { pushed_version, .. } => {
                 self.pushed_version = self.pushed_version.max(pushed_version);
+                // What was pushed is safe on the server: rows no
+                // subscription holds can go.
+                self.evict_unheld_with(true);
                 self.log.push(m);
             }
             other => self.log.push(other),
@@ -315,7 +325,14 @@ impl Replica {
         let mut version = 0;
         let mut reset = false;
         let mut all = Vec::new();
+        let final_version = match chunks.last() {
+            Some(ServerMsg::Snapshot { version, .. }) => *version,
+            _ => 0,
+        };
         for c in chunks {
+            if !matches!(c, ServerMsg::Snapshot { version, .. } if version == final_version) {
+                continue;
+            }
             let ServerMsg::Snapshot {
                 version: v,
                 reset: r,
@@ -370,7 +387,9 @@ impl Replica {
         let mut touched = BTreeSet::new();
         let mut applied = Vec::new();
         let mut all_changes = Vec::new();
-        let mut plan: Vec<(String, BTreeSet<(String, PackedPk)>, Vec<RowKey>)> = Vec::new();
+        // (subscription, rows with changes, evicted rows)
+        type Plan = Vec<(String, BTreeSet<(String, PackedPk)>, Vec<RowKey>)>;
+        let mut plan: Plan = Vec::new();
         for (id, ps) in parts {
             let Some(s) = self.subs.get(&id) else {
                 continue;
@@ -427,8 +446,18 @@ impl Replica {
         }
     }
 
-    /// Removes (without a delete) rows that no subscription holds.
-    fn evict_unheld(&mut self) {
+    /// Removes (without a delete) rows that no subscription holds; a row
+    /// deleted here (locally, or by a merged delete) is held by none. Rows
+    /// with local changes not yet pushed stay (a real client quarantines
+    /// them first); rows never delivered stay unless `local_too` (after a
+    /// push answer: what was written here is on the server now).
+    fn evict_unheld_with(&mut self, local_too: bool) {
+        let all: BTreeSet<(String, PackedPk)> = self
+            .subs
+            .values()
+            .flat_map(|s| s.held.iter().cloned())
+            .collect();
+        self.drop_deleted(&all);
         let held: BTreeSet<(String, PackedPk)> = self
             .subs
             .values()
@@ -439,11 +468,28 @@ impl Replica {
             let gone: Vec<PackedPk> = pks
                 .into_iter()
                 .filter(|pk| !held.contains(&(table.to_owned(), pk.clone())))
+                .filter(|pk| local_too || self.ever.contains(&(table.to_owned(), pk.clone())))
+                .filter(|pk| {
+                    self.db
+                        .changes(&ChangesQuery {
+                            since: self.pushed_version,
+                            table: Some(table.to_owned()),
+                            pks: Some(vec![pk.clone()]),
+                            site: SiteFilter::Only(self.site),
+                            ..ChangesQuery::default()
+                        })
+                        .unwrap()
+                        .is_empty()
+                })
                 .collect();
             if !gone.is_empty() {
                 self.db.evict(table, &gone).unwrap();
             }
         }
+    }
+
+    fn evict_unheld(&mut self) {
+        self.evict_unheld_with(false);
     }
 
     pub fn local_pks(&self, table: &str) -> Vec<PackedPk> {
@@ -499,7 +545,9 @@ impl Replica {
     }
 
     /// Runs SQL on the replica (local writes).
-    pub fn exec(&self, sql: &str) {
+    pub fn exec(&mut self, sql: &str) {
+        self.trace
+            .push(format!("exec {sql} at {}", self.db.db_version().unwrap()));
         self.db
             .conn()
             .execute_batch(sql)
@@ -523,6 +571,10 @@ impl Replica {
             .unwrap();
         self.next_push += 1;
         let id = format!("p{}", self.next_push);
+        self.trace.push(format!(
+            "push {id} ({}, {to}] {changes:?}",
+            self.pushed_version
+        ));
         self.send(ClientMsg::Push {
             id: id.clone(),
             from: self.pushed_version,
