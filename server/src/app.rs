@@ -15,7 +15,8 @@
 //!   `shutdown_timeout`; sockets still open after it are closed at once.
 //!   axum's graceful shutdown does not track upgraded connections, so the
 //!   WebSocket tasks run under a [`TaskTracker`].
-//! - [`reload_policy_file`]: SIGHUP's policy reload.
+//! - [`reload_policy_file`], [`Signals`]: SIGHUP's policy reload, SIGINT
+//!   and SIGTERM.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -299,25 +300,43 @@ pub(crate) fn log_refused_reload(source: &str, e: &ApiError) {
     }
 }
 
-/// Resolves at SIGINT or SIGTERM; calls `on_hangup` at every SIGHUP
-/// before that. For the binary.
+/// The process signals the server reacts to: SIGINT and SIGTERM stop it,
+/// SIGHUP reloads the policy file. Installed by [`Signals::install`] (before
+/// the address is announced, so no signal is missed); for the binary.
 #[cfg(unix)]
-pub async fn signals<F, Fut>(mut on_hangup: F) -> std::io::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM"); return Ok(()); }
-            _ = int.recv() => { tracing::info!("SIGINT"); return Ok(()); }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the policy file");
-                on_hangup().await;
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    /// Installs the handlers (inside a tokio runtime).
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves at SIGINT or SIGTERM; runs `on_hangup` at every SIGHUP
+    /// before that.
+    pub async fn stop<F, Fut>(mut self, mut on_hangup: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { tracing::info!("SIGTERM"); return; }
+                _ = self.int.recv() => { tracing::info!("SIGINT"); return; }
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the policy file");
+                    on_hangup().await;
+                }
             }
         }
     }

@@ -221,6 +221,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             return Err(anyhow::anyhow!("cannot listen on {}: {e}", settings.listen));
         }
     };
+    let signals = app::Signals::install().context("cannot install the signal handlers")?;
     let addr = server.local_addr()?;
     tracing::info!(%addr, db = %db.display(), alg = %settings.jwt.alg(), "serving");
     {
@@ -239,10 +240,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 let _ = app::reload_policy_file(&service, &path).await;
             }
         };
-        if let Err(e) = app::signals(reload).await {
-            tracing::error!("cannot listen for signals: {e}; stop the server with SIGKILL");
-            std::future::pending::<()>().await;
-        }
+        signals.stop(reload).await;
     };
     server.run(signal).await;
     Ok(())
