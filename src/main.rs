@@ -1,7 +1,8 @@
 //! The `tenantsync` command-line tool.
 //!
 //! Module map:
-//! - `cmd`: one module per subcommand: [`cmd::sql`] is `tenantsync sql
+//! - `cmd`: one module per subcommand: [`cmd::demo`] is `tenantsync demo`
+//!   (the whole system, verified; docs/CLI.md); [`cmd::sql`] is `tenantsync sql
 //!   <DB_PATH> <SQL>` (contract: docs/CLI.md); [`cmd::policy`] is
 //!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md);
 //!   [`cmd::replica`] is `tenantsync replica sync` (one round of sync over
@@ -26,6 +27,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole system in one command: a server, tenants with live clients
+    /// over WebSockets writing, moving rows, going offline; then every
+    /// replica verified against its policies (docs/CLI.md).
+    Demo(cmd::demo::DemoArgs),
     /// Run SQL against a database with the tenantsync core loaded; print the
     /// rows of the last query as JSON arrays, one per line (docs/CLI.md).
     Sql(cmd::sql::SqlArgs),
@@ -45,6 +50,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Sql(args) => match cmd::sql::run(args, &mut std::io::stdout().lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

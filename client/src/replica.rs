@@ -1000,6 +1000,16 @@ impl Replica {
                 r.drop_held_everywhere(row)?;
                 removed_rows.push(row.clone());
             }
+            // Restored rows that no subscription holds (the peer may read
+            // them, but none of its subscriptions asked for them: a row the
+            // push moved out of its subscriptions, or one it wrote without
+            // holding it) do not stay: a replica holds what its
+            // subscriptions hold. Their local changes are in quarantine.
+            for row in state.keys() {
+                if !r.held_by_any(row)? && !removed_rows.contains(row) {
+                    removed_rows.push(row.clone());
+                }
+            }
             let mut removed = 0;
             for (table, pks) in group_by_table(removed_rows.iter()) {
                 r.conn.evict(&table, &pks)?;

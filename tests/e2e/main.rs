@@ -33,13 +33,17 @@ struct Serve {
 
 impl Serve {
     fn start(db: &Path, listen: &str) -> Serve {
+        Serve::start_with_policy(db, listen, &examples("policy.sql"))
+    }
+
+    fn start_with_policy(db: &Path, listen: &str, policy: &Path) -> Serve {
         let mut child = Command::new(bin())
             .args(["serve", "--db"])
             .arg(db)
             .arg("--schema")
             .arg(examples("schema.sql"))
             .arg("--policy")
-            .arg(examples("policy.sql"))
+            .arg(policy)
             .args([
                 "--listen",
                 listen,
@@ -506,3 +510,5 @@ fn replica_sync_from_a_shell_serve_token_sync_sql() {
     );
     serve.stop();
 }
+
+mod isolation;
