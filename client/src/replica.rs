@@ -981,12 +981,18 @@ impl Replica {
                 hi = hi.max(stats.max_db_version);
                 restored += pks.len();
             }
+            let mut removed_rows: Vec<Row> = Vec::new();
             for (row, changes) in &state {
                 if changes.iter().map(|c| c.cl).max().unwrap_or(0) % 2 == 0 {
                     r.drop_held_everywhere(row)?;
+                } else if r.holders(row)?.is_empty() {
+                    // A row the peer may read but none of its subscriptions
+                    // holds (it only had it because it wrote it): restored,
+                    // it would stay forever without updates. Removed, as an
+                    // eviction (issue 6, found by the isolation oracle).
+                    removed_rows.push(row.clone());
                 }
             }
-            let mut removed_rows: Vec<Row> = Vec::new();
             let mut refetch: BTreeSet<String> = BTreeSet::new();
             for row in &rows {
                 if state.contains_key(row) {
