@@ -981,12 +981,12 @@ impl Replica {
                 hi = hi.max(stats.max_db_version);
                 restored += pks.len();
             }
+            let mut removed_rows: Vec<Row> = Vec::new();
             for (row, changes) in &state {
                 if changes.iter().map(|c| c.cl).max().unwrap_or(0) % 2 == 0 {
                     r.drop_held_everywhere(row)?;
                 }
             }
-            let mut removed_rows: Vec<Row> = Vec::new();
             let mut refetch: BTreeSet<String> = BTreeSet::new();
             for row in &rows {
                 if state.contains_key(row) {
@@ -1005,6 +1005,8 @@ impl Replica {
             // push moved out of its subscriptions, or one it wrote without
             // holding it) do not stay: a replica holds what its
             // subscriptions hold. Their local changes are in quarantine.
+            // (Found twice: by the demo's verifier and by the isolation
+            // oracle of issue 6.)
             for row in state.keys() {
                 if !r.held_by_any(row)? && !removed_rows.contains(row) {
                     removed_rows.push(row.clone());

@@ -783,6 +783,39 @@ fn a_refused_push_is_quarantined_and_the_rows_restored_to_the_servers_state() ->
     Ok(())
 }
 
+/// Regression (issue 6, the isolation oracle): a refused row that the peer
+/// may read but that none of its subscriptions holds was restored from the
+/// refusal's `state` and then stayed in the replica, never updated again.
+#[test]
+fn a_refused_row_no_subscription_holds_is_removed_not_restored() -> Result<()> {
+    let server = seeded()?;
+    server.exec("INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'theirs')")?;
+    let mut r = synced(&server)?;
+    r.conn().conn().execute(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'mine')",
+        [],
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    // The peer may read row 7 (it is in `state`), but its only
+    // subscription, `all`, never delivered it.
+    let refused = refusal(
+        batch.to,
+        vec![refused_row(7, "UPDATE")],
+        server.rows(&[7]),
+        vec![],
+    );
+    let report = r.push_refused(&batch, &refused)?;
+    assert_eq!((report.restored, report.removed), (1, 1));
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(server.version()))],
+    );
+    assert_eq!(r.quarantine()?.len(), batch.changes.len());
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
 #[test]
 fn rows_of_a_refused_push_the_server_did_not_describe_are_fetched_again() -> Result<()> {
     let server = seeded()?;

@@ -425,6 +425,42 @@ fn apply_schema(db: &CrrConnection, sql: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why a change is not one cr-sqlite emits (docs/TESTING.md, "Fuzzing":
+/// ill-formed changes merge, but not idempotently, so a server refuses
+/// them): a causal length below 1, a column change of a deleted row (even
+/// `cl`), a sentinel whose `col_version` is not its causal length or whose
+/// value is not NULL, a column version below 1, a negative `seq`.
+fn ill_formed(c: &Change) -> Option<String> {
+    if c.cl < 1 {
+        return Some(format!("its causal length {} is below 1", c.cl));
+    }
+    if c.seq < 0 {
+        return Some(format!("its seq {} is negative", c.seq));
+    }
+    if c.is_sentinel() {
+        if c.col_version != c.cl {
+            return Some(format!(
+                "a sentinel's col_version ({}) must equal its causal length ({})",
+                c.col_version, c.cl
+            ));
+        }
+        if c.val != tenantsync_types::Value::Null {
+            return Some("a sentinel's value must be null".into());
+        }
+    } else {
+        if c.cl % 2 == 0 {
+            return Some(format!(
+                "a column change must have an odd causal length (a live row), not {}",
+                c.cl
+            ));
+        }
+        if c.col_version < 1 {
+            return Some(format!("its col_version {} is below 1", c.col_version));
+        }
+    }
+    None
+}
+
 /// Cheap checks of a push before it reaches the engine.
 pub(crate) fn validate_push(
     schema: &ServerSchema,
@@ -465,6 +501,12 @@ pub(crate) fn validate_push(
             return Err(bad(format!(
                 "change {i}: table {:?} has no column {:?}",
                 c.table, c.cid
+            )));
+        }
+        if let Some(why) = ill_formed(c) {
+            return Err(bad(format!(
+                "change {i} ({:?}, pk {}, column {:?}) is not a change cr-sqlite emits: {why}",
+                c.table, c.pk, c.cid
             )));
         }
         match c.pk.unpack() {
@@ -1066,6 +1108,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::split_sql;
+    use tenantsync_core::Change;
 
     #[test]
     fn scripts_split_into_statements() {
@@ -1081,5 +1124,52 @@ mod tests {
                 "SELECT crsql_as_crr('t')",
             ]
         );
+    }
+
+    /// Regression (issue 6): ill-formed changes merge in cr-sqlite 0.16, but
+    /// not idempotently, so a push carrying one is refused before the
+    /// engine (docs/TESTING.md, "Fuzzing").
+    #[test]
+    fn ill_formed_changes_are_named() {
+        fn change(cid: &str, val: tenantsync_types::Value, col_version: i64, cl: i64) -> Change {
+            Change {
+                table: "t".into(),
+                pk: tenantsync_core::PackedPk::pack(&[tenantsync_types::Value::Integer(1)])
+                    .unwrap(),
+                cid: cid.into(),
+                val,
+                col_version,
+                db_version: 1,
+                site_id: tenantsync_core::SiteId([1; 16]),
+                cl,
+                seq: 0,
+            }
+        }
+        use tenantsync_types::Value::{Integer, Null};
+        let check = |c: Change, expected: Option<&str>| {
+            let got = super::ill_formed(&c);
+            match expected {
+                None => assert_eq!(got, None, "{c:?}"),
+                Some(e) => assert!(got.as_deref().unwrap_or("").contains(e), "{c:?}: {got:?}"),
+            }
+        };
+        check(change("a", Integer(5), 1, 1), None);
+        check(change("a", Integer(5), 4, 3), None);
+        check(change("-1", Null, 1, 1), None);
+        check(change("-1", Null, 2, 2), None);
+        check(change("a", Integer(5), 1, 2), Some("odd causal length"));
+        check(
+            change("a", Integer(5), 0, 1),
+            Some("col_version 0 is below 1"),
+        );
+        check(
+            change("-1", Null, 3, 1),
+            Some("must equal its causal length"),
+        );
+        check(change("-1", Integer(1), 1, 1), Some("value must be null"));
+        check(change("-1", Null, 0, 0), Some("causal length 0 is below 1"));
+        let mut neg = change("a", Integer(5), 1, 1);
+        neg.seq = -1;
+        check(neg, Some("seq -1 is negative"));
     }
 }
