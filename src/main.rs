@@ -3,7 +3,9 @@
 //! Module map:
 //! - `cmd`: one module per subcommand: [`cmd::sql`] is `tenantsync sql
 //!   <DB_PATH> <SQL>` (contract: docs/CLI.md); [`cmd::policy`] is
-//!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md).
+//!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md);
+//!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
+//!   protocol docs/PROTOCOL.md).
 
 use std::process::ExitCode;
 
@@ -27,6 +29,8 @@ enum Command {
     /// Row-level-security policy files: check, explain, diff (docs/POLICY.md).
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// Run the sync server: HTTP + WebSocket (docs/CLI.md, docs/PROTOCOL.md).
+    Serve(Box<cmd::serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -47,5 +51,6 @@ fn main() -> ExitCode {
             );
             ExitCode::from(code)
         }
+        Command::Serve(args) => cmd::serve::run(args),
     }
 }

@@ -22,16 +22,32 @@
 //! - `schema`: the schema as the engine and the policy engine see it.
 //! - `fair`: per-tenant round-robin queues.
 //! - `bench` (hidden): hooks for the criterion benchmarks.
+//! - The edge (tokio side), which never touches SQLite:
+//!   - [`auth`]: bearer JWT verification ([`auth::Authenticator`]) into a
+//!     [`Principal`].
+//!   - [`config`]: the server's [`config::Config`] (TOML file, environment,
+//!     flags), validated into [`config::Settings`].
+//!   - [`app`]: [`app::AppState`], the [`app::router`] of PROTOCOL.md §8,
+//!     [`app::Server`] (serve and the shutdown sequence), SIGHUP's policy
+//!     reload.
+//!   - [`http`]: the HTTP handlers, their extractors and error answers.
+//!   - [`ws`]: the WebSocket session (hello, then the reader, outbox pump and
+//!     pinger loops), generic over `Sink`/`Stream`.
 
+pub mod app;
+pub mod auth;
 #[doc(hidden)]
 pub mod bench;
+pub mod config;
 mod engine;
 mod fair;
+pub mod http;
 mod outbox;
 mod reader;
 mod schema;
 pub mod service;
 mod store;
+pub mod ws;
 
 const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 

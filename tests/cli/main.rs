@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+mod serve;
+
 /// A scratch directory holding one database file.
 struct Scratch {
     _dir: TempDir,

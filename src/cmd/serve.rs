@@ -1,0 +1,247 @@
+//! `tenantsync serve`: runs the sync server (docs/CLI.md, "tenantsync
+//! serve"; the protocol is docs/PROTOCOL.md).
+//!
+//! Reads the configuration (flags > `TENANTSYNC_*` environment > the
+//! `--config` file > defaults), installs the tracing subscriber and the
+//! Prometheus recorder (this binary is the only place that does), starts the
+//! service (refusing an invalid policy file with every diagnostic), binds,
+//! prints `listening on http://<addr>` and serves until SIGINT or SIGTERM.
+//! SIGHUP re-reads the policy file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tenantsync_server::app::{self, AppState, Server};
+use tenantsync_server::auth::{Authenticator, JwtAlg};
+use tenantsync_server::config::{self, Config, LimitsConfig};
+use tenantsync_server::{SyncService, Synchronous};
+
+/// `tenantsync serve` flags. Every flag can also be set in the config file
+/// or the environment (config.example.toml lists every key).
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// A TOML config file (every key: config.example.toml) [env: TENANTSYNC_CONFIG]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The server database, created if missing [env: TENANTSYNC_DB]
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// The schema script, applied idempotently at start [env: TENANTSYNC_SCHEMA]
+    #[arg(long, value_name = "FILE")]
+    pub schema: Option<PathBuf>,
+    /// The policy file; SIGHUP re-reads it [env: TENANTSYNC_POLICY]
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// ip:port to listen on, port 0 for any free one [default: 127.0.0.1:8080] [env: TENANTSYNC_LISTEN]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// HS256 secret for bearer tokens (prefer the environment variable) [env: TENANTSYNC_JWT_SECRET]
+    #[arg(long, value_name = "SECRET")]
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS256 or EdDSA tokens (with --jwt-alg) [env: TENANTSYNC_JWT_PUBLIC_KEY]
+    #[arg(long, value_name = "PEM_FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// The one token algorithm accepted: hs256, rs256, eddsa [env: TENANTSYNC_JWT_ALG]
+    #[arg(long, value_name = "ALG", value_parser = parse_alg)]
+    pub jwt_alg: Option<JwtAlg>,
+    /// The claim naming the tenant [default: tenant_id] [env: TENANTSYNC_TENANT_CLAIM]
+    #[arg(long, value_name = "CLAIM")]
+    pub tenant_claim: Option<String>,
+    /// Reader threads for initial syncs and pulls [default: 2] [env: TENANTSYNC_READERS]
+    #[arg(long, value_name = "N")]
+    pub readers: Option<usize>,
+    /// SQLite synchronous: full or normal [default: full] [env: TENANTSYNC_SYNCHRONOUS]
+    #[arg(long, value_name = "MODE", value_parser = parse_synchronous)]
+    pub synchronous: Option<Synchronous>,
+    /// Largest WebSocket message or HTTP body [default: 4194304] [env: TENANTSYNC_LIMITS_MAX_MESSAGE_BYTES]
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest pull answer [default: 67108864] [env: TENANTSYNC_LIMITS_MAX_PULL_BYTES]
+    #[arg(long, value_name = "BYTES")]
+    pub max_pull_bytes: Option<usize>,
+    /// Subscriptions per connection [default: 100] [env: TENANTSYNC_LIMITS_MAX_SUBSCRIPTIONS_PER_CONNECTION]
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Subscriptions per tenant [default: 100000] [env: TENANTSYNC_LIMITS_MAX_SUBSCRIPTIONS_PER_TENANT]
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions_per_tenant: Option<usize>,
+    /// WebSocket connections per tenant [default: 10000] [env: TENANTSYNC_LIMITS_MAX_CONNECTIONS_PER_TENANT]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_tenant: Option<usize>,
+    /// WebSocket connections in all [default: 100000] [env: TENANTSYNC_LIMITS_MAX_CONNECTIONS]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Pushes per second per tenant [default: 2000] [env: TENANTSYNC_LIMITS_PUSH_RATE_PER_TENANT]
+    #[arg(long, value_name = "RATE")]
+    pub push_rate_per_tenant: Option<f64>,
+    /// Pushes per tenant in a burst [default: 4000] [env: TENANTSYNC_LIMITS_PUSH_BURST_PER_TENANT]
+    #[arg(long, value_name = "N")]
+    pub push_burst_per_tenant: Option<f64>,
+}
+
+fn parse_alg(s: &str) -> Result<JwtAlg, String> {
+    s.parse()
+}
+
+fn parse_synchronous(s: &str) -> Result<Synchronous, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "full" => Ok(Synchronous::Full),
+        "normal" => Ok(Synchronous::Normal),
+        _ => Err(format!("expected full or normal, got `{s}`")),
+    }
+}
+
+impl ServeArgs {
+    /// The command line's layer of the configuration.
+    fn layer(&self) -> Config {
+        let mut c = Config {
+            db: self.db.clone(),
+            schema: self.schema.clone(),
+            policy: self.policy.clone(),
+            listen: self.listen.clone(),
+            tenant_claim: self.tenant_claim.clone(),
+            readers: self.readers,
+            synchronous: self.synchronous,
+            limits: LimitsConfig {
+                max_message_bytes: self.max_message_bytes,
+                max_pull_bytes: self.max_pull_bytes,
+                max_subscriptions_per_connection: self.max_subscriptions_per_connection,
+                max_subscriptions_per_tenant: self.max_subscriptions_per_tenant,
+                max_connections_per_tenant: self.max_connections_per_tenant,
+                max_connections: self.max_connections,
+                push_rate_per_tenant: self.push_rate_per_tenant,
+                push_burst_per_tenant: self.push_burst_per_tenant,
+                ..LimitsConfig::default()
+            },
+            ..Config::default()
+        };
+        c.jwt.secret = self.jwt_secret.clone();
+        c.jwt.public_key = self.jwt_public_key.clone();
+        c.jwt.alg = self.jwt_alg;
+        c
+    }
+}
+
+/// Runs the server; the exit code is 0 after a clean shutdown, 1 when it
+/// could not start.
+pub fn run(args: &ServeArgs) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tenantsync-edge")
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("TENANTSYNC_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    const SECONDS: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("cannot install the Prometheus recorder")
+}
+
+/// The configuration from every layer.
+fn settings(args: &ServeArgs) -> anyhow::Result<config::Settings> {
+    let file_path = args
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("TENANTSYNC_CONFIG").map(PathBuf::from));
+    let file = match &file_path {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    let (env, unknown) = Config::from_env(std::env::vars())?;
+    for var in unknown {
+        tracing::warn!("{var} is not a configuration variable (see config.example.toml); ignored");
+    }
+    Ok(file.overlay(env).overlay(args.layer()).resolve()?)
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = settings(args)?;
+    let handle = install_metrics()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let auth = Authenticator::new(&settings.jwt).context("the token key")?;
+
+    let service_config = settings.service.clone();
+    let db = service_config.db_path.clone();
+    let service = tokio::task::spawn_blocking(move || SyncService::start(service_config))
+        .await
+        .context("the service start panicked")?
+        .with_context(|| format!("cannot start the server on {}", db.display()))?;
+
+    let render: app::MetricsRender = Arc::new(move || handle.render());
+    let state = AppState::new(service.clone(), auth, settings.edge.clone(), Some(render));
+    let server = match Server::bind(settings.listen, state).await {
+        Ok(s) => s,
+        Err(e) => {
+            service.shutdown(settings.edge.shutdown_timeout).await;
+            return Err(anyhow::anyhow!("cannot listen on {}: {e}", settings.listen));
+        }
+    };
+    let signals = app::Signals::install().context("cannot install the signal handlers")?;
+    let addr = server.local_addr()?;
+    tracing::info!(%addr, db = %db.display(), alg = %settings.jwt.alg(), "serving");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+    }
+
+    let policy_path = settings.policy_path.clone();
+    let signal = async move {
+        let reload = || {
+            let service = service.clone();
+            let path = policy_path.clone();
+            async move {
+                // Failures are logged by the reload, with every diagnostic.
+                let _ = app::reload_policy_file(&service, &path).await;
+            }
+        };
+        signals.stop(reload).await;
+    };
+    server.run(signal).await;
+    Ok(())
+}
