@@ -4,6 +4,9 @@
 //! - `cmd`: one module per subcommand: [`cmd::sql`] is `tenantsync sql
 //!   <DB_PATH> <SQL>` (contract: docs/CLI.md); [`cmd::policy`] is
 //!   `tenantsync policy check|explain|diff` (contract: docs/POLICY.md);
+//!   [`cmd::replica`] is `tenantsync replica sync` (one round of sync over
+//!   HTTP) and [`cmd::token`] is `tenantsync token` (an HS256 test token),
+//!   both in docs/CLI.md;
 //!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
 //!   protocol docs/PROTOCOL.md).
 
@@ -29,6 +32,12 @@ enum Command {
     /// Row-level-security policy files: check, explain, diff (docs/POLICY.md).
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCommand),
+    /// A local partial replica of a server: `replica sync` runs one round of
+    /// push and pull over HTTP (docs/CLI.md).
+    #[command(subcommand)]
+    Replica(cmd::replica::ReplicaCommand),
+    /// Mint an HS256 test token (for trying a server from a shell; docs/CLI.md).
+    Token(cmd::token::TokenArgs),
     /// Run the sync server: HTTP + WebSocket (docs/CLI.md, docs/PROTOCOL.md).
     Serve(Box<cmd::serve::ServeArgs>),
 }
@@ -51,6 +60,16 @@ fn main() -> ExitCode {
             );
             ExitCode::from(code)
         }
+        Command::Replica(c) => ExitCode::from(cmd::replica::run(
+            c,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )),
+        Command::Token(args) => ExitCode::from(cmd::token::run(
+            args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )),
         Command::Serve(args) => cmd::serve::run(args),
     }
 }

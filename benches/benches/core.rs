@@ -3,81 +3,32 @@
 //!
 //! - `insert_100k/{plain,crr}_{2,4}col`: 100k rows inserted with one prepared
 //!   statement in one transaction, into a plain table and into a CRR (the
-//!   ratio of the two medians is the write-tracking cost);
+//!   ratio of the two medians is the write-tracking cost), in memory;
+//! - `insert_100k/sql_trigger_{2,4}col`: the same rows into a plain table
+//!   whose AFTER INSERT trigger, in plain SQL with constant values, writes
+//!   what the core writes for a new row (one clock row keyed by the id, one
+//!   `(db_version, id)` row in a WITHOUT ROWID table): the floor any
+//!   trigger-based tracker with this layout pays (docs/arch/core.md,
+//!   "Write tracking");
+//! - `insert_100k_wal/{plain,sql_trigger,crr}_2col`: the same three on a WAL
+//!   file with synchronous=NORMAL (what the server runs);
 //! - `insert_1row_tx/{plain,crr}`: 1000 single-row transactions on a WAL file;
 //! - `changes_since_0/{typed,sql}_{2,4}col`: reading every change of 100k rows;
 //! - `apply/{typed,sql}_{2,4}col`: merging those changes into a fresh database.
 //!
-//! Data is seeded (no randomness between runs).
+//! Data is seeded (no randomness between runs); the fixtures are in
+//! `benches/src/lib.rs`. For instruction counts of each configuration under
+//! callgrind, see `benches/examples/insert_profile.rs`.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rusqlite::params;
+use tenantsync_benches::{Db, SHAPES, Shape, Tracking, insert_rows, text};
 use tenantsync_core::{Change, CrrConnection};
 
 const ROWS: i64 = 100_000;
-
-/// Deterministic pseudo-random text (a 64-bit LCG).
-fn text(i: i64) -> String {
-    let mut x = (i as u64)
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut s = String::with_capacity(24);
-    for _ in 0..16 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        s.push((b'a' + (x >> 59) as u8 % 26) as char);
-    }
-    s
-}
-
-struct Shape {
-    name: &'static str,
-    ddl: &'static str,
-    insert: &'static str,
-}
-
-const SHAPES: [Shape; 2] = [
-    Shape {
-        name: "2col",
-        ddl: "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER)",
-        insert: "INSERT INTO t VALUES (?1, ?2, ?3)",
-    },
-    Shape {
-        name: "4col",
-        ddl: "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER, c REAL, d BLOB)",
-        insert: "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)",
-    },
-];
-
-fn insert_rows(conn: &rusqlite::Connection, shape: &Shape, n: i64) {
-    conn.execute_batch("BEGIN").unwrap();
-    {
-        let mut stmt = conn.prepare(shape.insert).unwrap();
-        for i in 0..n {
-            if shape.name == "2col" {
-                stmt.execute(params![i, text(i), i * 7]).unwrap();
-            } else {
-                stmt.execute(params![
-                    i,
-                    text(i),
-                    i * 7,
-                    i as f64 * 0.5,
-                    text(i).into_bytes()
-                ])
-                .unwrap();
-            }
-        }
-    }
-    conn.execute_batch("COMMIT").unwrap();
-}
-
-fn plain(shape: &Shape) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open_in_memory().unwrap();
-    c.execute_batch(shape.ddl).unwrap();
-    c
-}
 
 fn crr(shape: &Shape) -> CrrConnection {
     let c = CrrConnection::open_in_memory().unwrap();
@@ -86,21 +37,47 @@ fn crr(shape: &Shape) -> CrrConnection {
     c
 }
 
+/// The three configurations the insert groups compare.
+const INSERTS: [Tracking; 3] = [Tracking::Plain, Tracking::SqlTrigger, Tracking::Crr];
+
 fn bench_insert(c: &mut Criterion) {
     let mut g = c.benchmark_group("insert_100k");
     g.sample_size(10).measurement_time(Duration::from_secs(20));
     g.throughput(Throughput::Elements(ROWS as u64));
     for shape in &SHAPES {
-        g.bench_function(format!("plain_{}", shape.name), |b| {
+        for tracking in INSERTS {
+            g.bench_function(format!("{}_{}", tracking.name(), shape.name), |b| {
+                b.iter_batched(
+                    || Db::new(tracking, shape, None),
+                    |db| insert_rows(db.conn(), shape, ROWS),
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
+/// The same inserts on WAL files (synchronous=NORMAL), as the server and
+/// the CLI open databases.
+fn bench_insert_wal(c: &mut Criterion) {
+    let shape = &SHAPES[0];
+    let mut g = c.benchmark_group("insert_100k_wal");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.throughput(Throughput::Elements(ROWS as u64));
+    let dir = tempfile::tempdir().unwrap();
+    let mut k = 0;
+    for tracking in INSERTS {
+        g.bench_function(format!("{}_{}", tracking.name(), shape.name), |b| {
             b.iter_batched(
-                || plain(shape),
-                |conn| insert_rows(&conn, shape, ROWS),
-                BatchSize::PerIteration,
-            )
-        });
-        g.bench_function(format!("crr_{}", shape.name), |b| {
-            b.iter_batched(
-                || crr(shape),
+                || {
+                    k += 1;
+                    Db::new(
+                        tracking,
+                        shape,
+                        Some(&dir.path().join(format!("db{k}.sqlite"))),
+                    )
+                },
                 |db| insert_rows(db.conn(), shape, ROWS),
                 BatchSize::PerIteration,
             )
@@ -251,6 +228,7 @@ fn bench_read_and_apply(c: &mut Criterion) {
 criterion_group!(
     benches,
     bench_insert,
+    bench_insert_wal,
     bench_single_row_tx,
     bench_read_and_apply
 );

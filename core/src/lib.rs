@@ -14,8 +14,8 @@
 //! - `read`: change reads over the db_version index.
 //! - `crr`: `crsql_as_crr`, backfill, begin/commit alter, eviction.
 //! - `schema`: CRR metadata, compatibility rules, DDL; [`Schema`].
-//! - `state`: per-connection engine state (db_version, seq, caches) and
-//!   the clock-record IO.
+//! - `state`: per-connection engine state (db_version, seq, caches), the
+//!   clock-record IO and the merge's base-row writes, on held statements.
 //! - `raw`: directly held prepared statements for the hot paths.
 //! - `clock`: the per-row clock record encoding.
 //! - [`pack`]: cr-sqlite's packed primary keys, [`PackedPk`].

@@ -104,7 +104,17 @@ pub(crate) struct RowMerge {
 impl RowMerge {
     /// Starts merging changes of the row `pk` (any encoding) of `t`.
     pub fn begin(st: &State, t: Arc<TableInfo>, pk: &[u8]) -> Result<RowMerge> {
-        let (mut canon, n) = canonicalize(pk).map_err(|e| Error::pk(&t.name, pk, e))?;
+        Self::begin_canonical(st, t, pk, canonicalize(pk))
+    }
+
+    /// [`RowMerge::begin`] with `canonicalize(pk)` already computed.
+    fn begin_canonical(
+        st: &State,
+        t: Arc<TableInfo>,
+        pk: &[u8],
+        canonical: Result<(Vec<u8>, usize), crate::pack::PkError>,
+    ) -> Result<RowMerge> {
+        let (mut canon, n) = canonical.map_err(|e| Error::pk(&t.name, pk, e))?;
         if n != t.pks.len() {
             return Err(Error::PkArity {
                 table: t.name.clone(),
@@ -162,7 +172,7 @@ impl RowMerge {
                 return self.sentinel_tie(sh, st, c);
             }
             self.pending = PendingRow::default();
-            self.exec_pk(st, &self.t.sql.row_delete)?;
+            st.delete_row(&self.t, &self.pk_vals)?;
             let sentinel = self.winner_clock(sh, st, c, c.col_version)?;
             self.clock.sentinel = Some(sentinel);
             self.clock.clear_cells();
@@ -363,43 +373,17 @@ impl RowMerge {
             .map(|mut vals| vals.swap_remove(col)))
     }
 
-    fn exec_pk(&self, st: &State, sql: &str) -> Result<()> {
-        let mut stmt = st.conn().prepare_cached(sql)?;
-        bind_pk(&mut stmt, &self.pk_vals, 0)?;
-        stmt.raw_execute()?;
-        Ok(())
-    }
-
     fn flush(&mut self, st: &mut State) -> Result<()> {
         let mut pending = std::mem::take(&mut self.pending);
         if !pending.cols.is_empty() {
-            // The SQL is cached by column set: bind in column order.
+            // The statement is prepared per column set: bind in column order.
             pending.cols.sort_by_key(|(i, _)| *i);
-            let idx: Vec<usize> = pending.cols.iter().map(|(i, _)| *i).collect();
-            let sql = st.upsert_sql(&self.t, &idx);
-            let mut stmt = st.conn().prepare_cached(&sql)?;
-            bind_pk(&mut stmt, &self.pk_vals, 0)?;
-            for (k, (_, v)) in pending.cols.iter().enumerate() {
-                stmt.raw_bind_parameter(self.pk_vals.len() + k + 1, v)?;
-            }
-            stmt.raw_execute()?;
+            st.upsert_row(&self.t, &self.pk_vals, &pending.cols)?;
         } else if pending.ensure {
-            self.exec_pk(st, &self.t.sql.row_insert_pk)?;
+            st.ensure_row(&self.t, &self.pk_vals)?;
         }
         Ok(())
     }
-}
-
-/// Binds primary-key values to parameters `offset+1..`.
-pub(crate) fn bind_pk(
-    stmt: &mut rusqlite::Statement<'_>,
-    vals: &[Value],
-    offset: usize,
-) -> Result<()> {
-    for (i, v) in vals.iter().enumerate() {
-        stmt.raw_bind_parameter(offset + i + 1, ToSqlOutput::Borrowed(v.as_value_ref()))?;
-    }
-    Ok(())
 }
 
 /// Binds borrowed primary-key values to parameters `1..`.
@@ -470,12 +454,17 @@ pub(crate) fn merge_batch<'a>(
         source: Box::new(e),
     };
     for (i, c) in changes.enumerate() {
+        // The canonical pk, when comparing needed it (reused to begin a row).
+        let mut canonical = None;
         let same_row = match &current {
             Some((m, raw, _, _)) => {
                 m.t.name == c.table
                     && (*raw == c.pk || {
                         // Same row in another encoding?
-                        matches!(canonicalize(c.pk), Ok((canon, _)) if canon == m.pk)
+                        let canon = canonicalize(c.pk);
+                        let same = matches!(&canon, Ok((k, _)) if *k == m.pk);
+                        canonical = Some(canon);
+                        same
                     })
             }
             None => false,
@@ -485,7 +474,8 @@ pub(crate) fn merge_batch<'a>(
                 m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
             }
             let t = st.table(c.table).map_err(|e| ctx(i, &c, e))?;
-            let m = RowMerge::begin(st, t, c.pk).map_err(|e| ctx(i, &c, e))?;
+            let canonical = canonical.unwrap_or_else(|| canonicalize(c.pk));
+            let m = RowMerge::begin_canonical(st, t, c.pk, canonical).map_err(|e| ctx(i, &c, e))?;
             stats.rows += 1;
             current = Some((m, c.pk, i, c));
         }
@@ -510,4 +500,47 @@ pub(crate) fn merge_batch<'a>(
 /// Unpacks a pk for binding (used by readers).
 pub(crate) fn pk_refs<'a>(t: &TableInfo, pk: &'a [u8]) -> Result<Vec<ValueRef<'a>>> {
     unpack_refs(pk).map_err(|e| Error::pk(&t.name, pk, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+
+    use super::*;
+
+    /// cr-sqlite's tie order (reference §3): `a` against `b`.
+    #[track_caller]
+    fn check(a: ValueRef<'_>, b: ValueRef<'_>, expected: Ordering) {
+        assert_eq!(compare_values(a, b), expected, "{a:?} vs {b:?}");
+        assert_eq!(compare_values(b, a), expected.reverse(), "{b:?} vs {a:?}");
+    }
+
+    #[test]
+    fn ties_rank_storage_classes_then_values() {
+        use ValueRef::{Blob, Integer, Null, Real, Text};
+        // Within a class: numeric, or bytewise with the shorter prefix lower.
+        check(Integer(5), Integer(3), Greater);
+        check(Integer(-1), Integer(i64::MIN), Greater);
+        check(Real(2.5), Real(-0.5), Greater);
+        check(Real(0.0), Real(-0.0), Equal);
+        check(Text(b"b"), Text(b"a"), Greater);
+        check(Text(b"a"), Text(b"B"), Greater);
+        check(Text("é".as_bytes()), Text(b"z"), Greater);
+        check(Text(b"ab"), Text(b"a"), Greater);
+        check(Blob(&[1, 2]), Blob(&[1]), Greater);
+        check(Blob(&[]), Blob(&[]), Equal);
+        check(Null, Null, Equal);
+        // Across classes: INTEGER > REAL > TEXT > BLOB > NULL, whatever the
+        // values (not SQLite's own order, where numbers sort below text).
+        check(Integer(1), Real(100.5), Greater);
+        check(Integer(1), Real(1.0), Greater);
+        check(Integer(i64::MIN), Text(b"zzz"), Greater);
+        check(Real(2.5), Text(b"a"), Greater);
+        check(Text(b"a"), Blob(&[0xff]), Greater);
+        check(Blob(&[0]), Null, Greater);
+        check(Integer(-5), Null, Greater);
+        check(Text(b""), Blob(&[0xff, 0xff]), Greater);
+        check(Null, Blob(&[]), Less);
+        check(Real(f64::MAX), Integer(i64::MIN), Less);
+    }
 }

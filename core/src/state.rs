@@ -155,6 +155,9 @@ pub(crate) struct SiteCache {
     /// Ordinals inserted by the current transaction: verified before reuse,
     /// since a `ROLLBACK TO` may have removed them.
     fresh: HashSet<i64>,
+    /// The last site id looked up and its ordinal (a batch of changes
+    /// usually comes from few sites).
+    last: Option<([u8; 16], usize, i64)>,
 }
 
 impl SiteCache {
@@ -162,6 +165,7 @@ impl SiteCache {
         self.by_ord.clear();
         self.by_blob.clear();
         self.fresh.clear();
+        self.last = None;
     }
 
     /// The ordinal of a site id, creating it when new. NULL/empty = 0;
@@ -178,9 +182,16 @@ impl SiteCache {
             // read the database's changes back (a `SiteId` is 16 bytes).
             return Err(Error::SiteIdTooShort { len: blob.len() });
         }
+        if let Some((bytes, len, ord)) = &self.last
+            && bytes[..*len] == *blob
+            && (self.fresh.is_empty() || !self.fresh.contains(ord))
+        {
+            return Ok(*ord);
+        }
         if let Some(&ord) = self.by_blob.get(blob)
             && !self.fresh.contains(&ord)
         {
+            self.remember(blob, ord);
             return Ok(ord);
         }
         let found: Option<i64> = conn
@@ -201,7 +212,14 @@ impl SiteCache {
         };
         self.by_blob.insert(blob.to_vec(), ord);
         self.by_ord.insert(ord, blob.to_vec());
+        self.remember(blob, ord);
         Ok(ord)
+    }
+
+    fn remember(&mut self, blob: &[u8], ord: i64) {
+        let mut bytes = [0u8; 16];
+        bytes[..blob.len()].copy_from_slice(blob);
+        self.last = Some((bytes, blob.len(), ord));
     }
 
     /// The site id blob of an ordinal.
@@ -231,10 +249,33 @@ pub(crate) struct State {
     db_version_sql: String,
     pub sites: SiteCache,
     pub stamping: MergeStamping,
-    upserts: HashMap<String, HashMap<u64, Arc<str>>>,
+    /// The table the last lookup by name found (the tracking triggers of a
+    /// bulk write name the same table row after row).
+    last_table: Option<Arc<TableInfo>>,
     /// Prepared statements by `TableInfo::id`; cleared on schema reload.
-    stmts: RefCell<HashMap<u64, TableStmts>>,
+    stmts: RefCell<HashMap<u64, TableStmts, BuildIdHasher>>,
 }
+
+/// Hashes the `u64` ids of [`TableInfo`] as themselves (they are unique
+/// counters), sparing a SipHash per statement lookup on the hot paths.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type BuildIdHasher = std::hash::BuildHasherDefault<IdHasher>;
 
 impl State {
     pub fn new(conn: Connection, stamping: MergeStamping) -> Self {
@@ -247,8 +288,8 @@ impl State {
             db_version_sql: String::new(),
             sites: SiteCache::default(),
             stamping,
-            upserts: HashMap::new(),
-            stmts: RefCell::new(HashMap::new()),
+            last_table: None,
+            stmts: RefCell::new(HashMap::default()),
         }
     }
 
@@ -273,6 +314,7 @@ impl State {
         self.data_version = -1;
         self.tables.clear();
         self.by_name.clear();
+        self.last_table = None;
     }
 
     /// Makes the caches current: re-reads the CRR list when the schema
@@ -338,15 +380,22 @@ impl State {
             parts.join(" UNION ALL ")
         );
         self.tables = tables.into_iter().map(Arc::new).collect();
-        self.upserts.clear();
+        self.last_table = None;
         self.stmts.borrow_mut().clear();
         Ok(())
     }
 
     /// The CRR with this name (re-reading the metadata once on a miss).
     pub fn table(&mut self, name: &str) -> Result<Arc<TableInfo>> {
+        if let Some(t) = &self.last_table
+            && t.name == name
+        {
+            return Ok(t.clone());
+        }
         if let Some(&i) = self.by_name.get(name) {
-            return Ok(self.tables[i].clone());
+            let t = self.tables[i].clone();
+            self.last_table = Some(t.clone());
+            return Ok(t);
         }
         self.reload_schema()?;
         self.by_name
@@ -417,24 +466,6 @@ impl State {
             MergeStamping::Local => self.next_version(sh, None),
         }
     }
-
-    /// The cached upsert SQL for a set of columns (`cols`: indexes in
-    /// increasing order; cached by bitmask).
-    pub fn upsert_sql(&mut self, t: &TableInfo, cols: &[usize]) -> Arc<str> {
-        if cols.len() > 64 || cols.iter().any(|&i| i >= 64) {
-            return t.upsert_sql(cols).into();
-        }
-        let mask = cols.iter().fold(0u64, |m, &i| m | (1 << i));
-        if let Some(sql) = self.upserts.get(&t.name).and_then(|m| m.get(&mask)) {
-            return sql.clone();
-        }
-        let sql: Arc<str> = t.upsert_sql(cols).into();
-        self.upserts
-            .entry(t.name.clone())
-            .or_default()
-            .insert(mask, sql.clone());
-        sql
-    }
 }
 
 /// The prepared statements of one CRR.
@@ -449,7 +480,15 @@ pub(crate) struct TableStmts {
     dbv_scan_from: RawStmt,
     dbv_scan_after: RawStmt,
     row_get: RawStmt,
+    row_delete: RawStmt,
+    row_insert_pk: RawStmt,
+    /// Upserts of the base row by the set of columns they write (indexes into
+    /// `TableInfo::cols`, increasing), most recently prepared last.
+    upserts: RefCell<Vec<(Vec<usize>, RawStmt)>>,
 }
+
+/// How many column sets' upserts a table keeps prepared.
+const UPSERTS_KEPT: usize = 32;
 
 impl TableStmts {
     fn prepare(db: *mut rusqlite::ffi::sqlite3, t: &TableInfo) -> Result<TableStmts> {
@@ -465,6 +504,9 @@ impl TableStmts {
             dbv_scan_from: p(&t.sql.dbv_scan_from)?,
             dbv_scan_after: p(&t.sql.dbv_scan_after)?,
             row_get: p(&t.sql.row_get)?,
+            row_delete: p(&t.sql.row_delete)?,
+            row_insert_pk: p(&t.sql.row_insert_pk)?,
+            upserts: RefCell::new(Vec::new()),
         })
     }
 }
@@ -504,12 +546,56 @@ impl State {
 
     /// Runs `f` with the prepared statements of `t` (prepared on first use).
     fn with_stmts<R>(&self, t: &TableInfo, f: impl FnOnce(&TableStmts) -> Result<R>) -> Result<R> {
-        if !self.stmts.borrow().contains_key(&t.id) {
-            let prepared = TableStmts::prepare(self.db(), t)?;
-            self.stmts.borrow_mut().insert(t.id, prepared);
+        {
+            let map = self.stmts.borrow();
+            if let Some(s) = map.get(&t.id) {
+                return f(s);
+            }
         }
+        let prepared = TableStmts::prepare(self.db(), t)?;
+        self.stmts.borrow_mut().insert(t.id, prepared);
         let map = self.stmts.borrow();
         f(&map[&t.id])
+    }
+
+    /// Deletes the base row with these primary-key values (merge of a delete).
+    pub fn delete_row(&self, t: &TableInfo, pk: &[Value]) -> Result<()> {
+        let binds: Vec<Bind<'_>> = pk.iter().map(|v| Bind::Value(v.as_value_ref())).collect();
+        self.with_stmts(t, |s| s.row_delete.exec(&binds).map(drop))
+    }
+
+    /// Creates the base row with these primary-key values if it is missing,
+    /// every other column at its default (merge of a create).
+    pub fn ensure_row(&self, t: &TableInfo, pk: &[Value]) -> Result<()> {
+        let binds: Vec<Bind<'_>> = pk.iter().map(|v| Bind::Value(v.as_value_ref())).collect();
+        self.with_stmts(t, |s| s.row_insert_pk.exec(&binds).map(drop))
+    }
+
+    /// Writes these columns of the base row, creating it if missing:
+    /// `cols` are (index into `TableInfo::cols`, value), indexes increasing.
+    pub fn upsert_row(&self, t: &TableInfo, pk: &[Value], cols: &[(usize, Value)]) -> Result<()> {
+        let mut binds: Vec<Bind<'_>> = Vec::with_capacity(pk.len() + cols.len());
+        binds.extend(pk.iter().map(|v| Bind::Value(v.as_value_ref())));
+        binds.extend(cols.iter().map(|(_, v)| Bind::Value(v.as_value_ref())));
+        self.with_stmts(t, |s| {
+            let mut upserts = s.upserts.borrow_mut();
+            let found = upserts.iter().position(|(set, _)| {
+                set.len() == cols.len() && set.iter().eq(cols.iter().map(|(i, _)| i))
+            });
+            let at = match found {
+                Some(at) => at,
+                None => {
+                    let set: Vec<usize> = cols.iter().map(|(i, _)| *i).collect();
+                    let stmt = RawStmt::prepare(self.db(), &t.upsert_sql(&set))?;
+                    if upserts.len() >= UPSERTS_KEPT {
+                        upserts.remove(0);
+                    }
+                    upserts.push((set, stmt));
+                    upserts.len() - 1
+                }
+            };
+            upserts[at].1.exec(&binds).map(drop)
+        })
     }
 
     /// Reads a row's clock record.

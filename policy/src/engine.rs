@@ -1062,6 +1062,50 @@ impl Engine {
     }
 }
 
+/// The first keyword of `sql` (comments and whitespace skipped), upper-cased,
+/// when it starts an SQLite statement other than a query.
+fn other_statement_keyword(sql: &str) -> Option<String> {
+    let mut s = sql;
+    loop {
+        s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map_or("", |(_, r)| r);
+        } else {
+            break;
+        }
+    }
+    let kw: String = s
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    const OTHER: &[&str] = &[
+        "ALTER",
+        "ANALYZE",
+        "ATTACH",
+        "BEGIN",
+        "COMMIT",
+        "CREATE",
+        "DELETE",
+        "DETACH",
+        "DROP",
+        "END",
+        "EXPLAIN",
+        "INSERT",
+        "PRAGMA",
+        "REINDEX",
+        "RELEASE",
+        "REPLACE",
+        "ROLLBACK",
+        "SAVEPOINT",
+        "UPDATE",
+        "VACUUM",
+    ];
+    OTHER.contains(&kw.as_str()).then_some(kw)
+}
+
 /// Parses and validates a subscription query: (table, selected columns, WHERE).
 fn parse_query(
     schema: &Schema,
@@ -1074,6 +1118,15 @@ fn parse_query(
         });
     }
     let stmts = Parser::parse_sql(&dialect, sql).map_err(|e| {
+        // A statement sqlparser cannot read (SQLite's PRAGMA forms, VACUUM,
+        // ...) is refused for what it is, not reported as a syntax error.
+        if let Some(kw) = other_statement_keyword(sql) {
+            return QueryError::Refused {
+                reasons: vec![format!(
+                    "only SELECT is allowed in a subscription, found `{kw}`"
+                )],
+            };
+        }
         let (loc, message) = split_parser_error(&e);
         let (line, column) = if loc.line == 0 {
             // sqlparser has no position for "end of input": point just past it.

@@ -240,6 +240,7 @@ fn refusals_are_clear_errors() {
         "UPDATE todos SET done = 1",
         "ATTACH DATABASE 'x.db' AS x",
         "PRAGMA table_info(todos)",
+        "-- why not\nVACUUM",
         "SELECT * FROM todos__crsql_clock",
         "SELECT * FROM sqlite_master",
         "SELECT * FROM crsql_changes",

@@ -34,10 +34,11 @@
 //!   - [`ws`]: the WebSocket session (hello, then the reader, outbox pump and
 //!     pinger loops), generic over `Sink`/`Stream`.
 
-pub mod app;
-pub mod auth;
 #[doc(hidden)]
 pub mod bench;
+
+pub mod app;
+pub mod auth;
 pub mod config;
 mod engine;
 mod fair;

@@ -535,7 +535,8 @@ async fn push_and_pull_and_a_refusal() {
     );
     assert!(body.get("type").is_none(), "{body}");
     assert_eq!(body["rows"][0]["table"], "todos");
-    assert_eq!(body["pushed_version"], to2);
+    // A refusal does not move the peer's pushed version (PROTOCOL.md §7).
+    assert_eq!(body["pushed_version"], 0);
 
     // Pull sees the accepted row and not the refused one.
     let (st, body) = call(

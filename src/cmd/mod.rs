@@ -1,5 +1,7 @@
 //! The subcommands of the `tenantsync` CLI, one module each.
 
 pub mod policy;
+pub mod replica;
 pub mod serve;
 pub mod sql;
+pub mod token;

@@ -296,3 +296,39 @@ fn as_table_stops_tracking() {
     );
     assert_eq!(d.db_version().unwrap(), 1);
 }
+
+/// cr-sqlite 0.16 breaks every later write to a table altered without
+/// `crsql_begin_alter`/`crsql_commit_alter` ("expected 11 values, got 9").
+/// Here writes keep working: the tracking triggers still pass the tracked
+/// columns, so the new column stays local (untracked) until an alter pair
+/// adopts it, backfilling the values that differ from its default.
+#[test]
+fn an_alter_outside_begin_and_commit_keeps_writes_working() {
+    let d = db_with(
+        1,
+        "CREATE TABLE t (id PRIMARY KEY NOT NULL, a); SELECT crsql_as_crr('t'); INSERT INTO t VALUES (1, 'a');",
+    );
+    d.conn()
+        .execute_batch(
+            "ALTER TABLE t ADD COLUMN c; INSERT INTO t VALUES (2, 'b', 'c2'); UPDATE t SET a = 'a1', c = 'c1' WHERE id = 1;",
+        )
+        .unwrap();
+    assert_eq!(
+        changes(&d, ""),
+        [
+            "t 010902 a 'b' cv1 dbv2 cl1 seq0 s01",
+            "t 010901 a 'a1' cv2 dbv3 cl1 seq0 s01"
+        ]
+    );
+    d.conn()
+        .execute_batch("SELECT crsql_begin_alter('t'); SELECT crsql_commit_alter('t');")
+        .unwrap();
+    assert_eq!(
+        changes(&d, "WHERE cid = 'c'"),
+        [
+            "t 010901 c 'c1' cv1 dbv3 cl1 seq0 s01",
+            "t 010902 c 'c2' cv1 dbv3 cl1 seq1 s01"
+        ]
+    );
+    assert_eq!(table(&d, "t"), ["1|'a1'|'c1'", "2|'b'|'c2'"]);
+}

@@ -61,7 +61,12 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8]) -> Op
 /// The server writes `changes` messages with the builder; clients read them
 /// with serde: both must be the same text.
 fn check_builder(msg: &ServerMsg) {
-    let ServerMsg::Changes { version, subs } = msg else {
+    let ServerMsg::Changes {
+        version,
+        subs,
+        more,
+    } = msg
+    else {
         return;
     };
     let mut b = ChangesMessageBuilder::new(*version);
@@ -82,7 +87,7 @@ fn check_builder(msg: &ServerMsg) {
             &part.evict,
         );
     }
-    let built = b.finish();
+    let built = if *more { b.finish_more() } else { b.finish() };
     let serde = serde_json::to_string(msg).expect("a changes message encodes");
     assert_eq!(built, serde, "the builder and serde write different text");
 }

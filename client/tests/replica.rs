@@ -1,0 +1,1061 @@
+//! The replica's behaviour against real core databases: a second
+//! `CrrConnection` plays the server's database, and its real changes
+//! (`changes`, `row_changes`) are fed to the replica as the protocol's
+//! messages.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use tenantsync_client::{QuarantineReason, Replica, SubscriptionChange};
+use tenantsync_core::{
+    Change, ChangesQuery, CrrConnection, MergeStamping, Options, PackedPk, Value,
+};
+use tenantsync_protocol::http::{PullPart, PullResponse};
+use tenantsync_protocol::ws::{PushRefusal, RefusedRow};
+use tenantsync_protocol::{ErrorCode, RowKey, SubPart, SubscribeMode};
+
+const SCHEMA: &str = "
+    CREATE TABLE todos (id INTEGER PRIMARY KEY NOT NULL, list_id INTEGER, title TEXT, done INTEGER NOT NULL DEFAULT 0);
+    SELECT crsql_as_crr('todos');";
+
+/// The server's database: a real core database, stamping merges with its
+/// own versions as the server does.
+struct Server {
+    db: CrrConnection,
+}
+
+impl Server {
+    fn new() -> Result<Server> {
+        let db = CrrConnection::open_with(
+            ":memory:",
+            Options {
+                merge_stamping: MergeStamping::Local,
+                ..Options::default()
+            },
+        )?;
+        db.conn().execute_batch(SCHEMA)?;
+        Ok(Server { db })
+    }
+
+    /// Runs SQL in one transaction; returns the new server version.
+    fn exec(&self, sql: &str) -> Result<i64> {
+        self.db
+            .conn()
+            .execute_batch(&format!("BEGIN; {sql}; COMMIT"))?;
+        Ok(self.db.db_version()?)
+    }
+
+    fn version(&self) -> i64 {
+        self.db.db_version().unwrap()
+    }
+
+    /// Whole rows, every clock (what a row entering a view gets).
+    fn rows(&self, ids: &[i64]) -> Vec<Change> {
+        let pks: Vec<PackedPk> = ids.iter().map(|&i| pk(i)).collect();
+        self.db.row_changes("todos", &pks).unwrap()
+    }
+
+    /// Every change in (since, until].
+    fn delta(&self, since: i64, until: i64) -> Vec<Change> {
+        self.db
+            .changes(&ChangesQuery {
+                since,
+                until: Some(until),
+                ..ChangesQuery::default()
+            })
+            .unwrap()
+    }
+}
+
+fn pk(id: i64) -> PackedPk {
+    PackedPk::pack(&[Value::Integer(id)]).unwrap()
+}
+
+fn key(id: i64) -> RowKey {
+    RowKey {
+        table: "todos".into(),
+        pk: pk(id),
+    }
+}
+
+fn new_replica() -> Result<Replica> {
+    let mut r = Replica::open_in_memory()?;
+    r.apply_schema(SCHEMA)?;
+    Ok(r)
+}
+
+/// (id, title) of every todo in the replica.
+fn todos(r: &Replica) -> Vec<(i64, String)> {
+    let mut stmt = r
+        .conn()
+        .conn()
+        .prepare("SELECT id, coalesce(title, '') FROM todos ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(|x| x.unwrap())
+        .collect()
+}
+
+fn ids(r: &Replica) -> Vec<i64> {
+    todos(r).into_iter().map(|(i, _)| i).collect()
+}
+
+/// The ids a subscription holds.
+fn held(r: &Replica, sub: &str) -> Vec<i64> {
+    r.held(sub)
+        .unwrap()
+        .into_iter()
+        .map(|k| match k.pk.unpack().unwrap()[0] {
+            Value::Integer(i) => i,
+            ref v => panic!("pk {v:?}"),
+        })
+        .collect()
+}
+
+fn cursor(r: &Replica, sub: &str) -> Option<i64> {
+    r.subscription(sub).unwrap().unwrap().cursor
+}
+
+fn part(from: i64, changes: Vec<Change>, evict: Vec<RowKey>) -> SubPart {
+    SubPart {
+        from,
+        changes,
+        evict,
+    }
+}
+
+fn parts(list: Vec<(&str, SubPart)>) -> BTreeMap<String, SubPart> {
+    list.into_iter().map(|(s, p)| (s.to_owned(), p)).collect()
+}
+
+/// What the replica holds: its rows and, per subscription, its held ids
+/// and cursor.
+#[track_caller]
+fn check(r: &Replica, rows: &[(i64, &str)], subs: &[(&str, &[i64], Option<i64>)]) {
+    let expected: Vec<(i64, String)> = rows.iter().map(|(i, t)| (*i, t.to_string())).collect();
+    assert_eq!(todos(r), expected, "rows");
+    for (sub, ids, c) in subs {
+        assert_eq!(held(r, sub), ids.to_vec(), "held by {sub}");
+        assert_eq!(cursor(r, sub), *c, "cursor of {sub}");
+    }
+}
+
+/// A replica subscribed to `all` (every todo) and synced with the server's
+/// rows 1..=3 at the server's version.
+fn synced(server: &Server) -> Result<Replica> {
+    let mut r = new_replica()?;
+    r.add_subscription("all", "SELECT * FROM todos")?;
+    r.begin_sync("all", "todos")?;
+    let v = server.version();
+    r.apply_snapshot("all", v, true, server.rows(&[1, 2, 3]), vec![], true)?;
+    Ok(r)
+}
+
+fn seeded() -> Result<Server> {
+    let s = Server::new()?;
+    s.exec(
+        "INSERT INTO todos (id, list_id, title) VALUES (1, 1, 'milk'), (2, 1, 'bread'), (3, 2, 'tea')",
+    )?;
+    Ok(s)
+}
+
+#[test]
+fn a_snapshot_is_applied_at_its_last_chunk() -> Result<()> {
+    let server = seeded()?;
+    let v = server.version();
+    let mut r = new_replica()?;
+    assert_eq!(
+        r.add_subscription("all", "SELECT * FROM todos")?,
+        SubscriptionChange::Added
+    );
+    r.begin_sync("all", "todos")?;
+    let first = r.apply_snapshot("all", v, true, server.rows(&[1, 2]), vec![], false)?;
+    assert!(first.is_none());
+    check(&r, &[], &[("all", &[], None)]);
+    let report = r
+        .apply_snapshot("all", v, true, server.rows(&[3]), vec![], true)?
+        .expect("applied at the last chunk");
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v))],
+    );
+    assert_eq!(report.parts[0].rows_received, 3);
+    assert_eq!(report.cursors(), BTreeMap::from([("all".to_owned(), v)]));
+    // The replica's clocks are the server's: same changes, site ids included.
+    let mine = r.conn().row_changes("todos", &[pk(1)])?;
+    let theirs = server.rows(&[1]);
+    let strip = |c: &[Change]| -> Vec<(String, Value, i64, String)> {
+        c.iter()
+            .map(|c| {
+                (
+                    c.cid.clone(),
+                    c.val.clone(),
+                    c.col_version,
+                    c.site_id.to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip(&mine), strip(&theirs));
+    // Server data is never pushed back.
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+#[test]
+fn a_new_sync_drops_the_chunks_of_an_unfinished_one() -> Result<()> {
+    let server = seeded()?;
+    let v = server.version();
+    let mut r = new_replica()?;
+    r.add_subscription("all", "SELECT * FROM todos")?;
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v, true, server.rows(&[1, 2]), vec![], false)?;
+    // The session dropped; the new sync delivers only row 3.
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v, true, server.rows(&[3]), vec![], true)?;
+    check(&r, &[(3, "tea")], &[("all", &[3], Some(v))]);
+    Ok(())
+}
+
+#[test]
+fn a_reset_drops_the_rows_the_sync_did_not_deliver_without_a_delete() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v = server.version();
+    // A refetch (reset) that no longer includes row 2.
+    let report = r
+        .apply_snapshot("all", v, true, server.rows(&[1, 3]), vec![], true)?
+        .unwrap();
+    check(&r, &[(1, "milk"), (3, "tea")], &[("all", &[1, 3], Some(v))]);
+    assert_eq!(report.parts[0].rows_released, 1);
+    assert_eq!(report.rows_removed, 1);
+    // Removed without a delete: no clock of row 2 is left, nothing to push.
+    assert!(r.conn().row_changes("todos", &[pk(2)])?.is_empty());
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+#[test]
+fn a_resume_sync_evicts_and_keeps_what_it_says() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    let v = server.exec("UPDATE todos SET title = 'oat milk' WHERE id = 1")?;
+    // Resume: the change of row 1 after the cursor, row 2 left.
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v, false, server.delta(v0, v), vec![key(2)], true)?;
+    check(
+        &r,
+        &[(1, "oat milk"), (3, "tea")],
+        &[("all", &[1, 3], Some(v))],
+    );
+    Ok(())
+}
+
+#[test]
+fn an_eviction_keeps_a_row_another_subscription_holds() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    r.add_subscription("list1", "SELECT * FROM todos WHERE list_id = 1")?;
+    r.begin_sync("list1", "todos")?;
+    r.apply_snapshot("list1", v0, true, server.rows(&[1, 2]), vec![], true)?;
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v0)), ("list1", &[1, 2], Some(v0))],
+    );
+    // Row 1 moves to list 2: it leaves list1, stays in all.
+    let v1 = server.exec("UPDATE todos SET list_id = 2 WHERE id = 1")?;
+    let report = r
+        .apply_changes(
+            v1,
+            parts(vec![
+                ("all", part(v0, server.delta(v0, v1), vec![])),
+                ("list1", part(v0, vec![], vec![key(1)])),
+            ]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(report.rows_removed, 0);
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v1)), ("list1", &[2], Some(v1))],
+    );
+    // Then `all` lets go of row 2 too (e.g. a policy change): list1 still
+    // holds it. And of row 1, which nobody holds any more: removed.
+    let v2 = server.exec("UPDATE todos SET done = 1 WHERE id = 3")?;
+    let report = r
+        .apply_changes(
+            v2,
+            parts(vec![(
+                "all",
+                part(v1, server.delta(v1, v2), vec![key(1), key(2)]),
+            )]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(report.rows_removed, 1);
+    check(
+        &r,
+        &[(2, "bread"), (3, "tea")],
+        &[("all", &[3], Some(v2)), ("list1", &[2], Some(v1))],
+    );
+    assert_eq!(r.next_push(1 << 20)?, None, "evictions never spread");
+    Ok(())
+}
+
+#[test]
+fn evicting_a_row_with_unpushed_local_changes_quarantines_them_first() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET title = 'soy milk' WHERE id = 1", [])?;
+    let local = r.conn().changes(&ChangesQuery {
+        since: 0,
+        site: tenantsync_core::SiteFilter::Only(r.site_id()),
+        ..ChangesQuery::default()
+    })?;
+    assert_eq!(local.len(), 1);
+    let v1 = server.exec("UPDATE todos SET list_id = 9 WHERE id = 1")?;
+    let report = r
+        .apply_changes(
+            v1,
+            parts(vec![("all", part(v0, vec![], vec![key(1)]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!((report.rows_removed, report.quarantined), (1, 1));
+    check(
+        &r,
+        &[(2, "bread"), (3, "tea")],
+        &[("all", &[2, 3], Some(v1))],
+    );
+    let q = r.quarantine()?;
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].reason, QuarantineReason::Evicted);
+    assert_eq!(q[0].change, local[0]);
+    assert_eq!(q[0].change.val, Value::Text("soy milk".into()));
+    // The write is in quarantine, not pushed as a change of a row the
+    // replica no longer has.
+    assert_eq!(r.next_push(1 << 20)?, None);
+    assert_eq!(r.discard_quarantined(&[q[0].id])?, 1);
+    assert!(r.quarantine()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn deletes_spread_as_deletes_both_ways() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    r.add_subscription("list1", "SELECT * FROM todos WHERE list_id = 1")?;
+    let v0 = server.version();
+    r.apply_snapshot("list1", v0, true, server.rows(&[1, 2]), vec![], true)?;
+    // The server deletes row 2: both subscriptions get the delete.
+    let v1 = server.exec("DELETE FROM todos WHERE id = 2")?;
+    let delete = server.delta(v0, v1);
+    assert!(
+        delete.iter().all(|c| c.cid == "-1" && c.cl == 2),
+        "{delete:?}"
+    );
+    let report = r
+        .apply_changes(v1, parts(vec![("all", part(v0, delete, vec![]))]), false)?
+        .unwrap();
+    assert_eq!(report.parts[0].rows_deleted, 1);
+    // Deleted rows leave every subscription, and the tombstone stays.
+    check(
+        &r,
+        &[(1, "milk"), (3, "tea")],
+        &[("all", &[1, 3], Some(v1)), ("list1", &[1], Some(v0))],
+    );
+    let tomb = r.conn().row_changes("todos", &[pk(2)])?;
+    assert_eq!(tomb.len(), 1);
+    assert_eq!((tomb[0].cid.as_str(), tomb[0].cl), ("-1", 2));
+    // A local delete is pushed as a delete.
+    r.conn()
+        .conn()
+        .execute("DELETE FROM todos WHERE id = 3", [])?;
+    let batch = r.next_push(1 << 20)?.expect("a delete to push");
+    assert_eq!(batch.changes.len(), 1);
+    assert_eq!(
+        (batch.changes[0].cid.as_str(), batch.changes[0].cl),
+        ("-1", 2)
+    );
+    server.db.merge_sql(&batch.changes)?;
+    assert_eq!(server.db.row_values("todos", &pk(3))?, None);
+    Ok(())
+}
+
+/// `apply` on a shared reference for the test server.
+trait ApplyShared {
+    fn merge_sql(&self, changes: &[Change]) -> Result<()>;
+}
+
+impl ApplyShared for CrrConnection {
+    fn merge_sql(&self, changes: &[Change]) -> Result<()> {
+        // INSERT INTO crsql_changes: the SQL surface merges like `apply`.
+        let mut stmt = self
+            .conn()
+            .prepare("INSERT INTO crsql_changes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
+        self.conn().execute_batch("BEGIN")?;
+        for c in changes {
+            stmt.execute(rusqlite::params![
+                c.table,
+                c.pk.0,
+                c.cid,
+                c.val,
+                c.col_version,
+                c.db_version,
+                c.site_id.0.as_slice(),
+                c.cl,
+                c.seq
+            ])?;
+        }
+        self.conn().execute_batch("COMMIT")?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_part_that_starts_after_the_cursor_is_a_gap_and_changes_nothing() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    let v1 = server.exec("UPDATE todos SET title = 'a' WHERE id = 1")?;
+    let v2 = server.exec("UPDATE todos SET title = 'b' WHERE id = 2")?;
+    // (v1, v2] arrives without (v0, v1]: a gap.
+    let report = r
+        .apply_changes(
+            v2,
+            parts(vec![("all", part(v1, server.delta(v1, v2), vec![]))]),
+            false,
+        )?
+        .unwrap();
+    assert!(report.parts.is_empty());
+    assert_eq!(report.gaps.len(), 1);
+    assert_eq!((report.gaps[0].cursor, report.gaps[0].from), (Some(v0), v1));
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v0))],
+    );
+    // The resync brings (v0, v2]; the late (v0, v1] is then a duplicate.
+    r.apply_changes(
+        v2,
+        parts(vec![("all", part(v0, server.delta(v0, v2), vec![]))]),
+        false,
+    )?;
+    let late = r
+        .apply_changes(
+            v1,
+            parts(vec![("all", part(v0, server.delta(v0, v1), vec![]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(late.stale, vec!["all".to_owned()]);
+    check(
+        &r,
+        &[(1, "a"), (2, "b"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v2))],
+    );
+    // A part of a subscription the replica does not have is skipped.
+    let other = r
+        .apply_changes(
+            v2 + 1,
+            parts(vec![("gone", part(v2, vec![], vec![]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(other.unknown, vec!["gone".to_owned()]);
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_with_more_is_applied_whole_with_its_last_message() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    let v1 = server.exec(
+        "UPDATE todos SET title = 'x' WHERE id = 1; UPDATE todos SET title = 'y' WHERE id = 2",
+    )?;
+    let delta = server.delta(v0, v1);
+    let (a, b) = delta.split_at(1);
+    let first = r.apply_changes(v1, parts(vec![("all", part(v0, a.to_vec(), vec![]))]), true)?;
+    assert!(first.is_none());
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v0))],
+    );
+    let report = r
+        .apply_changes(
+            v1,
+            parts(vec![("all", part(v0, b.to_vec(), vec![]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(report.parts[0].changes, 2);
+    check(
+        &r,
+        &[(1, "x"), (2, "y"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v1))],
+    );
+    // A message of another version while a checkpoint is incomplete is a
+    // protocol error; the incomplete checkpoint is dropped.
+    r.apply_changes(v1 + 1, parts(vec![("all", part(v1, vec![], vec![]))]), true)?;
+    let err = r
+        .apply_changes(
+            v1 + 2,
+            parts(vec![("all", part(v1, vec![], vec![]))]),
+            false,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("was incomplete"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_empty_part_only_advances_the_cursor() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    r.apply_changes(
+        v0 + 10,
+        parts(vec![("all", part(v0, vec![], vec![]))]),
+        false,
+    )?;
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v0 + 10))],
+    );
+    Ok(())
+}
+
+#[test]
+fn a_failed_apply_changes_nothing() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    let v1 = server.exec("UPDATE todos SET title = 'z' WHERE id = 1")?;
+    let mut bad = server.delta(v0, v1);
+    let mut unknown = bad[0].clone();
+    unknown.table = "nope".into();
+    bad.push(unknown);
+    let err = r
+        .apply_changes(v1, parts(vec![("all", part(v0, bad, vec![key(2)]))]), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v0))],
+    );
+    Ok(())
+}
+
+/// `n` local transactions, each inserting one todo, ids from `first`.
+fn local_txs(r: &Replica, first: i64, n: i64) -> Result<()> {
+    for i in 0..n {
+        r.conn().conn().execute(
+            "INSERT INTO todos (id, list_id, title) VALUES (?1, 1, ?2)",
+            rusqlite::params![first + i, format!("local {i} {}", "x".repeat(100))],
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn pushes_are_whole_transactions_in_order_under_the_byte_limit() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    local_txs(&r, 100, 3)?;
+    let one = r.next_push(1 << 20)?.unwrap();
+    assert_eq!(one.transactions, 3);
+    let per_tx = one.bytes / 3;
+    r.push_abandoned();
+    // Room for two transactions: the first push holds two, ends at the
+    // second's version; the next one starts there.
+    let limit = tenantsync_client::replica::PUSH_OVERHEAD + per_tx * 2 + per_tx / 2;
+    let a = r.next_push(limit)?.unwrap();
+    assert_eq!((a.from, a.transactions), (0, 2));
+    let versions: Vec<i64> = a.changes.iter().map(|c| c.db_version).collect();
+    assert!(versions.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(a.to, *versions.last().unwrap());
+    assert!(a.changes.iter().all(|c| c.site_id == r.site_id()));
+    r.push_ok(a.to)?;
+    assert_eq!(r.pushed_version()?, a.to);
+    let b = r.next_push(limit)?.unwrap();
+    assert_eq!((b.from, b.transactions), (a.to, 1));
+    assert!(
+        b.changes
+            .iter()
+            .all(|c| c.db_version > a.to && c.db_version <= b.to)
+    );
+    r.push_ok(b.to)?;
+    assert_eq!(r.next_push(limit)?, None);
+    assert!(!r.has_unpushed()?);
+    // A transaction over the limit cannot be pushed.
+    local_txs(&r, 200, 1)?;
+    let err = r
+        .next_push(tenantsync_client::replica::PUSH_OVERHEAD + 10)
+        .unwrap_err();
+    assert!(err.to_string().contains("over the push limit"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn a_gap_answer_makes_the_replica_push_again_from_the_servers_version() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    local_txs(&r, 100, 2)?;
+    let a = r.next_push(1 << 20)?.unwrap();
+    r.push_ok(a.to)?;
+    assert_eq!(r.next_push(1 << 20)?, None);
+    // The server lost what it had of this replica (restored from a backup):
+    // it says pushed_version 0; everything is pushed again.
+    r.set_pushed_version(0)?;
+    let again = r.next_push(1 << 20)?.unwrap();
+    assert_eq!(again.from, 0);
+    assert_eq!(again.changes, a.changes);
+    Ok(())
+}
+
+#[test]
+fn changes_that_came_from_the_server_are_never_pushed_again() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    // The replica writes row 7 and pushes it; the server applies it.
+    r.conn().conn().execute(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 1, 'mine')",
+        [],
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    server.db.merge_sql(&batch.changes)?;
+    r.push_ok(batch.to)?;
+    // Row 7 enters `all` (sent whole even though this replica wrote it:
+    // so that the subscription holds it); equal clocks, nothing re-stamped.
+    let v0 = cursor(&r, "all").unwrap();
+    let v1 = server.version();
+    let entered = r
+        .apply_changes(
+            v1,
+            parts(vec![("all", part(v0, server.rows(&[7]), vec![]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(entered.merged.applied, 0);
+    assert_eq!(held(&r, "all"), vec![1, 2, 3, 7]);
+    // Then it leaves, and comes back whole: now its clocks, which carry this
+    // replica's site id, are re-stamped with new local versions by the merge.
+    let v2 = server.exec("UPDATE todos SET done = 1 WHERE id = 3")?;
+    r.apply_changes(
+        v2,
+        parts(vec![("all", part(v1, vec![], vec![key(7)]))]),
+        false,
+    )?;
+    assert_eq!(ids(&r), vec![1, 2, 3]);
+    let v3 = server.exec("UPDATE todos SET done = 1 WHERE id = 2")?;
+    r.apply_changes(
+        v3,
+        parts(vec![("all", part(v2, server.rows(&[7]), vec![]))]),
+        false,
+    )?;
+    assert_eq!(ids(&r), vec![1, 2, 3, 7]);
+    let own_after = r.conn().changes(&ChangesQuery {
+        since: batch.to,
+        site: tenantsync_core::SiteFilter::Only(r.site_id()),
+        ..ChangesQuery::default()
+    })?;
+    assert!(
+        !own_after.is_empty(),
+        "the merge re-stamped this site's clocks"
+    );
+    assert_eq!(r.next_push(1 << 20)?, None);
+    assert!(!r.has_unpushed()?);
+    // A local write after it is pushed, alone.
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET title = 'mine, edited' WHERE id = 7", [])?;
+    let next = r.next_push(1 << 20)?.unwrap();
+    assert_eq!(next.changes.len(), 1);
+    assert_eq!(next.changes[0].val, Value::Text("mine, edited".into()));
+    Ok(())
+}
+
+fn refusal(
+    batch_to: i64,
+    rows: Vec<RefusedRow>,
+    state: Vec<Change>,
+    invisible: Vec<RowKey>,
+) -> PushRefusal {
+    PushRefusal {
+        id: "p1".into(),
+        code: ErrorCode::PolicyRefused,
+        message: "refused by write policies".into(),
+        rows,
+        state,
+        invisible,
+        pushed_version: batch_to,
+    }
+}
+
+fn refused_row(id: i64, command: &str) -> RefusedRow {
+    RefusedRow {
+        table: "todos".into(),
+        pk: pk(id),
+        command: command.into(),
+        policy: Some("todos_same_tenant".into()),
+        reason: "restrictive policy todos_same_tenant failed".into(),
+    }
+}
+
+#[test]
+fn a_refused_push_is_quarantined_and_the_rows_restored_to_the_servers_state() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    r.conn().conn().execute_batch(
+        "BEGIN;
+         UPDATE todos SET title = 'hijacked' WHERE id = 1;
+         INSERT INTO todos (id, list_id, title) VALUES (9, 5, 'elsewhere');
+         COMMIT;",
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    let pushed = batch.changes.clone();
+    // A later local write to row 1, while the push is in flight.
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET done = 1 WHERE id = 1", [])?;
+    let refused = refusal(
+        batch.to,
+        vec![refused_row(1, "UPDATE"), refused_row(9, "INSERT")],
+        server.rows(&[1]),
+        vec![key(9)],
+    );
+    let report = r.push_refused(&batch, &refused)?;
+    assert_eq!((report.restored, report.removed), (1, 1));
+    assert!(report.refetch.is_empty());
+    // Row 1 is exactly the server's again, with the server's clocks; row 9
+    // is gone.
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(server.version()))],
+    );
+    let strip = |c: Vec<Change>| -> Vec<(String, Value, i64, String)> {
+        let mut v: Vec<_> = c
+            .into_iter()
+            .map(|c| (c.cid, c.val, c.col_version, c.site_id.to_string()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    assert_eq!(
+        strip(r.conn().row_changes("todos", &[pk(1)])?),
+        strip(server.rows(&[1]))
+    );
+    // Everything refused is in quarantine, with the server's reasons; the
+    // later local change too.
+    let q = r.quarantine()?;
+    assert_eq!(q.len(), pushed.len() + 1);
+    for c in &pushed {
+        let e = q
+            .iter()
+            .find(|e| &e.change == c)
+            .expect("pushed change quarantined");
+        assert_eq!(e.reason, QuarantineReason::PushRefused);
+        assert_eq!(e.code.as_deref(), Some("policy_refused"));
+        assert_eq!(e.policy.as_deref(), Some("todos_same_tenant"));
+        assert_eq!(e.push_range, Some((batch.from, batch.to)));
+    }
+    assert!(
+        q.iter()
+            .any(|e| e.change.cid == "done" && e.change.val == Value::Integer(1))
+    );
+    // The push is consumed; what the restore merged is not pushed.
+    assert_eq!(r.pushed_version()?, batch.to);
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+#[test]
+fn rows_of_a_refused_push_the_server_did_not_describe_are_fetched_again() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    r.conn().conn().execute_batch(
+        "BEGIN;
+         UPDATE todos SET title = 'bad' WHERE id = 1;
+         UPDATE todos SET title = 'fine' WHERE id = 2;
+         COMMIT;",
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    // The server names row 1 only; row 2 was refused with it (whole push).
+    let refused = refusal(
+        batch.to,
+        vec![refused_row(1, "UPDATE")],
+        server.rows(&[1]),
+        vec![],
+    );
+    let report = r.push_refused(&batch, &refused)?;
+    assert_eq!(report.refetch, vec!["all".to_owned()]);
+    // Row 2 is removed locally (its server state is unknown here) and the
+    // subscription needs a full sync, which brings it back exactly.
+    check(&r, &[(1, "milk"), (3, "tea")], &[("all", &[1, 3], None)]);
+    let q = r.quarantine()?;
+    assert_eq!(q.len(), 2);
+    let fine = q
+        .iter()
+        .find(|e| e.change.val == Value::Text("fine".into()))
+        .unwrap();
+    assert!(fine.detail.contains("refused whole"), "{}", fine.detail);
+    assert_eq!(fine.policy, None);
+    // Meanwhile live parts are gaps (no cursor), until the full sync.
+    let v = server.version();
+    let gap = r
+        .apply_changes(v + 1, parts(vec![("all", part(v, vec![], vec![]))]), false)?
+        .unwrap();
+    assert_eq!(gap.gaps.len(), 1);
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v, true, server.rows(&[1, 2, 3]), vec![], true)?;
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v))],
+    );
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+#[test]
+fn an_eviction_during_a_push_in_flight_is_settled_by_the_answer() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET title = 'in flight' WHERE id = 3", [])?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    // Row 3 leaves before the answer: its change is quarantined (the push
+    // may still be refused)...
+    let v1 = server.exec("UPDATE todos SET list_id = 8 WHERE id = 3")?;
+    r.apply_changes(
+        v1,
+        parts(vec![("all", part(v0, vec![], vec![key(3)]))]),
+        false,
+    )?;
+    assert_eq!(r.quarantine()?.len(), 1);
+    // ...and the push was applied after all: nothing was lost, the
+    // quarantine entry goes.
+    r.push_ok(batch.to)?;
+    assert!(r.quarantine()?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn unsubscribing_removes_the_rows_no_other_subscription_holds() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    r.add_subscription("list2", "SELECT * FROM todos WHERE list_id = 2")?;
+    r.apply_snapshot("list2", v0, true, server.rows(&[3]), vec![], true)?;
+    let report = r.remove_subscription("all")?;
+    assert_eq!(report.rows_removed, 2);
+    check(&r, &[(3, "tea")], &[("list2", &[3], Some(v0))]);
+    assert!(r.subscription("all")?.is_none());
+    assert!(r.remove_subscription("all").is_err());
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+#[test]
+fn replacing_a_query_needs_a_full_sync_whose_reset_drops_the_old_rows() -> Result<()> {
+    let server = seeded()?;
+    let mut r = synced(&server)?;
+    let v0 = server.version();
+    assert_eq!(
+        r.add_subscription("all", "SELECT * FROM todos")?,
+        SubscriptionChange::Unchanged
+    );
+    assert_eq!(
+        r.add_subscription("all", "SELECT * FROM todos WHERE list_id = 2")?,
+        SubscriptionChange::Replaced
+    );
+    assert_eq!(cursor(&r, "all"), None);
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v0, true, server.rows(&[3]), vec![], true)?;
+    check(&r, &[(3, "tea")], &[("all", &[3], Some(v0))]);
+    Ok(())
+}
+
+#[test]
+fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
+    let server = seeded()?;
+    let mut r = new_replica()?;
+    r.add_subscription("list1", "SELECT * FROM todos WHERE list_id = 1")?;
+    r.add_subscription("list2", "SELECT * FROM todos WHERE list_id = 2")?;
+    let v0 = server.version();
+    let snapshot = |changes: Vec<Change>| PullPart {
+        mode: SubscribeMode::Snapshot,
+        from: 0,
+        reset: true,
+        changes,
+        evict: vec![],
+    };
+    let resp = PullResponse {
+        version: v0,
+        subs: BTreeMap::from([
+            ("list1".to_owned(), snapshot(server.rows(&[1, 2]))),
+            ("list2".to_owned(), snapshot(server.rows(&[3]))),
+        ]),
+    };
+    let report = r.apply_pull(&resp)?;
+    assert_eq!(report.parts.len(), 2);
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("list1", &[1, 2], Some(v0)), ("list2", &[3], Some(v0))],
+    );
+    // The next pull resumes: row 2 moves to list 2.
+    let v1 = server.exec("UPDATE todos SET list_id = 2 WHERE id = 2")?;
+    let resume = |changes: Vec<Change>, evict: Vec<RowKey>| PullPart {
+        mode: SubscribeMode::Resume,
+        from: v0,
+        reset: false,
+        changes,
+        evict,
+    };
+    let resp = PullResponse {
+        version: v1,
+        subs: BTreeMap::from([
+            ("list1".to_owned(), resume(vec![], vec![key(2)])),
+            ("list2".to_owned(), resume(server.rows(&[2]), vec![])),
+        ]),
+    };
+    let report = r.apply_pull(&resp)?;
+    assert_eq!(
+        report.rows_removed, 0,
+        "row 2 moved between subscriptions: kept"
+    );
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (3, "tea")],
+        &[("list1", &[1], Some(v1)), ("list2", &[2, 3], Some(v1))],
+    );
+    // A resume part after the cursor is a gap: nothing of the answer
+    // changes that subscription.
+    let resp = PullResponse {
+        version: v1 + 5,
+        subs: BTreeMap::from([(
+            "list1".to_owned(),
+            PullPart {
+                from: v1 + 2,
+                ..resume(vec![], vec![key(1)])
+            },
+        )]),
+    };
+    let report = r.apply_pull(&resp)?;
+    assert_eq!(report.gaps.len(), 1);
+    assert_eq!(cursor(&r, "list1"), Some(v1));
+    assert_eq!(held(&r, "list1"), vec![1]);
+    Ok(())
+}
+
+#[test]
+fn cursors_held_rows_and_pushed_version_survive_reopening() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("replica.db");
+    let server = seeded()?;
+    let v0 = server.version();
+    let site;
+    {
+        let mut r = Replica::open(&path)?;
+        r.apply_schema(SCHEMA)?;
+        site = r.site_id();
+        r.add_subscription("all", "SELECT * FROM todos")?;
+        r.apply_snapshot("all", v0, true, server.rows(&[1, 2, 3]), vec![], true)?;
+        local_txs(&r, 100, 1)?;
+        let b = r.next_push(1 << 20)?.unwrap();
+        r.push_ok(b.to)?;
+        r.set_server_site_id(server.db.site_id())?;
+    }
+    let r = Replica::open(&path)?;
+    assert_eq!(r.site_id(), site);
+    assert!(!r.is_new()?);
+    check(
+        &r,
+        &[
+            (1, "milk"),
+            (2, "bread"),
+            (3, "tea"),
+            (100, &format!("local 0 {}", "x".repeat(100))),
+        ],
+        &[("all", &[1, 2, 3], Some(v0))],
+    );
+    assert!(r.pushed_version()? > 0);
+    assert!(!r.has_unpushed()?);
+    assert_eq!(r.server_site_id()?, Some(server.db.site_id()));
+    Ok(())
+}
+
+#[test]
+fn a_crash_between_commit_and_ack_resumes_from_the_persisted_cursor() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("replica.db");
+    let server = seeded()?;
+    let v0 = server.version();
+    let at_v0 = server.rows(&[1, 2, 3]);
+    let v1 = server.exec("UPDATE todos SET title = 'one' WHERE id = 1")?;
+    let v2 = server.exec("UPDATE todos SET title = 'two' WHERE id = 2")?;
+    {
+        let mut r = Replica::open(&path)?;
+        r.apply_schema(SCHEMA)?;
+        r.add_subscription("all", "SELECT * FROM todos")?;
+        r.apply_snapshot("all", v0, true, at_v0, vec![], true)?;
+        // Commit (v0, v1], then "crash" before the ack and before (v1, v2]
+        // is read: the process ends here.
+        r.apply_changes(
+            v1,
+            parts(vec![("all", part(v0, server.delta(v0, v1), vec![]))]),
+            false,
+        )?;
+        // A staged, unfinished checkpoint is lost with the process.
+        r.apply_changes(
+            v2,
+            parts(vec![("all", part(v1, server.delta(v1, v2), vec![]))]),
+            true,
+        )?;
+    }
+    let mut r = Replica::open(&path)?;
+    // The cursor the client resubscribes with is the committed one.
+    assert_eq!(cursor(&r, "all"), Some(v1));
+    assert_eq!(todos(&r)[0], (1, "one".to_owned()));
+    assert_eq!(todos(&r)[1], (2, "bread".to_owned()));
+    // The server did not see the ack: it resumes from its own acked cursor
+    // v0; the resume chunks repeat (v0, v1] (harmless) and bring (v1, v2].
+    r.begin_sync("all", "todos")?;
+    r.apply_snapshot("all", v2, false, server.delta(v0, v2), vec![], true)?;
+    check(
+        &r,
+        &[(1, "one"), (2, "two"), (3, "tea")],
+        &[("all", &[1, 2, 3], Some(v2))],
+    );
+    Ok(())
+}
+
+#[test]
+fn a_new_replica_needs_the_schema() -> Result<()> {
+    let mut r = Replica::open_in_memory()?;
+    assert!(r.is_new()?);
+    let err = r.apply_schema("CREATE TABLE broken (").unwrap_err();
+    assert!(err.to_string().contains("schema script failed"), "{err}");
+    assert!(r.is_new()?);
+    r.apply_schema(SCHEMA)?;
+    assert!(!r.is_new()?);
+    assert!(r.conn().is_crr("todos")?);
+    Ok(())
+}
