@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+mod bench;
 mod serve;
 
 /// A scratch directory holding one database file.
