@@ -75,6 +75,7 @@ fn a_tiny_run_keeps_the_json_contract_with_no_leaks_and_no_misses() {
     // Writes were accepted and delivered in the steady phase.
     assert!(has(&j, "phases.steady.writes_per_s").as_f64().unwrap() > 0.0);
     assert!(has(&j, "phases.steady.deliveries_per_s").as_f64().unwrap() > 0.0);
+    assert_eq!(has(&j, "isolation.quiescent"), true);
     assert_eq!(has(&j, "isolation.clients_checked"), 6);
     assert_eq!(has(&j, "isolation.subscriptions_checked"), 18);
     assert_eq!(has(&j, "isolation.leaks"), 0, "{:#}", j["isolation"]);

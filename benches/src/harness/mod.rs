@@ -372,7 +372,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // Isolation.
     let spin = mp.add(ProgressBar::new_spinner().with_message("isolation check"));
     spin.enable_steady_tick(Duration::from_millis(200));
-    let isolation = isolation(
+    let mut isolation = isolation(
         &ctx,
         child
             .as_ref()
@@ -380,6 +380,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             .or(cfg.server_db.clone()),
     )
     .await?;
+    isolation.quiescent = quiet;
     spin.finish_and_clear();
 
     // Stop.

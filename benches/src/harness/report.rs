@@ -242,8 +242,17 @@ impl Report {
         let i = &self.isolation;
         let _ = writeln!(
             s,
-            "isolation: {} clients, {} subscriptions, {} rows checked: {} leaks, {} misses",
-            i.clients_checked, i.subscriptions_checked, i.rows_checked, i.leaks, i.misses
+            "isolation: {} clients, {} subscriptions, {} rows checked: {} leaks, {} misses{}",
+            i.clients_checked,
+            i.subscriptions_checked,
+            i.rows_checked,
+            i.leaks,
+            i.misses,
+            if i.quiescent {
+                ""
+            } else {
+                " (NOT quiescent: the settle timed out; these may be deliveries still queued)"
+            }
         );
         s
     }

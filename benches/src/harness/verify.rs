@@ -25,6 +25,10 @@ pub struct Truth {
 /// What the check found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Isolation {
+    /// Whether the run reached quiescence before the check (every write
+    /// answered, no data for 1.5 s). When false, leaks and misses may be
+    /// deliveries still on their way, not isolation failures.
+    pub quiescent: bool,
     /// Clients whose every subscription was compared.
     pub clients_checked: usize,
     /// Subscriptions compared.
