@@ -9,7 +9,9 @@
 //!   HTTP) and [`cmd::token`] is `tenantsync token` (an HS256 test token),
 //!   both in docs/CLI.md;
 //!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
-//!   protocol docs/PROTOCOL.md).
+//!   protocol docs/PROTOCOL.md); [`cmd::bench`] is `tenantsync bench`, the
+//!   load benchmark (contract: docs/BENCH.md; the harness is
+//!   `tenantsync_benches::harness`).
 
 use std::process::ExitCode;
 
@@ -45,6 +47,9 @@ enum Command {
     Token(cmd::token::TokenArgs),
     /// Run the sync server: HTTP + WebSocket (docs/CLI.md, docs/PROTOCOL.md).
     Serve(Box<cmd::serve::ServeArgs>),
+    /// The tenant-isolation load benchmark: a server, many tenants and
+    /// WebSocket clients, throughput, latency, memory, leaks (docs/BENCH.md).
+    Bench(Box<cmd::bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -77,5 +82,10 @@ fn main() -> ExitCode {
             &mut std::io::stderr().lock(),
         )),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Bench(args) => ExitCode::from(cmd::bench::run(
+            args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )),
     }
 }

@@ -1,7 +1,20 @@
-//! Shared fixtures for the criterion benchmarks in `benches/benches/` and the
-//! profiling example in `benches/examples/`: seeded rows, the table shapes,
-//! and the tracking configurations the core's insert cost is measured
-//! against (docs/arch/core.md, "Write tracking").
+//! tenantsync-benches: shared fixtures for the criterion benchmarks in
+//! `benches/benches/` and the profiling example in `benches/examples/`
+//! (seeded rows, the table shapes, and the tracking configurations the
+//! core's insert cost is measured against: docs/arch/core.md, "Write
+//! tracking"), and the tenant-isolation load harness behind `tenantsync
+//! bench` (docs/BENCH.md).
+//!
+//! Module map:
+//! - this root: the criterion fixtures ([`text`], [`Shape`], [`SHAPES`],
+//!   [`insert_rows`], [`Tracking`], [`Db`]).
+//! - [`harness`]: the load harness: [`harness::Config`], [`harness::run`]
+//!   (a server child process or external servers, seeded tenants,
+//!   thousands of WebSocket load clients, the phases, the isolation check)
+//!   and its [`harness::Report`] (terminal table, `--json`, `--report` with
+//!   SVG plots).
+
+pub mod harness;
 
 use rusqlite::{Connection, params};
 use tenantsync_core::CrrConnection;

@@ -1,5 +1,6 @@
 //! The subcommands of the `tenantsync` CLI, one module each.
 
+pub mod bench;
 pub mod demo;
 pub mod policy;
 pub mod replica;

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+mod bench;
 mod demo;
 mod serve;
 
