@@ -268,8 +268,13 @@ async fn a_crash_between_pushes_loses_nothing_acknowledged() {
         "INSERT INTO todos (id, tenant_id, owner, title) VALUES (1, 'acme', 'alice', 'before')",
     )
     .await;
-    settled(&alice).await;
-    let acked = alice.status().pushed_version;
+    // Acknowledged: the server answered push_ok (not just "nothing pending
+    // yet", which the status may say before the write is noticed).
+    let acked = alice
+        .wait_until(Duration::from_secs(20), |s| s.pushes_ok >= 1 && !s.unpushed)
+        .await
+        .unwrap_or_else(|s| panic!("{s:?}"))
+        .pushed_version;
     assert!(acked > 0);
     // SIGKILL: no shutdown, no checkpoint. The acknowledged push survives.
     let listen = format!("127.0.0.1:{}", serve.url().rsplit(':').next().unwrap());
