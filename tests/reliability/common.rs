@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value as Json, json};
 use tenantsync_client::{ClientConfig, Replica, SyncClient};
 use tenantsync_core::{CrrConnection, Options, PackedPk};
-use tenantsync_policy::{ColumnSchema, Engine, Identity, PolicySet, Schema, TableSchema};
+use tenantsync_policy::{Engine, Identity, PolicySet, Schema};
 use tenantsync_types::Value;
 
 pub const SECRET: &str = "reliability-secret-32-bytes-long!";
@@ -401,42 +401,10 @@ fn unpack_all<'a>(pks: impl Iterator<Item = &'a PackedPk>) -> Vec<Vec<Value>> {
     pks.take(5).map(|p| p.unpack().unwrap()).collect()
 }
 
-/// The policy engine's view of the server database's tables.
+/// The policy engine's view of the server database's tables (the
+/// client's verifier builds it; one conversion for every oracle).
 pub fn policy_schema(db: &CrrConnection) -> Schema {
-    Schema {
-        tables: db
-            .schema()
-            .unwrap()
-            .tables
-            .iter()
-            .filter(|t| !t.name.starts_with("tenantsync_"))
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
-    }
+    tenantsync_client::verify::policy_schema(db).unwrap()
 }
 
 /// Waits until every client is connected, live on every subscription and

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use tenantsync_core::{CrrConnection, Options};
-use tenantsync_policy::{ColumnSchema, Engine, Identity, PolicySet, Schema, TableSchema};
+use tenantsync_policy::{Engine, Identity, PolicySet};
 
 /// The truth on the server database.
 pub struct Truth {
@@ -54,7 +54,7 @@ impl Truth {
             },
         )
         .with_context(|| format!("cannot open {} read-only", db.display()))?;
-        let schema = policy_schema(&db)?;
+        let schema = tenantsync_client::verify::policy_schema(&db)?;
         let set = PolicySet::parse("policy.sql", policy_sql, &schema)
             .map_err(|d| anyhow::anyhow!("the bench policy does not parse: {d}"))?;
         Ok(Truth {
@@ -122,42 +122,4 @@ impl Truth {
         out.clients_checked += 1;
         Ok(())
     }
-}
-
-/// The schema of the server database as the policy engine sees it (the
-/// server's own `tenantsync_*` tables left out).
-fn policy_schema(db: &CrrConnection) -> anyhow::Result<Schema> {
-    let core = db.schema()?;
-    Ok(Schema {
-        tables: core
-            .tables
-            .iter()
-            .filter(|t| !t.name.starts_with("tenantsync_"))
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
-    })
 }
