@@ -424,13 +424,27 @@ impl ApplyStats {
 }
 
 /// Merges one change on its own (the `crsql_changes` INSERT path).
+///
+/// It runs inside the caller's statement (`INSERT INTO crsql_changes`),
+/// where no savepoint can be opened: when it fails, the base-table write
+/// that failed undid itself, but a site id registered for the change's
+/// author on the way would stay, so a site id that was new is removed again
+/// (found by the `changes_insert` fuzz target: a BLOB into a STRICT TEXT
+/// column inside a transaction).
 pub(crate) fn merge_single(sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
     st.refresh(sh)?;
-    let t = st.table(c.table)?;
-    let mut m = RowMerge::begin(st, t, c.pk)?;
-    let outcome = m.merge(sh, st, c)?;
-    m.finish(sh, st)?;
-    Ok(outcome)
+    let known = st.site_known(c.site_id)?;
+    let merged = (|| {
+        let t = st.table(c.table)?;
+        let mut m = RowMerge::begin(st, t, c.pk)?;
+        let outcome = m.merge(sh, st, c)?;
+        m.finish(sh, st)?;
+        Ok(outcome)
+    })();
+    if merged.is_err() && !known {
+        st.forget_site(c.site_id)?;
+    }
+    merged
 }
 
 /// Merges a batch, grouping consecutive changes of one row. Errors carry the

@@ -216,6 +216,30 @@ impl SiteCache {
         Ok(ord)
     }
 
+    /// Whether a site id already has an ordinal (NULL/empty: the local
+    /// site, always). Creates nothing.
+    fn known(&self, conn: &Connection, blob: &[u8]) -> Result<bool> {
+        if blob.is_empty() || self.by_blob.contains_key(blob) {
+            return Ok(true);
+        }
+        Ok(conn
+            .prepare_cached("SELECT 1 FROM crsql_site_id WHERE site_id = ?1")?
+            .exists([blob])?)
+    }
+
+    /// Removes a site id registered by a write that then failed (nothing
+    /// references it), from the table and the cache.
+    fn forget(&mut self, conn: &Connection, blob: &[u8]) -> Result<()> {
+        conn.prepare_cached("DELETE FROM crsql_site_id WHERE site_id = ?1 AND ordinal <> 0")?
+            .execute([blob])?;
+        if let Some(ord) = self.by_blob.remove(blob) {
+            self.by_ord.remove(&ord);
+            self.fresh.remove(&ord);
+        }
+        self.last = None;
+        Ok(())
+    }
+
     fn remember(&mut self, blob: &[u8], ord: i64) {
         let mut bytes = [0u8; 16];
         bytes[..blob.len()].copy_from_slice(blob);
@@ -413,6 +437,24 @@ impl State {
             .as_ref()
             .expect("the engine state outlived its connection");
         self.sites.ordinal(conn, blob)
+    }
+
+    /// Whether a site id has an ordinal already (creates nothing).
+    pub fn site_known(&self, blob: &[u8]) -> Result<bool> {
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("the engine state outlived its connection");
+        self.sites.known(conn, blob)
+    }
+
+    /// Undoes the registration of a site id whose write failed.
+    pub fn forget_site(&mut self, blob: &[u8]) -> Result<()> {
+        let conn = self
+            .conn
+            .as_ref()
+            .expect("the engine state outlived its connection");
+        self.sites.forget(conn, blob)
     }
 
     /// The site id of an ordinal.

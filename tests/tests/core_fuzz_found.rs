@@ -147,3 +147,49 @@ fn dropping_a_connection_inside_a_transaction_rolls_back() {
     let again = CrrConnection::open(&path).unwrap();
     assert_eq!(state(&again), before);
 }
+
+/// Inside a transaction a refused `INSERT INTO crsql_changes` (a BLOB into a
+/// STRICT TEXT column) left its change's site id registered in
+/// `crsql_site_id`: the failed base-table write undid itself, the site id
+/// registered before it stayed. Nothing of a refused row may stay, and a
+/// site id that is in use stays in use.
+#[test]
+fn a_refused_change_inside_a_transaction_leaves_no_site_id() {
+    let d = db_with(
+        1,
+        "CREATE TABLE s (id INTEGER PRIMARY KEY NOT NULL, t TEXT) STRICT;
+         SELECT crsql_as_crr('s');",
+    );
+    let sites = |d: &CrrConnection| rows(d, "SELECT * FROM crsql_site_id ORDER BY ordinal");
+    let known = format!("x'{}'", "02".repeat(16));
+    let new = format!("x'{}'", "03".repeat(16));
+    d.conn()
+        .execute_batch(&format!(
+            "INSERT INTO crsql_changes VALUES ('s', x'010901', 't', 'ok', 1, 1, {known}, 1, 0)"
+        ))
+        .unwrap();
+    let before = (sites(&d), changes(&d, ""), rows(&d, "SELECT * FROM s"));
+    d.conn().execute_batch("BEGIN").unwrap();
+    for site in [&new, &known] {
+        let err = d
+            .conn()
+            .execute_batch(&format!(
+                "INSERT INTO crsql_changes VALUES ('s', x'010902', 't', x'00', 1, 1, {site}, 1, 0)"
+            ))
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot store BLOB"), "{err}");
+        assert_eq!(
+            (sites(&d), changes(&d, ""), rows(&d, "SELECT * FROM s")),
+            before,
+            "a refused change from {site} left something"
+        );
+    }
+    // The transaction goes on: a good change from the new site registers it.
+    d.conn()
+        .execute_batch(&format!(
+            "INSERT INTO crsql_changes VALUES ('s', x'010902', 't', 'fine', 1, 1, {new}, 1, 0); COMMIT;"
+        ))
+        .unwrap();
+    assert_eq!(sites(&d).len(), before.0.len() + 1);
+    assert_eq!(rows(&d, "SELECT * FROM s").len(), 2);
+}
