@@ -400,8 +400,8 @@ pub async fn sync_round(
         };
         match http.push(&batch.to_http(site)).await {
             Ok(PushAnswer::Ok(ok)) => {
-                let pv = ok.pushed_version;
-                replica.run(move |r| r.push_ok(pv)).await?;
+                let (pv, sv) = (ok.pushed_version, ok.server_version);
+                replica.run(move |r| r.push_ok(pv, sv)).await?;
                 report.pushes += 1;
                 report.pushed_changes += batch.changes.len();
             }
@@ -440,7 +440,7 @@ pub async fn sync_round(
                 gaps += 1;
                 replica.call(|r| r.push_abandoned()).await?;
                 let pv = body.pushed_version.unwrap_or(0);
-                replica.run(move |r| r.set_pushed_version(pv)).await?;
+                replica.run(move |r| r.set_pushed_version(pv, 0)).await?;
             }
             Err(HttpError::Server { body, .. })
                 if body.code == ErrorCode::RateLimited && gaps < 3 =>

@@ -306,6 +306,10 @@ pub struct Replica {
     syncs: HashMap<String, StagedSync>,
     checkpoint: Option<StagedCheckpoint>,
     inflight: Option<(i64, i64)>,
+    /// The end of the highest push sent and not answered (a push abandoned
+    /// when the connection dropped may have been applied): until the
+    /// server's word on it, rows with local changes in it are not evicted.
+    unanswered: Option<i64>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -314,6 +318,7 @@ impl std::fmt::Debug for Replica {
             .field("site", &self.site)
             .field("staged_syncs", &self.syncs.len())
             .field("inflight", &self.inflight)
+            .field("unanswered", &self.unanswered)
             .finish()
     }
 }
@@ -350,6 +355,7 @@ impl Replica {
             syncs: HashMap::new(),
             checkpoint: None,
             inflight: None,
+            unanswered: None,
         })
     }
 
@@ -389,10 +395,18 @@ impl Replica {
     /// Records what the server says it holds of this replica's changes
     /// (`welcome.peer.pushed_version`, a `gap` error): the next push starts
     /// there. A lower value than before (the server lost data) makes the
-    /// replica push again what it pushed after it.
-    pub fn set_pushed_version(&mut self, v: i64) -> Result<()> {
+    /// replica push again what it pushed after it. A higher one is an
+    /// acknowledgement whose answer was lost (the connection dropped after
+    /// the server committed the push): as with [`Replica::push_ok`], the
+    /// rows of it no subscription holds wait to settle, with
+    /// `server_version` (the server's version then, `welcome.db_version`;
+    /// 0 when unknown) as their commit's upper bound.
+    pub fn set_pushed_version(&mut self, v: i64, server_version: i64) -> Result<()> {
         self.in_tx(|r| {
             let old = r.pushed_version()?;
+            if v > old {
+                r.acknowledged(v, server_version)?;
+            }
             store::set_meta(r.sql(), store::PUSHED_VERSION, v)?;
             if v < old {
                 store::set_meta(r.sql(), store::PUSH_FLOOR, v)?;
@@ -402,6 +416,11 @@ impl Replica {
         })?;
         if self.inflight.is_some_and(|(_, to)| v < to) {
             self.inflight = None;
+        }
+        // The server's word: what it holds is at or below `v`, the rest is
+        // not on the server.
+        if self.inflight.is_none() {
+            self.unanswered = None;
         }
         Ok(())
     }
@@ -717,6 +736,9 @@ impl Replica {
                 }
             }
             let mut report = r.apply_parts(version, &parts)?;
+            // Every subscription is at `version` now: the pushed rows that
+            // entered one are held, the others leave.
+            report.rows_removed += r.settle(version)?;
             report.gaps = gaps;
             report.stale = stale;
             report.unknown = unknown;
@@ -810,6 +832,7 @@ impl Replica {
         })?;
         if let Some(b) = &batch {
             self.inflight = Some((b.from, b.to));
+            self.unanswered = self.unanswered.max(Some(b.to));
         }
         Ok(batch)
     }
@@ -836,21 +859,92 @@ impl Replica {
         }
     }
 
-    /// The push in flight was applied: the server now holds this replica's
-    /// changes up to `pushed_version`.
-    pub fn push_ok(&mut self, pushed_version: i64) -> Result<()> {
+    /// The push in flight was applied in server version `server_version`
+    /// (0 for a duplicate the server already held): the server now holds
+    /// this replica's changes up to `pushed_version`.
+    ///
+    /// A replica holds what its subscriptions hold, its own writes too: the
+    /// rows of the push that no subscription holds yet are recorded to be
+    /// settled. The pushed rows that entered a subscription come back in the
+    /// server's deliveries of that version (rows entering a view are never
+    /// echo-filtered); once those are applied, the ones still unheld leave
+    /// the replica ([`Replica::settle_pushed`]).
+    pub fn push_ok(&mut self, pushed_version: i64, server_version: i64) -> Result<()> {
         self.inflight = None;
+        if self.unanswered.is_some_and(|to| to <= pushed_version) {
+            self.unanswered = None;
+        }
         self.in_tx(|r| {
+            r.acknowledged(pushed_version, server_version)?;
             store::set_meta(r.sql(), store::PUSHED_VERSION, pushed_version)?;
-            // Changes quarantined by an eviction while their push was in
-            // flight reached the server after all.
-            r.sql().execute(
-                "DELETE FROM tenantsync_replica_quarantine WHERE in_push <> 0 AND db_version <= ?1",
-                [pushed_version],
-            )?;
             r.prune_merged()?;
             Ok(())
         })
+    }
+
+    /// The server holds this replica's changes up to `pushed_version`,
+    /// committed at or before `server_version` (inside the transaction that
+    /// records it): the pushed rows no subscription holds wait to settle.
+    fn acknowledged(&mut self, pushed_version: i64, server_version: i64) -> Result<()> {
+        let start = self.push_start()?;
+        if pushed_version > start {
+            let merged = self.merged_ranges()?;
+            let own = self.conn.changes(&ChangesQuery {
+                since: start,
+                until: Some(pushed_version),
+                site: SiteFilter::Only(self.site),
+                ..ChangesQuery::default()
+            })?;
+            let mut rows = BTreeSet::new();
+            for c in own.iter().filter(|c| !in_ranges(&merged, c.db_version)) {
+                rows.insert((c.table.clone(), canonical(&c.table, &c.pk)?));
+            }
+            for row in rows {
+                if !self.held_by_any(&row)? {
+                    self.sql()
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO tenantsync_replica_settle (tbl, pk, server_version)
+                             VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![row.0, row.1, server_version])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The server's deliveries up to `up_to` are applied: the rows recorded
+    /// by [`Replica::push_ok`] (or an acknowledgement through
+    /// [`Replica::set_pushed_version`]) with a server version up to it that
+    /// no subscription holds now, and that have no local change the server
+    /// does not hold yet, leave the replica (without a delete: nothing
+    /// spreads). Returns how many left. Transports call it where they know
+    /// the deliveries are in: the WebSocket client at `push_ok` (the server
+    /// sends it after queueing the commit's changes, docs/PROTOCOL.md §4.3)
+    /// and whenever every subscription has become live (up to the highest
+    /// version acknowledged); [`Replica::apply_pull`] settles by itself.
+    /// While a subscription has no cursor (a full sync is due or under way)
+    /// or a sync or checkpoint is staged, it does nothing: a later call
+    /// settles.
+    pub fn settle_pushed(&mut self, up_to: i64) -> Result<usize> {
+        self.in_tx(|r| r.settle(up_to))
+    }
+
+    /// Rows recorded to settle, with their server versions.
+    pub fn unsettled(&self) -> Result<Vec<(RowKey, i64)>> {
+        let mut stmt = self.sql().prepare_cached(
+            "SELECT tbl, pk, server_version FROM tenantsync_replica_settle ORDER BY tbl, pk",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                RowKey {
+                    table: r.get(0)?,
+                    pk: PackedPk(r.get(1)?),
+                },
+                r.get(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The push in flight got no answer (the connection dropped): it is
@@ -873,6 +967,7 @@ impl Replica {
         refusal: &PushRefusal,
     ) -> Result<RefusalReport> {
         self.inflight = None;
+        self.unanswered = None;
         self.in_tx(|r| {
             let before = r.conn.db_version()?;
             let code = refusal.code.as_str();
@@ -926,7 +1021,6 @@ impl Replica {
                             push_range: range,
                         },
                         named,
-                        false,
                     )?;
                     quarantined += 1;
                 }
@@ -953,19 +1047,10 @@ impl Replica {
                             push_range: range,
                         },
                         named,
-                        false,
                     )?;
                     quarantined += 1;
                 }
             }
-            // Changes an eviction quarantined while this push was in flight
-            // were refused with it.
-            r.sql().execute(
-                "UPDATE tenantsync_replica_quarantine
-                 SET reason = 'push_refused', code = ?1, detail = ?2, push_from = ?3, push_to = ?4, in_push = 0
-                 WHERE in_push <> 0 AND db_version > ?3 AND db_version <= ?4",
-                params![code, refusal.message, batch.from, batch.to],
-            )?;
 
             // 2. Restore: the server's state, or removal.
             let mut hi: Option<i64> = None;
@@ -1193,12 +1278,55 @@ impl Replica {
 
     /// Removes those of `rows` that no subscription holds, quarantining
     /// their unpushed local changes first. Returns (removed, quarantined).
+    ///
+    /// A row with local changes in a push not answered yet stays (unheld)
+    /// until the answer: the server may hold those changes and send them
+    /// back to no one (echo filtering), so dropping them here and getting
+    /// the row back from an older snapshot would leave it stale for good
+    /// (oracle seed 226). `push_ok` then settles it like any pushed row; a
+    /// refusal restores or removes it.
     fn remove_unheld(&mut self, rows: Vec<Row>) -> Result<(usize, usize)> {
         let mut gone = Vec::new();
         for row in rows {
             if !self.held_by_any(&row)? {
                 gone.push(row);
             }
+        }
+        if let Some(to) = self.unanswered {
+            let pending: BTreeSet<Row> = self
+                .unpushed_changes(&gone)?
+                .into_iter()
+                .filter(|c| c.db_version <= to)
+                .map(|c| Ok((c.table.clone(), canonical(&c.table, &c.pk)?)))
+                .collect::<Result<_>>()?;
+            gone.retain(|r| !pending.contains(r));
+        }
+        // While a full sync is pending, a row with a clock of this site
+        // stays too, and settles once the syncs are done: its snapshot may
+        // predate this site's change, which the server then sends back to
+        // no one (oracle seed 226, the other order).
+        if !gone.is_empty() && self.sync_pending()? {
+            let mut kept = BTreeSet::new();
+            for (table, pks) in group_by_table(gone.iter()) {
+                for c in self.conn.changes(&ChangesQuery {
+                    since: 0,
+                    table: Some(table.clone()),
+                    pks: Some(pks),
+                    site: SiteFilter::Only(self.site),
+                    ..ChangesQuery::default()
+                })? {
+                    kept.insert((c.table.clone(), canonical(&c.table, &c.pk)?));
+                }
+            }
+            for row in &kept {
+                self.sql()
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO tenantsync_replica_settle (tbl, pk, server_version)
+                         VALUES (?1, ?2, 0)",
+                    )?
+                    .execute(params![row.0, row.1])?;
+            }
+            gone.retain(|r| !kept.contains(r));
         }
         if gone.is_empty() {
             return Ok((0, 0));
@@ -1222,10 +1350,19 @@ impl Replica {
 
     /// Moves the unpushed local changes of `rows` to quarantine.
     fn quarantine_rows(&mut self, rows: &[Row], tag: &QuarantineTag<'_>) -> Result<usize> {
+        let own = self.unpushed_changes(rows)?;
+        for c in &own {
+            self.insert_quarantine(c, tag, None)?;
+        }
+        Ok(own.len())
+    }
+
+    /// The local changes of `rows` the server does not hold yet (after the
+    /// push start, not written by merges).
+    fn unpushed_changes(&self, rows: &[Row]) -> Result<Vec<Change>> {
         let start = self.push_start()?;
         let merged = self.merged_ranges()?;
-        let inflight_to = self.inflight.map(|(_, to)| to);
-        let mut n = 0;
+        let mut out = Vec::new();
         for (table, pks) in group_by_table(rows.iter()) {
             let own = self.conn.changes(&ChangesQuery {
                 since: start,
@@ -1234,13 +1371,73 @@ impl Replica {
                 site: SiteFilter::Only(self.site),
                 ..ChangesQuery::default()
             })?;
-            for c in own.iter().filter(|c| !in_ranges(&merged, c.db_version)) {
-                let in_push = inflight_to.is_some_and(|to| c.db_version <= to);
-                self.insert_quarantine(c, tag, None, in_push)?;
-                n += 1;
+            out.extend(
+                own.into_iter()
+                    .filter(|c| !in_ranges(&merged, c.db_version)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Whether a full sync is due or under way (a subscription without a
+    /// cursor, a staged sync) or a checkpoint is staged.
+    fn sync_pending(&self) -> Result<bool> {
+        Ok(self.checkpoint.is_some()
+            || !self.syncs.is_empty()
+            || self
+                .sql()
+                .prepare_cached(
+                    "SELECT 1 FROM tenantsync_replica_subs WHERE cursor IS NULL LIMIT 1",
+                )?
+                .exists([])?)
+    }
+
+    /// [`Replica::settle_pushed`] inside a transaction.
+    fn settle(&mut self, up_to: i64) -> Result<usize> {
+        // Not while a subscription waits for a full sync or one is staged:
+        // its snapshot may be older than the push, and the server, which
+        // counts the snapshot's rows as held, sends later changes of them
+        // echo-filtered. A pushed row dropped now would come back from the
+        // snapshot without this replica's own newer change, for good
+        // (oracle seed 161).
+        if self.sync_pending()? {
+            return Ok(0);
+        }
+        let due: Vec<Row> = {
+            let mut stmt = self.sql().prepare_cached(
+                "SELECT tbl, pk FROM tenantsync_replica_settle WHERE server_version <= ?1",
+            )?;
+            let rows = stmt.query_map([up_to], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        self.sql().execute(
+            "DELETE FROM tenantsync_replica_settle WHERE server_version <= ?1",
+            [up_to],
+        )?;
+        let mut unheld = Vec::new();
+        for row in due {
+            if !self.held_by_any(&row)? {
+                unheld.push(row);
             }
         }
-        Ok(n)
+        // A row written again since its push keeps its place until that
+        // write is acknowledged (its own push_ok records it again).
+        let pending: BTreeSet<Row> = self
+            .unpushed_changes(&unheld)?
+            .into_iter()
+            .map(|c| Ok((c.table.clone(), canonical(&c.table, &c.pk)?)))
+            .collect::<Result<_>>()?;
+        let gone: Vec<Row> = unheld
+            .into_iter()
+            .filter(|r| !pending.contains(r))
+            .collect();
+        for (table, pks) in group_by_table(gone.iter()) {
+            self.conn.evict(&table, &pks)?;
+        }
+        Ok(gone.len())
     }
 
     fn insert_quarantine(
@@ -1248,7 +1445,6 @@ impl Replica {
         c: &Change,
         tag: &QuarantineTag<'_>,
         refused: Option<&RefusedRow>,
-        in_push: bool,
     ) -> Result<()> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -1257,9 +1453,9 @@ impl Replica {
         self.sql()
             .prepare_cached(
                 "INSERT INTO tenantsync_replica_quarantine
-                 (at_ms, reason, code, command, policy, detail, push_from, push_to, in_push,
+                 (at_ms, reason, code, command, policy, detail, push_from, push_to,
                   tbl, pk, cid, val, col_version, db_version, site_id, cl, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?
             .execute(params![
                 now,
@@ -1270,7 +1466,6 @@ impl Replica {
                 tag.detail,
                 tag.push_range.map(|r| r.0),
                 tag.push_range.map(|r| r.1),
-                i64::from(in_push),
                 c.table,
                 c.pk.0,
                 c.cid,

@@ -13,6 +13,11 @@
 //!   came from the server and are never pushed again.
 //! - `tenantsync_replica_quarantine`: local changes that were refused or had
 //!   to make way for an eviction, with why (see [`crate::Quarantined`]).
+//! - `tenantsync_replica_settle (tbl, pk, server_version)`: rows this
+//!   replica pushed that no subscription held when the push was
+//!   acknowledged (in server version `server_version`): once the server's
+//!   deliveries up to that version are applied, those still unheld leave
+//!   the replica (`Replica::settle_pushed`).
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -44,10 +49,15 @@ pub(crate) fn create(conn: &Connection) -> rusqlite::Result<()> {
            detail TEXT NOT NULL,
            push_from INTEGER,
            push_to INTEGER,
+           -- Unused since evictions wait for the answer of a push in flight
+           -- (kept so older replica files open unchanged).
            in_push INTEGER NOT NULL DEFAULT 0,
            tbl TEXT NOT NULL, pk BLOB NOT NULL, cid TEXT NOT NULL, val ANY,
            col_version INTEGER NOT NULL, db_version INTEGER NOT NULL,
            site_id BLOB NOT NULL, cl INTEGER NOT NULL, seq INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS tenantsync_replica_settle (
+           tbl TEXT NOT NULL, pk BLOB NOT NULL, server_version INTEGER NOT NULL,
+           PRIMARY KEY (tbl, pk)) WITHOUT ROWID;
          UPDATE tenantsync_replica_quarantine SET in_push = 0 WHERE in_push <> 0;
          COMMIT;",
     )

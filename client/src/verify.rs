@@ -552,6 +552,46 @@ impl Check {
     }
 }
 
+/// One line per difference (at most 10 rows of each kind), or `ok`.
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ok() {
+            return write!(
+                f,
+                "ok: {} rows at server version {}",
+                self.held, self.server_version
+            );
+        }
+        write!(
+            f,
+            "{} rows, {} expected at server version {}: {} leaks, {} misses, {} stale",
+            self.held,
+            self.expected,
+            self.server_version,
+            self.leaks.len(),
+            self.misses.len(),
+            self.stale.len()
+        )?;
+        for (what, diffs) in [
+            ("leak", &self.leaks),
+            ("miss", &self.misses),
+            ("stale", &self.stale),
+        ] {
+            for d in diffs.iter().take(10) {
+                write!(f, "\n  {what}: {d}")?;
+            }
+        }
+        for h in &self.held_diffs {
+            write!(
+                f,
+                "\n  subscription {}: holds {} keys it may not, lacks {} it may",
+                h.sub, h.extra, h.missing
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Equal values, REALs by their bits (so -0.0 differs from 0.0, as it does
 /// on the wire).
 fn same_row(a: &[Value], b: &[Value]) -> bool {

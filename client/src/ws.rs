@@ -506,6 +506,7 @@ impl Worker {
             push_retry_at: None,
             max_bytes: tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES,
             last_local: i64::MIN,
+            settle_up_to: 0,
         };
         match self.open(&mut s).await {
             Ok(()) => {}
@@ -637,12 +638,13 @@ impl Worker {
             other => return Err(format!("expected welcome, got {other:?}")),
         };
         s.max_bytes = max_bytes;
+        s.settle_up_to = db_version;
         self.replica
             .run(move |r| {
                 r.drop_staged();
                 r.push_abandoned();
                 r.set_server_site_id(server_site)?;
-                r.set_pushed_version(pushed_version)
+                r.set_pushed_version(pushed_version, db_version)
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -755,6 +757,16 @@ impl Worker {
                         .await?;
                         s.syncing.remove(&sub);
                         s.live.insert(sub);
+                        if s.syncing.is_empty() {
+                            // Every subscription is live: what was
+                            // acknowledged meanwhile (at the welcome, by a
+                            // lost answer, or by push_ok) settles.
+                            let up_to = s.settle_up_to;
+                            if let Err(e) = self.replica.run(move |r| r.settle_pushed(up_to)).await
+                            {
+                                self.local_error(e);
+                            }
+                        }
                         self.status
                             .send_modify(|st| st.server_version = st.server_version.max(version));
                         let _ = self.events.send(Event::Synced(Box::new(report)));
@@ -817,7 +829,20 @@ impl Worker {
             } => {
                 if s.inflight.as_ref().is_some_and(|(i, _)| *i == id) {
                     let (_, batch) = s.inflight.take().expect("checked");
-                    if let Err(e) = self.replica.run(move |r| r.push_ok(pushed_version)).await {
+                    // The server answers after queueing the commit's
+                    // changes: what of the push entered a subscription is
+                    // applied by now, so the rest settles.
+                    s.settle_up_to = s.settle_up_to.max(server_version);
+                    let up_to = s.settle_up_to;
+                    let settle = s.syncing.is_empty();
+                    let done = self.replica.run(move |r| {
+                        r.push_ok(pushed_version, server_version)?;
+                        if settle {
+                            r.settle_pushed(up_to)?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = done.await {
                         self.local_error(e);
                     }
                     self.status.send_modify(|st| st.pushes_ok += 1);
@@ -876,7 +901,7 @@ impl Worker {
             match e.code {
                 ErrorCode::Gap => {
                     let pv = e.pushed_version.unwrap_or(0);
-                    if let Err(err) = self.replica.run(move |r| r.set_pushed_version(pv)).await {
+                    if let Err(err) = self.replica.run(move |r| r.set_pushed_version(pv, 0)).await {
                         self.local_error(err);
                     }
                     self.try_push(s).await?;
@@ -1044,6 +1069,10 @@ struct Session {
     push_retry_at: Option<Instant>,
     max_bytes: usize,
     last_local: i64,
+    /// The highest server version acknowledged in this session
+    /// (`welcome.db_version`, `push_ok.server_version`): pushed rows up to
+    /// it settle once every subscription is live.
+    settle_up_to: i64,
 }
 
 async fn send(

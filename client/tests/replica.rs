@@ -588,7 +588,7 @@ fn pushes_are_whole_transactions_in_order_under_the_byte_limit() -> Result<()> {
     assert!(versions.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(a.to, *versions.last().unwrap());
     assert!(a.changes.iter().all(|c| c.site_id == r.site_id()));
-    r.push_ok(a.to)?;
+    r.push_ok(a.to, 0)?;
     assert_eq!(r.pushed_version()?, a.to);
     let b = r.next_push(limit)?.unwrap();
     assert_eq!((b.from, b.transactions), (a.to, 1));
@@ -597,7 +597,7 @@ fn pushes_are_whole_transactions_in_order_under_the_byte_limit() -> Result<()> {
             .iter()
             .all(|c| c.db_version > a.to && c.db_version <= b.to)
     );
-    r.push_ok(b.to)?;
+    r.push_ok(b.to, 0)?;
     assert_eq!(r.next_push(limit)?, None);
     assert!(!r.has_unpushed()?);
     // A transaction over the limit cannot be pushed.
@@ -615,11 +615,11 @@ fn a_gap_answer_makes_the_replica_push_again_from_the_servers_version() -> Resul
     let mut r = synced(&server)?;
     local_txs(&r, 100, 2)?;
     let a = r.next_push(1 << 20)?.unwrap();
-    r.push_ok(a.to)?;
+    r.push_ok(a.to, 0)?;
     assert_eq!(r.next_push(1 << 20)?, None);
     // The server lost what it had of this replica (restored from a backup):
     // it says pushed_version 0; everything is pushed again.
-    r.set_pushed_version(0)?;
+    r.set_pushed_version(0, 0)?;
     let again = r.next_push(1 << 20)?.unwrap();
     assert_eq!(again.from, 0);
     assert_eq!(again.changes, a.changes);
@@ -637,7 +637,7 @@ fn changes_that_came_from_the_server_are_never_pushed_again() -> Result<()> {
     )?;
     let batch = r.next_push(1 << 20)?.unwrap();
     server.db.merge_sql(&batch.changes)?;
-    r.push_ok(batch.to)?;
+    r.push_ok(batch.to, 0)?;
     // Row 7 enters `all` (sent whole even though this replica wrote it:
     // so that the subscription holds it); equal clocks, nothing re-stamped.
     let v0 = cursor(&r, "all").unwrap();
@@ -864,28 +864,334 @@ fn rows_of_a_refused_push_the_server_did_not_describe_are_fetched_again() -> Res
     Ok(())
 }
 
+/// Regression (oracle seed 226): a row that leaves every subscription while
+/// a push of its local changes is in flight stays until the answer. The
+/// server may hold those changes and sends them back to no one (echo
+/// filtering): had the row been dropped with them, an older snapshot could
+/// bring it back without them, stale for good. Applied: the row settles
+/// like any pushed row (nothing quarantined, nothing lost); refused: the
+/// refusal's rules apply.
 #[test]
-fn an_eviction_during_a_push_in_flight_is_settled_by_the_answer() -> Result<()> {
-    let server = seeded()?;
-    let mut r = synced(&server)?;
+fn an_eviction_during_a_push_in_flight_waits_for_the_answer() -> Result<()> {
+    for applied in [true, false] {
+        let mut server = seeded()?;
+        let mut r = synced(&server)?;
+        let v0 = server.version();
+        r.conn()
+            .conn()
+            .execute("UPDATE todos SET title = 'in flight' WHERE id = 3", [])?;
+        let batch = r.next_push(1 << 20)?.unwrap();
+        // Row 3 leaves before the answer: it stays, held by nothing.
+        let v1 = server.exec("UPDATE todos SET list_id = 8 WHERE id = 3")?;
+        let report = r
+            .apply_changes(
+                v1,
+                parts(vec![("all", part(v0, vec![], vec![key(3)]))]),
+                false,
+            )?
+            .unwrap();
+        assert_eq!((report.rows_removed, report.quarantined), (0, 0));
+        assert!(ids(&r).contains(&3) && !held(&r, "all").contains(&3));
+        if applied {
+            server.db.apply(&batch.changes)?;
+            r.push_ok(batch.to, server.version())?;
+            assert_eq!(r.settle_pushed(server.version())?, 1);
+        } else {
+            let refused = refusal(
+                batch.to,
+                vec![refused_row(3, "UPDATE")],
+                vec![],
+                vec![key(3)],
+            );
+            r.push_refused(&batch, &refused)?;
+            assert_eq!(r.quarantine()?.len(), 1, "the refused change");
+        }
+        assert_eq!(ids(&r), [1, 2], "applied: {applied}");
+        if applied {
+            assert!(r.quarantine()?.is_empty());
+        }
+        assert_eq!(r.next_push(1 << 20)?, None);
+    }
+    Ok(())
+}
+
+/// A replica subscribed to list 1 only, synced with rows 1 and 2.
+fn on_list1(server: &Server, path: Option<&std::path::Path>) -> Result<Replica> {
+    let mut r = match path {
+        Some(p) => Replica::open(p)?,
+        None => Replica::open_in_memory()?,
+    };
+    r.apply_schema(SCHEMA)?;
+    r.add_subscription("list1", "SELECT * FROM todos WHERE list_id = 1")?;
+    r.apply_snapshot(
+        "list1",
+        server.version(),
+        true,
+        server.rows(&[1, 2]),
+        vec![],
+        true,
+    )?;
+    Ok(r)
+}
+
+/// Regression (issue 6, oracle seed 6; the case left open in issue 4): a
+/// row the client wrote where none of its subscriptions looks was never
+/// delivered back, so nothing ever removed it; it stayed in the replica and
+/// went stale. Now a replica holds what its subscriptions hold, its own
+/// writes too: once the push is acknowledged and the deliveries of its
+/// commit are in, the pushed rows no subscription took leave (no delete).
+#[test]
+fn a_pushed_row_no_subscription_holds_leaves_once_the_deliveries_are_in() -> Result<()> {
+    let mut server = seeded()?;
+    let mut r = on_list1(&server, None)?;
     let v0 = server.version();
-    r.conn()
-        .conn()
-        .execute("UPDATE todos SET title = 'in flight' WHERE id = 3", [])?;
+    r.conn().conn().execute_batch(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'elsewhere'), (8, 1, 'here');",
+    )?;
     let batch = r.next_push(1 << 20)?.unwrap();
-    // Row 3 leaves before the answer: its change is quarantined (the push
-    // may still be refused)...
-    let v1 = server.exec("UPDATE todos SET list_id = 8 WHERE id = 3")?;
+    server.db.apply(&batch.changes)?;
+    let v1 = server.version();
+    // On the WebSocket the commit's deliveries come first: row 8 entered
+    // list 1 (every clock, not echo-filtered), row 7 entered nothing.
     r.apply_changes(
         v1,
-        parts(vec![("all", part(v0, vec![], vec![key(3)]))]),
+        parts(vec![("list1", part(v0, server.rows(&[8]), vec![]))]),
         false,
     )?;
-    assert_eq!(r.quarantine()?.len(), 1);
-    // ...and the push was applied after all: nothing was lost, the
-    // quarantine entry goes.
-    r.push_ok(batch.to)?;
+    r.push_ok(batch.to, v1)?;
+    assert_eq!(r.unsettled()?.len(), 1, "row 7 waits to settle");
+    assert_eq!(r.settle_pushed(v1)?, 1);
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (8, "here")],
+        &[("list1", &[1, 2, 8], Some(v1))],
+    );
+    assert!(r.unsettled()?.is_empty());
+    // The eviction spreads nothing.
+    assert_eq!(r.next_push(1 << 20)?, None);
+    // The server still has row 7: a later subscription brings it back.
+    assert_eq!(server.rows(&[7]).len(), 3);
+    Ok(())
+}
+
+/// Over HTTP the answer comes before the pull: the rows wait to settle
+/// (across a restart too) until a pull at or after the push's server
+/// version has been applied.
+#[test]
+fn pushed_rows_settle_at_the_next_pull_and_survive_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("replica.db");
+    let mut server = seeded()?;
+    let v0 = server.version();
+    {
+        let mut r = on_list1(&server, Some(&path))?;
+        r.conn().conn().execute_batch(
+            "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'elsewhere'), (8, 1, 'here');",
+        )?;
+        let batch = r.next_push(1 << 20)?.unwrap();
+        server.db.apply(&batch.changes)?;
+        r.push_ok(batch.to, server.version())?;
+        // Nothing is removed before the deliveries are in.
+        assert_eq!(ids(&r), [1, 2, 7, 8]);
+    }
+    let mut r = Replica::open(&path)?;
+    assert_eq!(r.unsettled()?.len(), 2, "rows 7 and 8 wait to settle");
+    let v1 = server.version();
+    let report = r.apply_pull(&PullResponse {
+        version: v1,
+        subs: BTreeMap::from([(
+            "list1".to_owned(),
+            PullPart {
+                mode: SubscribeMode::Resume,
+                from: v0,
+                reset: false,
+                changes: server.rows(&[8]),
+                evict: vec![],
+            },
+        )]),
+    })?;
+    assert_eq!(report.rows_removed, 1);
+    check(
+        &r,
+        &[(1, "milk"), (2, "bread"), (8, "here")],
+        &[("list1", &[1, 2, 8], Some(v1))],
+    );
+    assert!(r.unsettled()?.is_empty());
+    Ok(())
+}
+
+/// Regression (oracle seed 122): the answer to a push was lost (the client
+/// went offline right after sending it) and the server said at the next
+/// `welcome` that it held the push: that acknowledgement must settle the
+/// pushed rows too, or a row no subscription holds stays for good.
+#[test]
+fn a_push_acknowledged_by_the_next_welcome_settles_too() -> Result<()> {
+    let mut server = seeded()?;
+    let mut r = on_list1(&server, None)?;
+    r.conn().conn().execute(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'lost answer')",
+        [],
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    server.db.apply(&batch.changes)?;
+    // The connection dropped before the answer.
+    r.push_abandoned();
+    let welcome_version = server.version();
+    r.set_pushed_version(batch.to, welcome_version)?;
+    assert_eq!(r.unsettled()?.len(), 1);
+    assert_eq!(r.next_push(1 << 20)?, None, "nothing is pushed twice");
+    // Once every subscription caught up past the welcome.
+    assert_eq!(r.settle_pushed(welcome_version)?, 1);
+    assert_eq!(ids(&r), [1, 2]);
+    Ok(())
+}
+
+/// Regression (oracle seed 161): nothing settles while a subscription waits
+/// for its full sync. Its snapshot may predate the push, and the server
+/// sends the push's own changes to the rows of that snapshot echo-filtered:
+/// a pushed row dropped before the snapshot came back without them, stale.
+#[test]
+fn pushed_rows_wait_for_every_full_sync_before_they_settle() -> Result<()> {
+    let mut server = seeded()?;
+    let mut r = on_list1(&server, None)?;
+    server.exec("INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'old')")?;
+    let before_push = server.version();
+    // A new subscription that will hold row 7, not synced yet; this
+    // replica writes row 7 meanwhile (its value wins the tie on the server).
+    r.add_subscription("all", "SELECT * FROM todos")?;
+    r.conn().conn().execute(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'zzz')",
+        [],
+    )?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    server.db.apply(&batch.changes)?;
+    let v = server.version();
+    r.push_ok(batch.to, v)?;
+    assert_eq!(r.settle_pushed(v)?, 0, "`all` has no cursor yet");
+    assert_eq!(ids(&r), [1, 2, 7]);
+    // Its snapshot was read before the push: row 7 as it was.
+    r.apply_snapshot(
+        "all",
+        before_push,
+        true,
+        server_rows_at(&server, &[1, 2, 3, 7], "old"),
+        vec![],
+        true,
+    )?;
+    assert_eq!(r.settle_pushed(v)?, 0, "row 7 is held now");
+    assert!(r.unsettled()?.is_empty());
+    assert!(
+        todos(&r).contains(&(7, "zzz".to_owned())),
+        "{:?}",
+        todos(&r)
+    );
+    Ok(())
+}
+
+/// Regression (oracle seed 226): while a subscription waits for its full
+/// sync, a row with a change of this site that leaves the others stays
+/// (held by nothing) instead of being dropped: the pending snapshot may be
+/// older than that change, which the server sends back to no one, so a
+/// dropped row would come back without it. It settles once the syncs are
+/// done.
+#[test]
+fn a_row_with_own_changes_is_not_dropped_while_a_full_sync_is_pending() -> Result<()> {
+    let mut server = seeded()?;
+    let mut r = synced(&server)?;
+    let old = server.version();
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET title = 'zzz' WHERE id = 3", [])?;
+    let batch = r.next_push(1 << 20)?.unwrap();
+    server.db.apply(&batch.changes)?;
+    let pushed = server.version();
+    r.push_ok(batch.to, pushed)?;
+    // A second subscription is added (no cursor yet); row 3 leaves `all`.
+    r.add_subscription("list2", "SELECT * FROM todos WHERE list_id = 2")?;
+    let v = server.exec("UPDATE todos SET done = 1 WHERE id = 1")?;
+    let report = r
+        .apply_changes(
+            v,
+            parts(vec![("all", part(old, vec![], vec![key(3)]))]),
+            false,
+        )?
+        .unwrap();
+    assert_eq!(report.rows_removed, 0, "row 3 has a change of this site");
+    assert!(ids(&r).contains(&3));
+    // The snapshot of `list2` was read before the push: row 3 as it was.
+    let before: Vec<Change> = server
+        .rows(&[3])
+        .into_iter()
+        .map(|mut c| {
+            if c.cid == "title" {
+                c.val = Value::Text("tea".into());
+                c.col_version = 1;
+                c.site_id = server.db.site_id();
+            }
+            c
+        })
+        .collect();
+    r.apply_snapshot("list2", old, true, before, vec![], true)?;
+    assert_eq!(r.settle_pushed(v)?, 0);
+    assert!(
+        todos(&r).contains(&(3, "zzz".to_owned())),
+        "{:?}",
+        todos(&r)
+    );
+    assert_eq!(held(&r, "list2"), [3]);
+    assert!(r.unsettled()?.is_empty());
+    assert_eq!(r.next_push(1 << 20)?, None);
+    Ok(())
+}
+
+/// The server's rows, with row 7's title as it was before the push (a
+/// snapshot read earlier).
+fn server_rows_at(server: &Server, ids: &[i64], title7: &str) -> Vec<Change> {
+    server
+        .rows(ids)
+        .into_iter()
+        .map(|mut c| {
+            if c.pk == pk(7) && c.cid == "title" {
+                c.val = Value::Text(title7.into());
+                c.col_version = 1;
+            }
+            c
+        })
+        .collect()
+}
+
+/// A pushed row written again while its push was in flight keeps its place
+/// until that write is acknowledged too (and nothing is quarantined: the
+/// server gets the write).
+#[test]
+fn a_pushed_row_written_again_settles_with_its_last_push() -> Result<()> {
+    let mut server = seeded()?;
+    let mut r = on_list1(&server, None)?;
+    r.conn().conn().execute(
+        "INSERT INTO todos (id, list_id, title) VALUES (7, 9, 'one')",
+        [],
+    )?;
+    let first = r.next_push(1 << 20)?.unwrap();
+    r.conn()
+        .conn()
+        .execute("UPDATE todos SET title = 'two' WHERE id = 7", [])?;
+    server.db.apply(&first.changes)?;
+    r.push_ok(first.to, server.version())?;
+    assert_eq!(r.settle_pushed(server.version())?, 0);
+    assert_eq!(ids(&r), [1, 2, 7]);
+    let second = r.next_push(1 << 20)?.unwrap();
+    assert_eq!(second.changes.len(), 1);
+    server.db.apply(&second.changes)?;
+    r.push_ok(second.to, server.version())?;
+    assert_eq!(r.settle_pushed(server.version())?, 1);
+    assert_eq!(ids(&r), [1, 2]);
     assert!(r.quarantine()?.is_empty());
+    let title: String =
+        server
+            .db
+            .conn()
+            .query_row("SELECT title FROM todos WHERE id = 7", [], |row| row.get(0))?;
+    assert_eq!(title, "two");
     Ok(())
 }
 
@@ -1013,7 +1319,7 @@ fn cursors_held_rows_and_pushed_version_survive_reopening() -> Result<()> {
         r.apply_snapshot("all", v0, true, server.rows(&[1, 2, 3]), vec![], true)?;
         local_txs(&r, 100, 1)?;
         let b = r.next_push(1 << 20)?.unwrap();
-        r.push_ok(b.to)?;
+        r.push_ok(b.to, 0)?;
         r.set_server_site_id(server.db.site_id())?;
     }
     let r = Replica::open(&path)?;

@@ -711,3 +711,100 @@ async fn pulls_resume_from_their_cursor_and_long_poll() {
         tenantsync_protocol::SubscribeMode::Refetch
     );
 }
+
+/// A peer's local changes since `since`, as a `POST /v1/push` body.
+fn http_push(r: &Replica, since: i64) -> tenantsync_protocol::http::PushRequest {
+    let to = r.db.db_version().unwrap();
+    let changes =
+        r.db.changes(&tenantsync_core::ChangesQuery {
+            since,
+            until: Some(to),
+            site: tenantsync_core::SiteFilter::Only(r.site),
+            ..Default::default()
+        })
+        .unwrap();
+    tenantsync_protocol::http::PushRequest {
+        site_id: r.site,
+        from: since,
+        to,
+        changes,
+    }
+}
+
+/// Regression (issue 6, oracle seed 125): a refusal described its rows as
+/// the server had them at the refused push, inside its group commit; a
+/// later write of the same group could create one of them in a
+/// subscription of the pusher, whose part (the commit is fanned out before
+/// the answers) then reached the pusher before the refusal that called the
+/// row invisible: the pusher dropped a row the server believed it held.
+/// The refusal describes its rows at the committed version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_describes_its_rows_as_of_its_groups_commit() {
+    let (s, _truth) = seeded().await;
+    let service = std::sync::Arc::new(s.service.clone());
+    // Alice's push: her new todo 30 and a forged change of bob's todo 10
+    // (refused); her second device then creates todo 30 itself.
+    let mut alice = Replica::new(principal("alice", "t1"), site(1));
+    alice.exec(
+        "INSERT INTO todos VALUES (30, 't1', 1, 'alice', 'first device', 0, 1);
+         INSERT INTO todos VALUES (10, 't2', 2, 'bob', 'hijacked', 0, 1);",
+    );
+    let mut device = Replica::new(principal("alice", "t1"), site(4));
+    device.exec("INSERT INTO todos VALUES (30, 't1', 1, 'alice', 'second device', 0, 1)");
+    let (refused, accepted) = (http_push(&alice, 0), http_push(&device, 0));
+    // Both land in one group: the engine is busy with a slow statement
+    // while they arrive, in this order (one tenant's writes keep theirs).
+    let slow = {
+        let svc = service.clone();
+        tokio::spawn(async move {
+            svc.sql(
+                &service_principal(),
+                tenantsync_protocol::http::SqlRequest {
+                    statements: vec![tenantsync_protocol::http::SqlStatement {
+                        sql: "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c".into(),
+                        params: vec![],
+                    }],
+                },
+            )
+            .await
+            .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = {
+        let svc = service.clone();
+        let who = alice.who.clone();
+        tokio::spawn(async move { svc.push(&who, refused).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = {
+        let svc = service.clone();
+        let who = device.who.clone();
+        tokio::spawn(async move { svc.push(&who, accepted).await })
+    };
+    slow.await.unwrap();
+    let ok = second
+        .await
+        .unwrap()
+        .expect("the second device's push is applied");
+    let refusal = match first.await.unwrap() {
+        Err(tenantsync_server::PushError::Refused(r)) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert!(ok.server_version > 0);
+    // Todo 30 exists at the commit, visible to alice: in `state`, whole,
+    // with the second device's value; bob's todo 10 stays invisible.
+    let state_ids = ids(refusal.state.iter().map(|c| c.pk.clone()));
+    assert_eq!(state_ids, BTreeSet::from([30]), "{refusal:?}");
+    assert!(
+        refusal
+            .state
+            .iter()
+            .any(|c| c.val == tenantsync_types::Value::Text("second device".into())),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        ids(refusal.invisible.iter().map(|k| k.pk.clone())),
+        BTreeSet::from([10])
+    );
+}

@@ -38,7 +38,7 @@ async fn verified(db: &Path, policy: &str, clients: &[(&SyncClient, Identity)]) 
             let truth = Truth::open(db, "policy.sql", policy).unwrap();
             let check: Check = truth.check_state(id, &state).unwrap();
             if !check.ok() {
-                bad.push(format!("{:?}: {check:?}", id.claims()));
+                bad.push(format!("{:?}: {check}", id.claims()));
             }
         }
         if bad.is_empty() {
@@ -419,5 +419,89 @@ async fn duplicate_and_out_of_order_pushes_and_repulled_ranges_converge() {
     let check = truth.check(&identity("alice", "acme"), &reader).unwrap();
     assert!(check.ok(), "{check:?}");
     assert_eq!(check.held, 1);
+    serve.stop();
+}
+
+/// Regression (issue 6, oracle seed 6): a client's own writes where none of
+/// its subscriptions looks (a todo inserted into another list, one inserted
+/// and moved out before it was pushed) stayed in its replica for good and
+/// went stale. A replica holds what its subscriptions hold, its own writes
+/// too: they leave once pushed (the server has them), the ones a
+/// subscription takes stay, and none comes back stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_writes_outside_every_subscription_leave_the_replica_once_pushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(examples("policy.sql")).unwrap();
+    let db = dir.path().join("server.db");
+    let serve = Serve::start(&db, "127.0.0.1:0");
+    service_sql(
+        &serve,
+        "INSERT INTO lists VALUES (1, 'acme', 'alice', 'a'), (2, 'acme', 'alice', 'b')",
+    )
+    .await;
+    let alice = client(&serve, "alice", "acme");
+    let list1 = client(&serve, "alice", "acme");
+    alice
+        .subscribe("todos", "SELECT * FROM todos")
+        .await
+        .unwrap();
+    list1
+        .subscribe("l1", "SELECT * FROM todos WHERE list_id = 1")
+        .await
+        .unwrap();
+    let all = || {
+        vec![
+            (&alice, identity("alice", "acme")),
+            (&list1, identity("alice", "acme")),
+        ]
+    };
+    verified(&db, &policy, &all()).await;
+
+    // One push: todo 20 into list 1 (it stays, held), todo 21 into list 2
+    // (it leaves); offline, todo 22 inserted into list 1 and moved to list
+    // 2 before it was pushed (it leaves too).
+    write(
+        &list1,
+        "INSERT INTO todos (id, tenant_id, list_id, owner, title) VALUES
+           (20, 'acme', 1, 'alice', 'mine, here'), (21, 'acme', 2, 'alice', 'mine, there')",
+    )
+    .await;
+    verified(&db, &policy, &all()).await;
+    assert!(has_todo(&list1, 20).await && !has_todo(&list1, 21).await);
+    list1.set_online(false);
+    write(
+        &list1,
+        "INSERT INTO todos (id, tenant_id, list_id, owner, title) VALUES (22, 'acme', 1, 'alice', 'moved');
+         UPDATE todos SET list_id = 2 WHERE id = 22",
+    )
+    .await;
+    assert!(has_todo(&list1, 22).await, "offline, the write is local");
+    list1.set_online(true);
+    verified(&db, &policy, &all()).await;
+    assert!(!has_todo(&list1, 22).await && has_todo(&alice, 22).await);
+
+    // Nothing of them was deleted on the server, and when the backend
+    // edits them and moves one into list 1, it arrives current.
+    service_sql(
+        &serve,
+        "UPDATE todos SET title = 'edited' WHERE id IN (21, 22)",
+    )
+    .await;
+    service_sql(&serve, "UPDATE todos SET list_id = 1 WHERE id = 22").await;
+    verified(&db, &policy, &all()).await;
+    assert_eq!(
+        rows(&list1, "SELECT id, title FROM todos ORDER BY id").await,
+        vec![
+            vec![20.into(), "mine, here".into()],
+            vec![22.into(), "edited".into()]
+        ]
+    );
+    assert_eq!(
+        rows(&alice, "SELECT count(*) FROM todos").await,
+        vec![vec![3.into()]]
+    );
+    for c in [alice, list1] {
+        c.close().await.unwrap();
+    }
     serve.stop();
 }

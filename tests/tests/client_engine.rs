@@ -116,6 +116,7 @@ impl Peer {
                 peer,
                 limits,
                 server_site_id,
+                db_version,
                 ..
             } => {
                 assert_eq!(peer.site_id, site);
@@ -124,7 +125,7 @@ impl Peer {
                 self.replica.push_abandoned();
                 self.replica.set_server_site_id(server_site_id).unwrap();
                 self.replica
-                    .set_pushed_version(peer.pushed_version)
+                    .set_pushed_version(peer.pushed_version, db_version)
                     .unwrap();
             }
             other => panic!("expected welcome, got {other:?}"),
@@ -248,14 +249,17 @@ impl Peer {
             ServerMsg::PushOk {
                 ref id,
                 pushed_version,
-                ..
+                server_version,
             } => {
                 assert_eq!(
                     self.inflight.as_ref().map(|x| x.0.as_str()),
                     Some(id.as_str())
                 );
                 self.inflight = None;
-                self.replica.push_ok(pushed_version).unwrap();
+                self.replica
+                    .push_ok(pushed_version, server_version)
+                    .unwrap();
+                self.replica.settle_pushed(server_version).unwrap();
                 self.log.push(m);
                 self.push().await;
             }
@@ -419,6 +423,9 @@ async fn a_write_into_another_tenant_is_refused_quarantined_and_restored() {
     let mut carol = Peer::new(&server, "carol", "acme");
     carol.connect(&server).await;
     carol.subscribe("lists", "SELECT * FROM lists").await;
+    // Alice edits the list later: she holds it through a subscription (a
+    // replica keeps only what its subscriptions hold, its own writes too).
+    alice.subscribe("lists", "SELECT * FROM lists").await;
     alice
         .write("INSERT INTO lists (id, tenant_id, owner, name) VALUES (5, 'acme', 'alice', 'alice''s list')")
         .await;

@@ -154,7 +154,7 @@ impl CrPeer {
 async fn rust_round(http: &HttpClient, r: &mut Replica) {
     while let Some(batch) = r.next_push(1 << 20).unwrap() {
         match http.push(&batch.to_http(r.site_id())).await.unwrap() {
-            PushAnswer::Ok(ok) => r.push_ok(ok.pushed_version).unwrap(),
+            PushAnswer::Ok(ok) => r.push_ok(ok.pushed_version, ok.server_version).unwrap(),
             PushAnswer::Refused(x) => panic!("refused: {x:?}"),
         }
     }

@@ -44,9 +44,15 @@ impl Plans {
 }
 
 enum Outcome {
-    Applied { pushed_version: i64 },
-    Duplicate { pushed_version: i64 },
-    Refused(Box<PushRefusal>),
+    Applied {
+        pushed_version: i64,
+    },
+    Duplicate {
+        pushed_version: i64,
+    },
+    /// The refusal (its `state` and `invisible` still to describe) and
+    /// the rows the push touched.
+    Refused(Box<(PushRefusal, Vec<(u16, PackedPk)>)>),
     Error(ApiError),
 }
 
@@ -82,6 +88,33 @@ fn reply_push(reply: PushReply, _id: &str, r: Result<PushResponse, PushError>) {
                 serde_json::to_string(&msg).expect("messages serialise"),
             ));
         }
+    }
+}
+
+/// A refusal of a push that touched `rows`, naming the `refused` ones;
+/// `state` and `invisible` are filled once the group committed
+/// (`Engine::describe`).
+fn refusal_head(
+    rows: &[(u16, PackedPk)],
+    refused: Vec<RefusedRow>,
+    pushed_version: i64,
+) -> PushRefusal {
+    let n = refused.len();
+    PushRefusal {
+        id: String::new(),
+        code: ErrorCode::PolicyRefused,
+        message: format!(
+            "{n} of {} rows refused by write policies: {}",
+            rows.len(),
+            refused
+                .first()
+                .map(|r| r.reason.as_str())
+                .unwrap_or_default()
+        ),
+        rows: refused,
+        state: Vec::new(),
+        invisible: Vec::new(),
+        pushed_version,
     }
 }
 
@@ -276,6 +309,31 @@ impl Engine {
         self.version = version;
         self.published
             .store(version, std::sync::atomic::Ordering::Release);
+        // A refusal describes the rows it touched as the server has them
+        // at the committed version (after the writes of the group that came
+        // after it), the version the pusher's parts are at when it reads the
+        // refusal: a row a later write of the group brought into one of its
+        // subscriptions is in `state`, not `invisible` (oracle seed 125).
+        for (w, o) in group.iter().zip(outcomes.iter_mut()) {
+            if let (Write::Push(p), Outcome::Refused(r)) = (w, &mut *o) {
+                let (refusal, rows) = &mut **r;
+                if let Err(e) = self.describe(p, rows, refusal) {
+                    *o = Outcome::Error(e);
+                }
+            }
+        }
+        // The commit reaches every subscription before anyone is answered:
+        // on a pusher's connection the changes of its commit that its own
+        // subscriptions get are queued before its `push_ok` (read your
+        // writes; the client settles its pushed rows on that order,
+        // docs/PROTOCOL.md §7), and a service write's answer means its
+        // changes are on their way.
+        if version > prev {
+            match commit::read_batch(&self.db, &self.schema, prev, version) {
+                Ok(rows) => self.fan_out(rows, version),
+                Err(e) => tracing::error!(error = %e, version, "reading the commit failed"),
+            }
+        }
         for ((w, o), r) in group.into_iter().zip(outcomes).zip(sql_results) {
             match w {
                 Write::Push(p) => {
@@ -294,7 +352,7 @@ impl Engine {
                         }),
                         Outcome::Refused(r) => {
                             metrics::counter!("tenantsync_push_refused_total").increment(1);
-                            Err(PushError::Refused(r))
+                            Err(PushError::Refused(Box::new(r.0)))
                         }
                         Outcome::Error(e) => Err(PushError::Api(e)),
                     };
@@ -313,12 +371,6 @@ impl Engine {
                     };
                     let _ = s.reply.send(res);
                 }
-            }
-        }
-        if version > prev {
-            match commit::read_batch(&self.db, &self.schema, prev, version) {
-                Ok(rows) => self.fan_out(rows, version),
-                Err(e) => tracing::error!(error = %e, version, "reading the commit failed"),
             }
         }
     }
@@ -495,10 +547,8 @@ impl Engine {
                 }
                 // Not held: pushed_version stays (docs/PROTOCOL.md §7), so a
                 // peer that lost this answer resends and is refused again.
-                return match self.refusal(p, &rows, refused, pv) {
-                    Ok(r) => Outcome::Refused(Box::new(r)),
-                    Err(e) => Outcome::Error(e),
-                };
+                // Its `state` is read after the group commits (`describe`).
+                return Outcome::Refused(Box::new((refusal_head(&rows, refused, pv), rows)));
             }
         }
         let new_pv = pv.max(p.to);
@@ -512,15 +562,14 @@ impl Engine {
         }
     }
 
-    /// The refusal: every row the push touched, as the server has it now
-    /// (`state`, whole rows the peer may read) or `invisible`.
-    fn refusal(
+    /// Fills a refusal's `state` (whole rows the peer may read, as the
+    /// server has them now) and `invisible` (the push's other rows).
+    fn describe(
         &mut self,
         p: &PushCmd,
         rows: &[(u16, PackedPk)],
-        refused: Vec<RefusedRow>,
-        pushed_version: i64,
-    ) -> Result<PushRefusal, ApiError> {
+        refusal: &mut PushRefusal,
+    ) -> Result<(), ApiError> {
         let mut by_table: BTreeMap<u16, Vec<PackedPk>> = BTreeMap::new();
         for (t, pk) in rows {
             by_table.entry(*t).or_default().push(pk.clone());
@@ -575,23 +624,9 @@ impl Engine {
             }
             state.extend(commit::whole_changes(&self.db, &table.name, &visible).map_err(internal)?);
         }
-        let n = refused.len();
-        Ok(PushRefusal {
-            id: String::new(),
-            code: ErrorCode::PolicyRefused,
-            message: format!(
-                "{n} of {} rows refused by write policies: {}",
-                rows.len(),
-                refused
-                    .first()
-                    .map(|r| r.reason.as_str())
-                    .unwrap_or_default()
-            ),
-            rows: refused,
-            state,
-            invisible,
-            pushed_version,
-        })
+        refusal.state = state;
+        refusal.invisible = invisible;
+        Ok(())
     }
 
     fn sql_one(&mut self, s: &SqlCmd) -> Result<Vec<SqlResult>, ApiError> {
