@@ -4,7 +4,6 @@
 //! rows evaluated directly on the server database (the policy rewrite of
 //! `tenantsync-policy` run as SQL), compared with a replica.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value as Json, json};
+use tenantsync_client::verify::{ReplicaState, Truth, crr_rows};
 use tenantsync_client::{ClientConfig, Replica, SyncClient};
-use tenantsync_core::{CrrConnection, Options, PackedPk};
-use tenantsync_policy::{Engine, Identity, PolicySet, Schema};
+use tenantsync_core::{CrrConnection, Options};
+use tenantsync_policy::Identity;
 use tenantsync_types::Value;
 
 pub const SECRET: &str = "reliability-secret-32-bytes-long!";
@@ -198,213 +198,39 @@ pub async fn live(c: &SyncClient) {
     .unwrap_or_else(|s| panic!("never live: {s:?}"));
 }
 
-/// Rows of a table keyed by packed primary key.
-pub type Rows = BTreeMap<PackedPk, Vec<Value>>;
-
-/// Every row of `sql`'s result, keyed by the columns at `pk`.
-pub fn rows_of(conn: &rusqlite::Connection, sql: &str, params: &[Value], pk: &[usize]) -> Rows {
-    let mut stmt = conn.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    let n = stmt.column_count();
-    stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
-        (0..n)
-            .map(|i| r.get::<_, Value>(i))
-            .collect::<rusqlite::Result<Vec<Value>>>()
-    })
-    .unwrap()
-    .map(|r| {
-        let r = r.unwrap();
-        let key: Vec<Value> = pk.iter().map(|&i| r[i].clone()).collect();
-        (PackedPk::pack(&key).unwrap(), r)
-    })
-    .collect()
+/// The oracle: `tenantsync_client::verify` on the server database (each
+/// subscription's query rewritten for the identity and run there as SQL),
+/// compared with whole replicas: nothing it may not see, nothing missing,
+/// every value equal, and each subscription's held keys its visible rows.
+pub fn truth(db: &Path, policy_sql: &str) -> Truth {
+    Truth::open(db, "policy.sql", policy_sql).unwrap_or_else(|e| panic!("the oracle: {e}"))
 }
 
-/// The oracle: the server database, read-only, and the policies.
-pub struct Truth {
-    pub db: CrrConnection,
-    pub engine: Engine,
-    pub schema: Schema,
+/// Every row of a table on the server database.
+pub fn server_rows(db: &Path, table: &str) -> Vec<Vec<Value>> {
+    let db = CrrConnection::open_with(
+        db,
+        Options {
+            read_only: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    crr_rows(&db)
+        .unwrap()
+        .into_iter()
+        .filter(|((t, _), _)| t == table)
+        .map(|(_, row)| row)
+        .collect()
 }
 
-impl Truth {
-    pub fn open(db: &Path, policy_sql: &str) -> Truth {
-        let db = CrrConnection::open_with(
-            db,
-            Options {
-                read_only: true,
-                ..Options::default()
-            },
-        )
-        .unwrap();
-        let schema = policy_schema(&db);
-        let set = PolicySet::parse("policy.sql", policy_sql, &schema)
-            .unwrap_or_else(|d| panic!("the policy parses: {d:?}"));
-        Truth {
-            db,
-            engine: Engine::new(set),
-            schema,
-        }
-    }
-
-    pub fn pk_of(&self, table: &str) -> Vec<usize> {
-        self.schema.table(table).unwrap().pk.clone()
-    }
-
-    /// The table and rows `query` gives `who`: the policy and the query
-    /// evaluated on the server database.
-    pub fn visible(&self, who: &Identity, query: &str) -> (String, Rows) {
-        let q = self
-            .engine
-            .rewrite(who, query)
-            .unwrap_or_else(|e| panic!("{query}: {e}"));
-        let sql = format!("SELECT * FROM \"{}\" WHERE {}", q.table, q.where_sql);
-        let rows = rows_of(self.db.conn(), &sql, &q.params, &self.pk_of(&q.table));
-        (q.table, rows)
-    }
-
-    /// Every row of a table.
-    pub fn all(&self, table: &str) -> Rows {
-        rows_of(
-            self.db.conn(),
-            &format!("SELECT * FROM \"{table}\""),
-            &[],
-            &self.pk_of(table),
-        )
-    }
-
-    /// The CRRs and their key columns.
-    pub fn crrs(&self) -> Vec<(String, Vec<usize>)> {
-        self.schema
-            .tables
-            .iter()
-            .filter(|t| t.is_crr)
-            .map(|t| (t.name.clone(), t.pk.clone()))
-            .collect()
-    }
-
-    /// Where a replica differs from what its subscriptions and policy allow
-    /// (None: it is exactly that): per subscription the held keys, per
-    /// table the rows (values) of the union of its subscriptions.
-    pub fn diff(&self, who: &Identity, replica: &ReplicaState) -> Option<String> {
-        let mut want: BTreeMap<String, Rows> = BTreeMap::new();
-        let mut out = Vec::new();
-        for (id, query, held) in &replica.subs {
-            let (table, rows) = self.visible(who, query);
-            let keys: BTreeSet<PackedPk> = rows.keys().cloned().collect();
-            if *held != keys {
-                out.push(format!(
-                    "subscription {id} ({query}): holds {} rows, the oracle {}; extra {:?}, missing {:?}",
-                    held.len(),
-                    keys.len(),
-                    unpack_all(held.difference(&keys)),
-                    unpack_all(keys.difference(held)),
-                ));
-            }
-            want.entry(table).or_default().extend(rows);
-        }
-        let held: BTreeSet<&PackedPk> = replica.subs.iter().flat_map(|s| &s.2).collect();
-        for (name, have) in &replica.tables {
-            let want = want.remove(name).unwrap_or_default();
-            // A row the replica wrote itself that none of its subscriptions
-            // holds stays in it (its own data: the client never evicts what
-            // no subscription delivered). Allowed only when no clock of it
-            // came from elsewhere.
-            let have: Rows = have
-                .iter()
-                .filter(|(k, _)| {
-                    want.contains_key(*k)
-                        || held.contains(k)
-                        || replica.foreign.contains(&(name.clone(), (*k).clone()))
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let have = &have;
-            if *have != want {
-                let wrong: Vec<_> = have
-                    .iter()
-                    .filter(|(k, v)| want.get(*k) != Some(*v))
-                    .map(|(_, v)| v.clone())
-                    .take(5)
-                    .collect();
-                let missing: Vec<_> = want
-                    .iter()
-                    .filter(|(k, _)| !have.contains_key(*k))
-                    .map(|(_, v)| v.clone())
-                    .take(5)
-                    .collect();
-                out.push(format!(
-                    "table {name}: {} rows, the oracle {}; wrong or extra {wrong:?}, missing {missing:?}",
-                    have.len(),
-                    want.len()
-                ));
-            }
-        }
-        (!out.is_empty()).then(|| out.join("\n"))
-    }
-}
-
-/// What a replica holds: its subscriptions (id, query, held keys) and the
-/// rows of every CRR.
-#[derive(Debug, Default)]
-pub struct ReplicaState {
-    pub subs: Vec<(String, String, BTreeSet<PackedPk>)>,
-    pub tables: BTreeMap<String, Rows>,
-    /// Rows with a clock another site authored (they came from the server).
-    pub foreign: BTreeSet<(String, PackedPk)>,
-}
-
-impl ReplicaState {
-    pub fn read(replica: &Replica, crrs: &[(String, Vec<usize>)]) -> ReplicaState {
-        let mut st = ReplicaState::default();
-        for s in replica.subscriptions().unwrap() {
-            let held = replica
-                .held(&s.id)
-                .unwrap()
-                .into_iter()
-                .map(|k| k.pk.canonical().unwrap())
-                .collect();
-            st.subs.push((s.id.clone(), s.query.clone(), held));
-        }
-        for (name, pk) in crrs {
-            let rows = rows_of(
-                replica.conn().conn(),
-                &format!("SELECT * FROM \"{name}\""),
-                &[],
-                pk,
-            );
-            st.tables.insert(name.clone(), rows);
-        }
-        let changes = replica
-            .conn()
-            .changes(&tenantsync_core::ChangesQuery {
-                since: 0,
-                site: tenantsync_core::SiteFilter::Exclude(replica.site_id()),
-                ..Default::default()
-            })
-            .unwrap();
-        for c in changes {
-            st.foreign.insert((c.table, c.pk.canonical().unwrap()));
-        }
-        st
-    }
-
-    /// The state of a live client's replica.
-    pub async fn of(c: &SyncClient, crrs: &[(String, Vec<usize>)]) -> ReplicaState {
-        let crrs = crrs.to_vec();
-        c.read(move |r| Ok(ReplicaState::read(r, &crrs)))
-            .await
-            .unwrap()
-    }
-}
-
-fn unpack_all<'a>(pks: impl Iterator<Item = &'a PackedPk>) -> Vec<Vec<Value>> {
-    pks.take(5).map(|p| p.unpack().unwrap()).collect()
-}
-
-/// The policy engine's view of the server database's tables (the
-/// client's verifier builds it; one conversion for every oracle).
-pub fn policy_schema(db: &CrrConnection) -> Schema {
-    tenantsync_client::verify::policy_schema(db).unwrap()
+/// A replica checked against the oracle: None when it is exactly what
+/// `who` may see through its subscriptions.
+pub fn diff(truth: &Truth, who: &Identity, replica: &ReplicaState) -> Option<String> {
+    let check = truth
+        .check_state(who, replica)
+        .unwrap_or_else(|e| panic!("the oracle: {e}"));
+    (!check.ok()).then(|| check.to_string())
 }
 
 /// Waits until every client is connected, live on every subscription and
@@ -426,12 +252,15 @@ pub async fn converge(
         .unwrap_or_else(|s| panic!("{name} never settled: {s:?}"));
     }
     loop {
-        let truth = Truth::open(db, policy_sql);
-        let crrs = truth.crrs();
+        let truth = truth(db, policy_sql);
         let mut diffs = Vec::new();
         for (c, who, name) in clients {
-            let st = ReplicaState::of(c, &crrs).await;
-            if let Some(d) = truth.diff(who, &st) {
+            let st = c
+                .read(|r| Ok(ReplicaState::read(r)))
+                .await
+                .unwrap()
+                .unwrap();
+            if let Some(d) = diff(&truth, who, &st) {
                 let st = c.status();
                 diffs.push(format!(
                     "{name}: {d}\n  (pushes ok {}, refused {}, quarantined {}, sessions {})",
@@ -443,8 +272,65 @@ pub async fn converge(
             return;
         }
         if Instant::now() > deadline {
+            for (c, _, name) in clients {
+                eprintln!("{name}:\n{}", inside(c).await);
+            }
             panic!("replicas differ from the oracle:\n{}", diffs.join("\n"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// What a replica has inside, for a failure's trace: versions, cursors,
+/// every clock (own or from elsewhere), the quarantine and the rows waiting
+/// to settle.
+async fn inside(c: &SyncClient) -> String {
+    c.read(|r| {
+        let site = r.site_id();
+        let mut out = vec![format!(
+            "  local version {}, pushed_version {}, subscriptions {:?}",
+            r.local_version()?,
+            r.pushed_version()?,
+            r.subscriptions()?
+                .iter()
+                .map(|s| (s.id.clone(), s.query.clone(), s.cursor))
+                .collect::<Vec<_>>()
+        )];
+        for ch in r.conn().changes_since(0, None)? {
+            out.push(format!(
+                "  clock {} {:?} {} v{} {} cl{} cv{}",
+                ch.table,
+                ch.pk.unpack().unwrap_or_default(),
+                ch.cid,
+                ch.db_version,
+                if ch.site_id == site {
+                    "own"
+                } else {
+                    "from elsewhere"
+                },
+                ch.cl,
+                ch.col_version
+            ));
+        }
+        for q in r.quarantine()? {
+            out.push(format!(
+                "  quarantined {:?} {:?} {:?} v{}: {}",
+                q.reason,
+                q.change.table,
+                q.change.pk.unpack().unwrap_or_default(),
+                q.change.db_version,
+                q.detail
+            ));
+        }
+        for (k, v) in r.unsettled()? {
+            out.push(format!(
+                "  to settle {} {:?} at server version {v}",
+                k.table,
+                k.pk.unpack().unwrap_or_default()
+            ));
+        }
+        Ok(out.join("\n"))
+    })
+    .await
+    .unwrap_or_else(|e| format!("  unreadable: {e}"))
 }

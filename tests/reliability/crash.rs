@@ -435,10 +435,8 @@ async fn acknowledged_writes_survive_sigkill_and_replicas_converge_after_restart
     converge(&view, &spec.db, &policy_sql, Duration::from_secs(60)).await;
 
     // Every write is on the server now, each row with its last title.
-    let truth = Truth::open(&spec.db, &policy_sql);
-    let titles: BTreeMap<i64, String> = truth
-        .all("todos")
-        .values()
+    let titles: BTreeMap<i64, String> = server_rows(&spec.db, "todos")
+        .iter()
         .map(|r| match (&r[0], &r[4]) {
             (Value::Integer(id), Value::Text(t)) => (*id, t.clone()),
             other => panic!("{other:?}"),

@@ -9,15 +9,17 @@
 //! directly on the server database (nothing it may not see, nothing
 //! missing, every value equal).
 //!
-//! `TENANTSYNC_ORACLE_SEEDS` (default 5) seeds from `TENANTSYNC_ORACLE_SEED`
-//! (default 1); `TENANTSYNC_ORACLE_STEPS` (default 40) actions per seed.
+//! `TENANTSYNC_ORACLE_SEEDS` (default 20) seeds from `TENANTSYNC_ORACLE_SEED`
+//! (default 1); `TENANTSYNC_ORACLE_STEPS` (default 40) actions per seed. A
+//! failing seed prints its whole trace (policy, subscriptions, actions,
+//! client events, each replica's inside) and the line that reruns it.
 
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
-use tenantsync_client::{Replica, SyncClient};
+use tenantsync_client::{Event, Replica, SyncClient};
 use tenantsync_policy::Identity;
 
 use crate::common::*;
@@ -152,6 +154,50 @@ fn random_write(rng: &mut StdRng, user: &str, tenant: &str) -> String {
     }
 }
 
+/// Traces a client's events (stderr, shown when the seed fails).
+fn trace_events(name: String, client: &SyncClient) {
+    let mut rx = client.events();
+    tokio::spawn(async move {
+        while let Ok(e) = rx.recv().await {
+            let line = match e {
+                Event::Synced(r) | Event::Checkpoint(r) => format!(
+                    "applied v{}: {:?}, gaps {:?}, stale {:?}, removed {}",
+                    r.version,
+                    r.parts
+                        .iter()
+                        .map(|p| format!(
+                            "{} {:?}->{} got {} deleted {} released {}",
+                            p.sub,
+                            p.cursor_before,
+                            p.version,
+                            p.rows_received,
+                            p.rows_deleted,
+                            p.rows_released
+                        ))
+                        .collect::<Vec<_>>(),
+                    r.gaps.iter().map(|g| &g.sub).collect::<Vec<_>>(),
+                    r.stale,
+                    r.rows_removed
+                ),
+                Event::PushRefused(b) => {
+                    let (f, rep) = &*b;
+                    format!(
+                        "push refused: {} rows named, {} state changes, {} invisible; restored {} removed {} refetch {:?}",
+                        f.rows.len(),
+                        f.state.len(),
+                        f.invisible.len(),
+                        rep.restored,
+                        rep.removed,
+                        rep.refetch
+                    )
+                }
+                other => format!("{other:?}"),
+            };
+            eprintln!("  [{name}] {line}");
+        }
+    });
+}
+
 struct Peer {
     name: String,
     user: &'static str,
@@ -164,6 +210,7 @@ async fn one_seed(seed: u64, steps: usize) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let policy_sql = policy(&mut rng);
+    eprintln!("  policy:\n{policy_sql}");
     let policy_path = dir.path().join("policy.sql");
     std::fs::write(&policy_path, &policy_sql).unwrap();
     let spec = ServeSpec {
@@ -193,9 +240,11 @@ async fn one_seed(seed: u64, steps: usize) {
         let cl = claims(user, tenant);
         let client = client(&url, &cl, Replica::open_in_memory().unwrap());
         for (i, q) in some(&mut rng, QUERIES, 3).into_iter().enumerate() {
+            eprintln!("  peer{k} ({user}@{tenant}) subscribes s{i}: {q}");
             client.subscribe(&format!("s{i}"), q).await.unwrap();
         }
         live(&client).await;
+        trace_events(format!("peer{k}"), &client);
         peers.push(Peer {
             name: format!("peer{k} ({user}@{tenant})"),
             user,
@@ -204,11 +253,14 @@ async fn one_seed(seed: u64, steps: usize) {
             client,
         });
     }
-    for _ in 0..steps {
+    // The trace (stderr, shown when the seed fails): every action in order.
+    for step in 0..steps {
         let p = &peers[rng.random_range(0..peers.len())];
+        let who = &p.name;
         match rng.random_range(0..20) {
             0..=9 => {
                 let sql = random_write(&mut rng, p.user, p.tenant);
+                eprintln!("  {step}: {who} writes: {sql}");
                 p.client
                     .write(move |c| c.execute_batch(&sql))
                     .await
@@ -218,17 +270,26 @@ async fn one_seed(seed: u64, steps: usize) {
                 let u = *USERS.choose(&mut rng).unwrap();
                 let t = *TENANTS.choose(&mut rng).unwrap();
                 let sql = random_write(&mut rng, u, t);
+                eprintln!("  {step}: service writes: {sql}");
                 service_sql(&http, &url, &sql).await.unwrap();
             }
-            14 => p.client.reconnect(),
-            15 => p.client.set_online(false),
-            16 => p.client.set_online(true),
+            14 => {
+                eprintln!("  {step}: {who} reconnects");
+                p.client.reconnect()
+            }
+            15 => {
+                eprintln!("  {step}: {who} goes offline");
+                p.client.set_online(false)
+            }
+            16 => {
+                eprintln!("  {step}: {who} goes online");
+                p.client.set_online(true)
+            }
             17 => {
                 let q = QUERIES.choose(&mut rng).unwrap();
-                p.client
-                    .subscribe(&format!("s{}", rng.random_range(0..4)), q)
-                    .await
-                    .unwrap();
+                let id = format!("s{}", rng.random_range(0..4));
+                eprintln!("  {step}: {who} subscribes {id}: {q}");
+                p.client.subscribe(&id, q).await.unwrap();
             }
             _ => {}
         }
@@ -256,7 +317,7 @@ async fn one_seed(seed: u64, steps: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_policies_identities_subscriptions_and_writes_converge_to_the_oracle() {
-    let seeds = env_or("TENANTSYNC_ORACLE_SEEDS", 5);
+    let seeds = env_or("TENANTSYNC_ORACLE_SEEDS", 20);
     let first = env_or("TENANTSYNC_ORACLE_SEED", 1);
     let steps = env_or("TENANTSYNC_ORACLE_STEPS", 40) as usize;
     for seed in first..first + seeds {
