@@ -291,6 +291,17 @@ impl Truth {
         )
     }
 
+    /// The CRR a subscription query reads.
+    pub fn table_of(&self, identity: &Identity, query: &str) -> Result<String, VerifyError> {
+        self.engine
+            .rewrite(identity, query)
+            .map(|q| q.table)
+            .map_err(|e| VerifyError::Query {
+                query: query.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
     /// The rows `query` gives `identity` on the server now: the query's
     /// filter and the identity's SELECT policies, every column.
     pub fn visible(&self, identity: &Identity, query: &str) -> Result<Rows, VerifyError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tenantsync_core::{Change, ChangesQuery, CrrConnection, Options, PackedPk, SiteFilter, SiteId};
-use tenantsync_policy::{ColumnSchema, Engine, Identity, PolicySet, Schema, TableSchema};
+use tenantsync_policy::Identity;
 use tenantsync_protocol::ws::{ClientMsg, PushRefusal, ServerMsg};
 use tenantsync_protocol::{RowKey, SubPart};
 use tenantsync_server::{OutFrame, Outbox, Principal, ServiceConfig, Session, SyncService};
@@ -619,90 +619,33 @@ pub fn ids(pks: impl IntoIterator<Item = PackedPk>) -> BTreeSet<i64> {
 }
 
 /// The truth, evaluated directly on the server database: what a query and
-/// the policies give an identity.
-pub struct Truth {
-    pub db: CrrConnection,
-    pub engine: Engine,
-}
+/// the policies give an identity (`tenantsync_client::verify`, the checker
+/// every suite shares).
+pub struct Truth(tenantsync_client::verify::Truth);
 
 impl Truth {
     pub fn open(path: &std::path::Path, policy: &str) -> Truth {
-        let db = CrrConnection::open_with(
-            path,
-            Options {
-                read_only: true,
-                ..Options::default()
-            },
+        Truth(
+            tenantsync_client::verify::Truth::open(path, "policy.sql", policy)
+                .unwrap_or_else(|e| panic!("the truth: {e}")),
         )
-        .unwrap();
-        let schema = policy_schema(&db);
-        let engine = Engine::new(PolicySet::parse("policy.sql", policy, &schema).unwrap());
-        Truth { db, engine }
     }
 
     /// Visible pks of `query` for `who`, with their row values.
     pub fn visible(&self, who: &Identity, query: &str) -> BTreeMap<PackedPk, Vec<Value>> {
-        let q = self.engine.rewrite(who, query).unwrap();
-        let table = q.table.clone();
-        let pk_cols: &[usize] = match table.as_str() {
-            "members" => &[0, 1],
-            _ => &[0],
-        };
-        let mut stmt = self
-            .db
-            .conn()
-            .prepare(&format!("SELECT * FROM \"{table}\" WHERE {}", q.where_sql))
-            .unwrap();
-        let n = stmt.column_count();
-        stmt.query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
-            (0..n)
-                .map(|i| r.get::<_, Value>(i))
-                .collect::<rusqlite::Result<Vec<Value>>>()
-        })
-        .unwrap()
-        .map(|r| {
-            let r = r.unwrap();
-            let pk: Vec<Value> = pk_cols.iter().map(|&i| r[i].clone()).collect();
-            (PackedPk::pack(&pk).unwrap(), r)
-        })
-        .collect()
+        self.0
+            .visible(who, query)
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
+            .into_iter()
+            .map(|((_, pk), row)| (pk, row))
+            .collect()
     }
-}
 
-pub fn policy_schema(db: &CrrConnection) -> Schema {
-    Schema {
-        tables: db
-            .schema()
-            .unwrap()
-            .tables
-            .iter()
-            .filter(|t| !t.name.starts_with("tenantsync_"))
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
+    /// The table a query reads.
+    pub fn table_of(&self, who: &Identity, query: &str) -> String {
+        self.0
+            .table_of(who, query)
+            .unwrap_or_else(|e| panic!("{query}: {e}"))
     }
 }
 
@@ -712,11 +655,7 @@ pub fn policy_schema(db: &CrrConnection) -> Schema {
 pub fn check_replica(truth: &Truth, r: &Replica) {
     let mut expected_rows: BTreeMap<(String, PackedPk), Vec<Value>> = BTreeMap::new();
     for (id, s) in &r.subs {
-        let table = truth
-            .engine
-            .rewrite(&r.who.identity, &s.query)
-            .unwrap()
-            .table;
+        let table = truth.table_of(&r.who.identity, &s.query);
         let vis = truth.visible(&r.who.identity, &s.query);
         let held: BTreeSet<PackedPk> = s.held.iter().map(|(_, p)| p.clone()).collect();
         let want: BTreeSet<PackedPk> = vis.keys().cloned().collect();
