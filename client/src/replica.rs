@@ -305,11 +305,19 @@ pub struct Replica {
     site: SiteId,
     syncs: HashMap<String, StagedSync>,
     checkpoint: Option<StagedCheckpoint>,
-    inflight: Option<(i64, i64)>,
+    /// The push in flight: its end and the rows it carries.
+    inflight: Option<Inflight>,
     /// The end of the highest push sent and not answered (a push abandoned
     /// when the connection dropped may have been applied): until the
     /// server's word on it, rows with local changes in it are not evicted.
     unanswered: Option<i64>,
+}
+
+/// A push sent and not answered yet.
+#[derive(Debug)]
+struct Inflight {
+    to: i64,
+    rows: BTreeSet<Row>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -405,7 +413,7 @@ impl Replica {
         self.in_tx(|r| {
             let old = r.pushed_version()?;
             if v > old {
-                r.acknowledged(v, server_version)?;
+                r.acknowledged(v, server_version, None)?;
             }
             store::set_meta(r.sql(), store::PUSHED_VERSION, v)?;
             if v < old {
@@ -414,7 +422,7 @@ impl Replica {
             r.prune_merged()?;
             Ok(())
         })?;
-        if self.inflight.is_some_and(|(_, to)| v < to) {
+        if self.inflight.as_ref().is_some_and(|f| v < f.to) {
             self.inflight = None;
         }
         // The server's word: what it holds is at or below `v`, the rest is
@@ -831,7 +839,10 @@ impl Replica {
             }))
         })?;
         if let Some(b) = &batch {
-            self.inflight = Some((b.from, b.to));
+            self.inflight = Some(Inflight {
+                to: b.to,
+                rows: rows_of(&b.changes)?,
+            });
             self.unanswered = self.unanswered.max(Some(b.to));
         }
         Ok(batch)
@@ -870,12 +881,18 @@ impl Replica {
     /// echo-filtered); once those are applied, the ones still unheld leave
     /// the replica ([`Replica::settle_pushed`]).
     pub fn push_ok(&mut self, pushed_version: i64, server_version: i64) -> Result<()> {
-        self.inflight = None;
+        // The batch's rows, when the answer is for the whole of it (a
+        // duplicate's range is read back from the clocks instead).
+        let pushed = self
+            .inflight
+            .take()
+            .filter(|f| f.to == pushed_version)
+            .map(|f| f.rows);
         if self.unanswered.is_some_and(|to| to <= pushed_version) {
             self.unanswered = None;
         }
         self.in_tx(|r| {
-            r.acknowledged(pushed_version, server_version)?;
+            r.acknowledged(pushed_version, server_version, pushed)?;
             store::set_meta(r.sql(), store::PUSHED_VERSION, pushed_version)?;
             r.prune_merged()?;
             Ok(())
@@ -884,32 +901,48 @@ impl Replica {
 
     /// The server holds this replica's changes up to `pushed_version`,
     /// committed at or before `server_version` (inside the transaction that
-    /// records it): the pushed rows no subscription holds wait to settle.
-    fn acknowledged(&mut self, pushed_version: i64, server_version: i64) -> Result<()> {
-        let start = self.push_start()?;
-        if pushed_version > start {
-            let merged = self.merged_ranges()?;
-            let own = self.conn.changes(&ChangesQuery {
-                since: start,
-                until: Some(pushed_version),
-                site: SiteFilter::Only(self.site),
-                ..ChangesQuery::default()
-            })?;
-            let mut rows = BTreeSet::new();
-            for c in own.iter().filter(|c| !in_ranges(&merged, c.db_version)) {
-                rows.insert((c.table.clone(), canonical(&c.table, &c.pk)?));
-            }
-            for row in rows {
-                if !self.held_by_any(&row)? {
-                    self.sql()
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO tenantsync_replica_settle (tbl, pk, server_version)
-                             VALUES (?1, ?2, ?3)",
-                        )?
-                        .execute(params![row.0, row.1, server_version])?;
+    /// records it): the pushed rows (`pushed`, or read back from the clocks)
+    /// that no subscription holds wait to settle.
+    fn acknowledged(
+        &mut self,
+        pushed_version: i64,
+        server_version: i64,
+        pushed: Option<BTreeSet<Row>>,
+    ) -> Result<()> {
+        let rows = match pushed {
+            Some(rows) => rows,
+            None => {
+                let start = self.push_start()?;
+                if pushed_version <= start {
+                    return Ok(());
                 }
+                let merged = self.merged_ranges()?;
+                let own = self.conn.changes(&ChangesQuery {
+                    since: start,
+                    until: Some(pushed_version),
+                    site: SiteFilter::Only(self.site),
+                    ..ChangesQuery::default()
+                })?;
+                rows_of(own.iter().filter(|c| !in_ranges(&merged, c.db_version)))?
+            }
+        };
+        for row in &rows {
+            if !self.held_by_any(row)? {
+                self.record_settle(row, server_version)?;
             }
         }
+        Ok(())
+    }
+
+    /// Records a row to settle once the deliveries up to `server_version`
+    /// are applied (0: at the next settling).
+    fn record_settle(&self, row: &Row, server_version: i64) -> Result<()> {
+        self.sql()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO tenantsync_replica_settle (tbl, pk, server_version)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![row.0, row.1, server_version])?;
         Ok(())
     }
 
@@ -1293,12 +1326,8 @@ impl Replica {
             }
         }
         if let Some(to) = self.unanswered {
-            let pending: BTreeSet<Row> = self
-                .unpushed_changes(&gone)?
-                .into_iter()
-                .filter(|c| c.db_version <= to)
-                .map(|c| Ok((c.table.clone(), canonical(&c.table, &c.pk)?)))
-                .collect::<Result<_>>()?;
+            let unpushed = self.unpushed_changes(&gone)?;
+            let pending = rows_of(unpushed.iter().filter(|c| c.db_version <= to))?;
             gone.retain(|r| !pending.contains(r));
         }
         // While a full sync is pending, a row with a clock of this site
@@ -1308,23 +1337,17 @@ impl Replica {
         if !gone.is_empty() && self.sync_pending()? {
             let mut kept = BTreeSet::new();
             for (table, pks) in group_by_table(gone.iter()) {
-                for c in self.conn.changes(&ChangesQuery {
+                let own = self.conn.changes(&ChangesQuery {
                     since: 0,
                     table: Some(table.clone()),
                     pks: Some(pks),
                     site: SiteFilter::Only(self.site),
                     ..ChangesQuery::default()
-                })? {
-                    kept.insert((c.table.clone(), canonical(&c.table, &c.pk)?));
-                }
+                })?;
+                kept.extend(rows_of(&own)?);
             }
             for row in &kept {
-                self.sql()
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO tenantsync_replica_settle (tbl, pk, server_version)
-                         VALUES (?1, ?2, 0)",
-                    )?
-                    .execute(params![row.0, row.1])?;
+                self.record_settle(row, 0)?;
             }
             gone.retain(|r| !kept.contains(r));
         }
@@ -1425,11 +1448,7 @@ impl Replica {
         }
         // A row written again since its push keeps its place until that
         // write is acknowledged (its own push_ok records it again).
-        let pending: BTreeSet<Row> = self
-            .unpushed_changes(&unheld)?
-            .into_iter()
-            .map(|c| Ok((c.table.clone(), canonical(&c.table, &c.pk)?)))
-            .collect::<Result<_>>()?;
+        let pending = rows_of(&self.unpushed_changes(&unheld)?)?;
         let gone: Vec<Row> = unheld
             .into_iter()
             .filter(|r| !pending.contains(r))
@@ -1599,6 +1618,14 @@ fn canonical(table: &str, pk: &PackedPk) -> Result<Vec<u8>> {
             },
             reason: e.to_string(),
         })
+}
+
+/// The rows (canonical keys) of some changes.
+fn rows_of<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Result<BTreeSet<Row>> {
+    changes
+        .into_iter()
+        .map(|c| Ok((c.table.clone(), canonical(&c.table, &c.pk)?)))
+        .collect()
 }
 
 fn in_ranges(ranges: &[(i64, i64)], v: i64) -> bool {

@@ -326,7 +326,7 @@ impl Engine {
         // on a pusher's connection the changes of its commit that its own
         // subscriptions get are queued before its `push_ok` (read your
         // writes; the client settles its pushed rows on that order,
-        // docs/PROTOCOL.md §7), and a service write's answer means its
+        // docs/PROTOCOL.md §4.3), and a service write's answer means its
         // changes are on their way.
         if version > prev {
             match commit::read_batch(&self.db, &self.schema, prev, version) {
