@@ -554,6 +554,37 @@ impl Expr {
     }
 
     /// Visits every direct child expression.
+    /// Whether the expression reads a column of the row (directly; a
+    /// subquery's own columns do not count).
+    pub(crate) fn mentions_column(&self) -> bool {
+        let mut stack = vec![self];
+        while let Some(e) = stack.pop() {
+            if matches!(e, Expr::Column(_)) {
+                return true;
+            }
+            stack.extend(e.children());
+        }
+        false
+    }
+
+    /// The length in bytes of the text form of a bound expression that
+    /// reads no column (a pattern, once its claims are bound); `None` when
+    /// it reads the row or is NULL.
+    pub(crate) fn constant_text_len(&self, params: &[Value]) -> Option<usize> {
+        if self.mentions_column() {
+            return None;
+        }
+        match self {
+            Expr::Param(i) => match params.get(*i)? {
+                Value::Null => None,
+                Value::Text(t) => Some(t.len()),
+                Value::Blob(b) => Some(b.len()),
+                other => Some(other.to_string().len()),
+            },
+            _ => None,
+        }
+    }
+
     pub(crate) fn children(&self) -> Vec<&Expr> {
         match self {
             Expr::Column(_)

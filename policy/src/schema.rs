@@ -2,49 +2,7 @@
 //! declared types (hence SQLite affinities), primary keys, and which tables are
 //! CRRs. `core` produces the facts; the CLI and the server convert them.
 
-/// A column's type affinity, derived from its declared type by SQLite's rules
-/// (<https://sqlite.org/datatype3.html#determination_of_column_affinity>).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Affinity {
-    /// No conversion (declared type empty, absent, or containing `BLOB`).
-    Blob,
-    /// Numbers compared with this column become text.
-    Text,
-    /// Text that looks like a number becomes one.
-    Numeric,
-    /// As NUMERIC (declared type contains `INT`).
-    Integer,
-    /// As NUMERIC (declared type contains `REAL`, `FLOA` or `DOUB`).
-    Real,
-}
-
-impl Affinity {
-    /// SQLite's rules, in their order: `INT` -> INTEGER; `CHAR`, `CLOB`,
-    /// `TEXT` -> TEXT; `BLOB` or no type -> BLOB; `REAL`, `FLOA`, `DOUB` ->
-    /// REAL; anything else -> NUMERIC.
-    pub fn from_decl_type(decl_type: Option<&str>) -> Affinity {
-        let Some(t) = decl_type else {
-            return Affinity::Blob;
-        };
-        let t = t.to_ascii_uppercase();
-        if t.contains("INT") {
-            Affinity::Integer
-        } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
-            Affinity::Text
-        } else if t.contains("BLOB") || t.trim().is_empty() {
-            Affinity::Blob
-        } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
-            Affinity::Real
-        } else {
-            Affinity::Numeric
-        }
-    }
-
-    /// INTEGER, REAL and NUMERIC.
-    pub fn is_numeric(self) -> bool {
-        matches!(self, Affinity::Numeric | Affinity::Integer | Affinity::Real)
-    }
-}
+pub use tenantsync_types::Affinity;
 
 /// One column.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,35 +76,4 @@ impl Schema {
 pub fn is_internal_table(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.starts_with("sqlite_") || lower.starts_with("crsql_") || lower.contains("__crsql_")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Affinity::{self, *};
-
-    #[test]
-    fn affinity_follows_sqlite_rules() {
-        let cases = [
-            (Some("INTEGER"), Integer),
-            (Some("int"), Integer),
-            (Some("BIGINT"), Integer),
-            (Some("POINT"), Integer), // "INT" inside, as SQLite says
-            (Some("TEXT"), Text),
-            (Some("VARCHAR(10)"), Text),
-            (Some("CLOB"), Text),
-            (Some("BLOB"), Blob),
-            (None, Blob),
-            (Some(""), Blob),
-            (Some("REAL"), Real),
-            (Some("DOUBLE PRECISION"), Real),
-            (Some("FLOAT"), Real),
-            (Some("NUMERIC"), Numeric),
-            (Some("BOOLEAN"), Numeric),
-            (Some("DATETIME"), Numeric),
-            (Some("CHARINT"), Integer), // INT wins over CHAR: rule order
-        ];
-        for (decl, aff) in cases {
-            assert_eq!(Affinity::from_decl_type(decl), aff, "{decl:?}");
-        }
-    }
 }

@@ -5,6 +5,11 @@
 //! - [`Value`]: one SQLite value of one of the five storage classes, with
 //!   `serde` in the project's exact JSON encoding (see below), `Display` as an
 //!   SQL literal, and (feature `rusqlite`) `ToSql`/`FromSql`.
+//! - [`affinity`]: SQLite's column affinities and the conversions a column
+//!   makes of the values written to it ([`affinity::ColumnType::store`]),
+//!   The core keys rows with it, the policy evaluator compares with it.
+//! - [`num`]: SQLite's own number <-> text conversions (`sqlite3AtoF`,
+//!   `sqlite3Atoi64`, the `%!.17g` rendering of a REAL), ported exactly.
 //!
 //! # The JSON encoding
 //!
@@ -22,6 +27,11 @@
 //! distinct, as they are in SQLite and in cr-sqlite's merge rules.
 
 use std::fmt;
+
+pub mod affinity;
+pub mod num;
+
+pub use affinity::Affinity;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::ser::SerializeMap;
