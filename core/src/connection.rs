@@ -13,7 +13,7 @@ use crate::change::{Change, ChangesQuery, RowRef, SiteFilter};
 use crate::crr;
 use crate::error::{Error, Result};
 use crate::functions;
-use crate::merge::{ApplyStats, ChangeRef, merge_batch};
+use crate::merge::{ApplyOptions, ApplyReport, ApplyStats, ChangeRef, merge_batch};
 use crate::pack::{PackedPk, canonicalize};
 use crate::read::{RawChange, ScanSpec, Scanner, SiteMatch, read_row_all};
 use crate::schema::{self, Schema};
@@ -364,16 +364,27 @@ impl CrrConnection {
 
     /// Changes matching `q`, in (db_version, seq) order.
     pub fn changes(&self, q: &ChangesQuery) -> Result<Vec<Change>> {
+        let mut st = self.shared.lock()?;
+        st.refresh(&self.shared)?;
+        // Keys name rows as the merge does (the table's canonical key); a
+        // key the table could not hold names no row.
+        let table = match &q.table {
+            Some(t) if q.pks.is_some() => Some(st.table(t)?),
+            _ => None,
+        };
         let spec = ScanSpec {
             lower: q.since.saturating_add(1),
             upper: q.until.unwrap_or(i64::MAX),
             tables: q.table.clone().map(|t| vec![t]),
             pks: q.pks.as_ref().map(|pks| {
                 pks.iter()
-                    .map(|p| {
-                        canonicalize(&p.0)
-                            .map(|(c, _)| c)
-                            .unwrap_or_else(|_| p.0.clone())
+                    .filter_map(|p| match &table {
+                        Some(t) => t.canonical_key(&p.0).ok().map(|(c, _)| c),
+                        None => Some(
+                            canonicalize(&p.0)
+                                .map(|(c, _)| c)
+                                .unwrap_or_else(|_| p.0.clone()),
+                        ),
                     })
                     .collect()
             }),
@@ -385,8 +396,6 @@ impl CrrConnection {
             need_val: true,
             empty: q.since == i64::MAX,
         };
-        let mut st = self.shared.lock()?;
-        st.refresh(&self.shared)?;
         let mut scanner = Scanner::new(&mut st, spec)?;
         let mut out = Vec::new();
         while let Some(batch) = scanner.next_batch(&mut st)? {
@@ -414,8 +423,15 @@ impl CrrConnection {
     /// the caller's transaction. On error nothing is applied and the error
     /// names the change.
     pub fn apply(&mut self, changes: &[Change]) -> Result<ApplyStats> {
+        self.apply_with(changes, &ApplyOptions::default())
+            .map(|r| r.stats)
+    }
+
+    /// [`CrrConnection::apply`] with the options of a merge of untrusted
+    /// changes; reports the rows it changed.
+    pub fn apply_with(&mut self, changes: &[Change], opts: &ApplyOptions) -> Result<ApplyReport> {
         self.with_batch("tenantsync_apply", |sh, st| {
-            merge_batch(sh, st, changes.iter().map(change_ref))
+            merge_batch(sh, st, changes.iter().map(change_ref), opts)
         })
     }
 
@@ -464,21 +480,25 @@ impl CrrConnection {
         })
     }
 
+    /// The one reading of a key named from outside ([`crate::schema`]'s
+    /// `TableInfo::canonical_key`): the packed key of the row a merge of a
+    /// change with this pk writes, and [`CrrConnection::row_values`] reads.
+    /// Refuses, naming the column, a key SQLite would not store (NULL, a
+    /// rowid that is not an integer, a STRICT type mismatch).
+    pub fn canonical_pk(&self, table: &str, pk: &PackedPk) -> Result<PackedPk> {
+        let mut st = self.shared.lock()?;
+        st.refresh(&self.shared)?;
+        let t = st.table(table)?;
+        Ok(PackedPk(t.canonical_key(&pk.0)?.0))
+    }
+
     /// The current values of a base row in table column order (None: no
     /// such row).
     pub fn row_values(&self, table: &str, pk: &PackedPk) -> Result<Option<Vec<Value>>> {
         let mut st = self.shared.lock()?;
         st.refresh(&self.shared)?;
         let t = st.table(table)?;
-        let (canon, n) = canonicalize(&pk.0).map_err(|e| Error::pk(table, &pk.0, e))?;
-        if n != t.pks.len() {
-            return Err(Error::PkArity {
-                table: table.to_owned(),
-                pk: pk.to_hex(),
-                expected: t.pks.len(),
-                got: n,
-            });
-        }
+        let (canon, _) = t.canonical_key(&pk.0)?;
         read_row_all(&st, &t, &canon)
     }
 
@@ -504,17 +524,23 @@ impl CrrConnection {
         let table = table.to_owned();
         self.with_batch("tenantsync_replace", |sh, st| {
             crr::evict(sh, st, &table, &raw)?;
-            merge_batch(sh, st, changes.iter().map(change_ref))
+            merge_batch(
+                sh,
+                st,
+                changes.iter().map(change_ref),
+                &ApplyOptions::default(),
+            )
+            .map(|r| r.stats)
         })
     }
 
     /// Runs a merge batch in a savepoint with the sync bit set; on error the
     /// savepoint and the transaction counters are rolled back.
-    fn with_batch(
+    fn with_batch<R>(
         &mut self,
         name: &str,
-        f: impl FnOnce(&Shared, &mut State) -> Result<ApplyStats>,
-    ) -> Result<ApplyStats> {
+        f: impl FnOnce(&Shared, &mut State) -> Result<R>,
+    ) -> Result<R> {
         if self.shared.read_only {
             return Err(Error::Invalid("the connection is read-only".into()));
         }

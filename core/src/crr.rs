@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use rusqlite::types::ValueRef;
 
 use crate::clock::{Clock, RowClock};
+use crate::error::version_overflow;
 use crate::error::{Error, Result};
 use crate::pack::pack_into;
 use crate::schema::{self, TableInfo, ident};
@@ -289,7 +290,7 @@ fn backfill(sh: &Shared, st: &mut State, t: &TableInfo, mode: Backfill) -> Resul
                 return Ok(v);
             }
             let got = match mode {
-                Backfill::AsCrr => next_version_cached(sh),
+                Backfill::AsCrr => next_version_cached(sh)?,
                 Backfill::CommitAlter => sh.db_version.load(Relaxed).max(0),
             };
             version = Some(got);
@@ -340,11 +341,14 @@ fn backfill(sh: &Shared, st: &mut State, t: &TableInfo, mode: Backfill) -> Resul
 }
 
 /// `State::next_version` when the committed version is already cached.
-fn next_version_cached(sh: &Shared) -> i64 {
+fn next_version_cached(sh: &Shared) -> Result<i64> {
     let current = sh.db_version.load(Relaxed).max(0);
-    let v = current.saturating_add(1).max(sh.pending.load(Relaxed));
+    let v = current
+        .checked_add(1)
+        .ok_or_else(version_overflow)?
+        .max(sh.pending.load(Relaxed));
     sh.pending.store(v, Relaxed);
-    v
+    Ok(v)
 }
 
 /// Removes rows and their clocks without recording deletes (partial
@@ -360,15 +364,7 @@ pub(crate) fn evict(sh: &Shared, st: &mut State, table: &str, pks: &[Vec<u8>]) -
         let conn = st.conn();
         let mut removed = 0;
         for raw in pks {
-            let (pk, n) = crate::pack::canonicalize(raw).map_err(|e| Error::pk(&t.name, raw, e))?;
-            if n != t.pks.len() {
-                return Err(Error::PkArity {
-                    table: t.name.clone(),
-                    pk: hex::encode(raw),
-                    expected: t.pks.len(),
-                    got: n,
-                });
-            }
+            let (pk, _) = t.canonical_key(raw)?;
             let vals = crate::merge::pk_refs(&t, &pk)?;
             let mut stmt = conn.prepare_cached(&t.sql.row_delete)?;
             crate::merge::bind_pk_refs(&mut stmt, &vals)?;

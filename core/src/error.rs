@@ -68,6 +68,35 @@ pub enum Error {
         got: usize,
     },
 
+    /// A primary-key value SQLite would not store in its column (or NULL,
+    /// which a CRR's key never holds).
+    #[error("table {table:?}, pk {pk}: primary-key column {column:?} {reason}")]
+    PkValue {
+        /// The table.
+        table: String,
+        /// The pk bytes in hex.
+        pk: String,
+        /// The key column.
+        column: String,
+        /// Why: NULL, or the datatype mismatch SQLite reports.
+        reason: Box<str>,
+    },
+
+    /// A clock would run past the largest value it may hold, or a merged
+    /// change's clock is beyond the bound the caller set
+    /// ([`crate::ApplyOptions::clock_bound`]).
+    #[error("table {table:?}, pk {pk}, cid {cid:?}: {reason}")]
+    Clock {
+        /// The table.
+        table: String,
+        /// The pk bytes in hex.
+        pk: String,
+        /// The column id (`-1` for the row's causal length).
+        cid: String,
+        /// What is out of bounds, with the numbers.
+        reason: Box<str>,
+    },
+
     /// A site id longer than 16 bytes.
     #[error("crsql - site id exceeded max length: {len} bytes (at most 16)")]
     SiteIdTooLong {
@@ -170,6 +199,11 @@ pub enum Error {
     /// A bad argument to an SQL function or API call.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The error of a db_version at the end of its range.
+pub(crate) fn version_overflow() -> Error {
+    Error::Invalid("db_version is at the end of its range: no version follows it".into())
 }
 
 impl Error {

@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tenantsync_types::Value;
 
 use crate::crr;
+use crate::error::version_overflow;
 use crate::error::{Error, Result};
 use crate::pack::{pack_into, unpack_refs};
 use crate::state::{Shared, in_write_tx};
@@ -102,7 +103,10 @@ pub(crate) fn install(conn: &Connection, sh: &Arc<Shared>) -> Result<()> {
             Ok(st.next_version(&s, given)?)
         } else {
             let current = st.db_version(&s)?;
-            let mut v = current.saturating_add(1).max(s.pending.load(Relaxed));
+            let mut v = current
+                .checked_add(1)
+                .ok_or_else(version_overflow)?
+                .max(s.pending.load(Relaxed));
             if let Some(g) = given {
                 v = v.max(g);
             }

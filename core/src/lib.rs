@@ -44,7 +44,7 @@ mod vtab;
 pub use change::{Change, ChangesQuery, RowRef, SiteFilter};
 pub use connection::{CrrConnection, LAYOUT_VERSION, MergeStamping, Options, Savepoint};
 pub use error::{Error, Result};
-pub use merge::ApplyStats;
+pub use merge::{ApplyOptions, ApplyReport, ApplyStats, ClockBound};
 pub use pack::{PackedPk, PkError};
 pub use schema::{ColumnSchema, Schema, TableSchema};
 pub use site::SiteId;

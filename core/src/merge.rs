@@ -15,7 +15,7 @@ use tenantsync_types::Value;
 
 use crate::clock::{Clock, RowClock};
 use crate::error::{Error, Result};
-use crate::pack::{canonicalize, unpack_refs};
+use crate::pack::unpack_refs;
 use crate::schema::TableInfo;
 use crate::state::{Shared, State};
 
@@ -80,6 +80,44 @@ pub(crate) enum Outcome {
 /// The sentinel cid.
 pub(crate) const SENTINEL: &str = "-1";
 
+/// How a merge treats the changes of a peer it does not trust (a server
+/// merging what clients push). The default is cr-sqlite 0.16's merge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// A row the database does not hold before the changes and does not
+    /// hold after them (a delete or tombstone of a row that does not exist,
+    /// or of one already deleted) keeps no trace: its clock is not written,
+    /// so no change that nobody could check blocks, pins or revives a key.
+    pub absent_rows_leave_no_trace: bool,
+    /// Bounds on the clocks a change may carry, relative to the row's.
+    pub clock_bound: Option<ClockBound>,
+}
+
+/// The clocks a change may carry, relative to what the database holds (the
+/// row's causal length for `cl`; the cell's col_version in the same
+/// incarnation, 0 in a new one, for `col_version`): at most `max_step`
+/// ahead, and above `max` only one step ahead (+1 for a col_version, +2
+/// for a causal length), so no clock ever nears the end of `i64` and every
+/// authorized writer can always write the row again. A `seq` is at most
+/// `max`. docs/PROTOCOL.md, "Clocks", derives the server's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockBound {
+    /// The largest step ahead.
+    pub max_step: i64,
+    /// The largest value of a causal length, col_version or seq.
+    pub max: i64,
+}
+
+/// What a batch did, with the rows it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The counts.
+    pub stats: ApplyStats,
+    /// (table, canonical pk) of every row whose base row or clock the batch
+    /// wrote, once each, in the order first written.
+    pub changed: Vec<(String, crate::PackedPk)>,
+}
+
 /// Base-table writes of a row not yet executed.
 #[derive(Default)]
 struct PendingRow {
@@ -101,48 +139,25 @@ pub(crate) struct RowMerge {
     dirty: bool,
 }
 
+/// Whether a row clock describes a row that exists (odd causal length).
+fn alive(c: &RowClock) -> bool {
+    c.local_cl().rem_euclid(2) == 1
+}
+
 impl RowMerge {
     /// Starts merging changes of the row `pk` (any encoding) of `t`.
     pub fn begin(st: &State, t: Arc<TableInfo>, pk: &[u8]) -> Result<RowMerge> {
-        Self::begin_canonical(st, t, pk, canonicalize(pk))
+        let key = t.canonical_key(pk);
+        Self::begin_canonical(st, t, key)
     }
 
-    /// [`RowMerge::begin`] with `canonicalize(pk)` already computed.
+    /// [`RowMerge::begin`] with `t.canonical_key(pk)` already computed.
     fn begin_canonical(
         st: &State,
         t: Arc<TableInfo>,
-        pk: &[u8],
-        canonical: Result<(Vec<u8>, usize), crate::pack::PkError>,
+        key: Result<(Vec<u8>, Vec<Value>)>,
     ) -> Result<RowMerge> {
-        let (mut canon, n) = canonical.map_err(|e| Error::pk(&t.name, pk, e))?;
-        if n != t.pks.len() {
-            return Err(Error::PkArity {
-                table: t.name.clone(),
-                pk: hex::encode(pk),
-                expected: t.pks.len(),
-                got: n,
-            });
-        }
-        let mut pk_vals = crate::pack::unpack(&canon).map_err(|e| Error::pk(&t.name, pk, e))?;
-        if t.int_key {
-            // An INTEGER PRIMARY KEY stores 5.0 and '5' as 5: key the clock
-            // the way the row is stored.
-            let as_int = match &pk_vals[0] {
-                Value::Integer(i) => Some(*i),
-                Value::Real(r) if r.fract() == 0.0 && r.abs() < 9.2e18 => Some(*r as i64),
-                Value::Text(s) => s.trim().parse::<i64>().ok(),
-                _ => None,
-            };
-            let Some(i) = as_int else {
-                return Err(Error::Invalid(format!(
-                    "table {:?} has an INTEGER PRIMARY KEY: pk {} is not an integer (datatype mismatch)",
-                    t.name,
-                    hex::encode(pk)
-                )));
-            };
-            pk_vals = vec![Value::Integer(i)];
-            canon = crate::pack::pack_int(i);
-        }
+        let (canon, pk_vals) = key?;
         let old = st.read_clock(&t, &canon)?;
         let clock = old.clone().unwrap_or_default();
         Ok(RowMerge {
@@ -157,11 +172,20 @@ impl RowMerge {
     }
 
     /// Decides one change against the row's clock (reference §3).
-    pub fn merge(&mut self, sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Result<Outcome> {
+    pub fn merge(
+        &mut self,
+        sh: &Shared,
+        st: &mut State,
+        c: &ChangeRef<'_>,
+        opts: &ApplyOptions,
+    ) -> Result<Outcome> {
         if c.site_id.len() > 16 {
             return Err(Error::SiteIdTooLong {
                 len: c.site_id.len(),
             });
+        }
+        if let Some(b) = &opts.clock_bound {
+            self.check_bound(c, b)?;
         }
         let local_cl = self.clock.local_cl();
         if c.cl < local_cl {
@@ -221,14 +245,75 @@ impl RowMerge {
         Ok(Outcome::Applied)
     }
 
+    /// Refuses a change whose clocks are beyond `b` (see [`ClockBound`]).
+    fn check_bound(&self, c: &ChangeRef<'_>, b: &ClockBound) -> Result<()> {
+        let err = |reason: String| Error::Clock {
+            table: self.t.name.clone(),
+            pk: hex::encode(c.pk),
+            cid: c.cid.to_owned(),
+            reason: reason.into(),
+        };
+        if c.seq > b.max {
+            return Err(err(format!(
+                "its seq {} is above {}, the largest a peer may push",
+                c.seq, b.max
+            )));
+        }
+        let local_cl = self.clock.local_cl();
+        // A causal length moves by 1 (delete) or 2 (delete and re-create)
+        // per step; a col_version by 1 per write of the cell, restarting in
+        // a new incarnation.
+        let base_cv = match self.t.col_index(c.cid) {
+            Some(col) if c.cid != SENTINEL && c.cl == local_cl => self
+                .clock
+                .cell(self.t.cols[col].slot)
+                .map_or(0, |k| k.col_version),
+            _ => 0,
+        };
+        let mut checks = vec![("causal length", c.cl, local_cl, 2)];
+        if c.cid != SENTINEL {
+            checks.push(("col_version", c.col_version, base_cv, 1));
+        }
+        for (what, v, held, next) in checks {
+            if v > held.saturating_add(b.max_step) {
+                return Err(err(format!(
+                    "its {what} {v} is more than {} ahead of the {} ({held})",
+                    b.max_step,
+                    if what == "col_version" {
+                        "cell's"
+                    } else {
+                        "row's"
+                    }
+                )));
+            }
+            if v > b.max && v > held.saturating_add(next) {
+                return Err(err(format!(
+                    "its {what} {v} is above {}: past it a clock only moves one step at a time (the server holds {held})",
+                    b.max
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Executes pending base-table writes and writes the clock record.
-    pub fn finish(mut self, sh: &Shared, st: &mut State) -> Result<()> {
+    /// Returns whether anything was written.
+    pub fn finish(mut self, sh: &Shared, st: &mut State, opts: &ApplyOptions) -> Result<bool> {
+        if opts.absent_rows_leave_no_trace
+            && self.dirty
+            && !self.old.as_ref().is_some_and(alive)
+            && !alive(&self.clock)
+        {
+            // Absent before and after: nothing a check could judge, so
+            // nothing is kept (the delete of an absent row ran as a no-op).
+            return Ok(false);
+        }
         self.flush(st)?;
         if self.dirty {
             st.write_clock(&self.t, &self.pk, self.old.as_ref(), &self.clock)?;
             sh.wrote.store(true, Relaxed);
         }
-        Ok(())
+        Ok(self.dirty)
     }
 
     /// The clock a winning change is stored with: its col_version, seq and
@@ -436,9 +521,10 @@ pub(crate) fn merge_single(sh: &Shared, st: &mut State, c: &ChangeRef<'_>) -> Re
     let known = st.site_known(c.site_id)?;
     let merged = (|| {
         let t = st.table(c.table)?;
+        let opts = ApplyOptions::default();
         let mut m = RowMerge::begin(st, t, c.pk)?;
-        let outcome = m.merge(sh, st, c)?;
-        m.finish(sh, st)?;
+        let outcome = m.merge(sh, st, c, &opts)?;
+        m.finish(sh, st, &opts)?;
         Ok(outcome)
     })();
     if merged.is_err() && !known {
@@ -453,9 +539,11 @@ pub(crate) fn merge_batch<'a>(
     sh: &Shared,
     st: &mut State,
     changes: impl Iterator<Item = ChangeRef<'a>>,
-) -> Result<ApplyStats> {
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
     st.refresh(sh)?;
-    let mut stats = ApplyStats::default();
+    let mut report = ApplyReport::default();
+    let mut changed: std::collections::HashSet<(String, Vec<u8>)> = Default::default();
     // The row being merged, the raw pk it was named with, and the last change
     // merged into it (for error context).
     let mut current: Option<(RowMerge, &'a [u8], usize, ChangeRef<'a>)> = None;
@@ -467,6 +555,15 @@ pub(crate) fn merge_batch<'a>(
         db_version: c.db_version,
         source: Box::new(e),
     };
+    let mut finish = |m: RowMerge, st: &mut State, li: usize, lc: &ChangeRef<'_>| -> Result<()> {
+        let (table, pk) = (m.t.name.clone(), m.pk.clone());
+        if m.finish(sh, st, opts).map_err(|e| ctx(li, lc, e))?
+            && changed.insert((table.clone(), pk.clone()))
+        {
+            report.changed.push((table, crate::PackedPk(pk)));
+        }
+        Ok(())
+    };
     for (i, c) in changes.enumerate() {
         // The canonical pk, when comparing needed it (reused to begin a row).
         let mut canonical = None;
@@ -475,7 +572,7 @@ pub(crate) fn merge_batch<'a>(
                 m.t.name == c.table
                     && (*raw == c.pk || {
                         // Same row in another encoding?
-                        let canon = canonicalize(c.pk);
+                        let canon = m.t.canonical_key(c.pk);
                         let same = matches!(&canon, Ok((k, _)) if *k == m.pk);
                         canonical = Some(canon);
                         same
@@ -485,30 +582,30 @@ pub(crate) fn merge_batch<'a>(
         };
         if !same_row {
             if let Some((m, _, li, lc)) = current.take() {
-                m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
+                finish(m, st, li, &lc)?;
             }
             let t = st.table(c.table).map_err(|e| ctx(i, &c, e))?;
-            let canonical = canonical.unwrap_or_else(|| canonicalize(c.pk));
-            let m = RowMerge::begin_canonical(st, t, c.pk, canonical).map_err(|e| ctx(i, &c, e))?;
-            stats.rows += 1;
+            let canonical = canonical.unwrap_or_else(|| t.canonical_key(c.pk));
+            let m = RowMerge::begin_canonical(st, t, canonical).map_err(|e| ctx(i, &c, e))?;
+            report.stats.rows += 1;
             current = Some((m, c.pk, i, c));
         }
         let (m, _, li, lc) = current.as_mut().expect("set above");
-        let o = m.merge(sh, st, &c).map_err(|e| ctx(i, &c, e))?;
+        let o = m.merge(sh, st, &c, opts).map_err(|e| ctx(i, &c, e))?;
         *li = i;
         *lc = c;
-        stats.count(o);
+        report.stats.count(o);
     }
     if let Some((m, _, li, lc)) = current.take() {
-        m.finish(sh, st).map_err(|e| ctx(li, &lc, e))?;
+        finish(m, st, li, &lc)?;
     }
-    if stats.applied > 0 {
+    if report.stats.applied > 0 {
         let p = sh.pending.load(Relaxed);
         if p >= 0 {
-            stats.max_db_version = Some(p);
+            report.stats.max_db_version = Some(p);
         }
     }
-    Ok(stats)
+    Ok(report)
 }
 
 /// Unpacks a pk for binding (used by readers).

@@ -8,6 +8,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use tenantsync_types::Value;
+use tenantsync_types::affinity::{Affinity, ColumnType, StrictType};
 
 /// Per-table metadata table: every CRR and its next free slot number.
 pub(crate) const TABLES: &str = "crsql_tenantsync_tables";
@@ -52,6 +54,10 @@ pub(crate) struct TableInfo {
     pub int_key: bool,
     /// PK columns in PRIMARY KEY order.
     pub pks: Vec<Column>,
+    /// How each PK column converts what is written to it (its affinity,
+    /// its STRICT type, or the rowid's INTEGER-only rule), in key order:
+    /// [`TableInfo::canonical_key`] applies it.
+    pub pk_types: Vec<ColumnType>,
     /// Non-PK tracked columns in slot order (= trigger argument order).
     pub cols: Vec<Column>,
     /// `slot_index[slot]` = index into `cols`.
@@ -88,9 +94,11 @@ impl TableInfo {
         name: String,
         int_key: bool,
         pks: Vec<Column>,
+        pk_types: Vec<ColumnType>,
         cols: Vec<Column>,
         all_columns: Vec<String>,
     ) -> Self {
+        assert_eq!(pks.len(), pk_types.len(), "one type per key column");
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let max_slot = cols.iter().map(|c| c.slot).max().unwrap_or(0) as usize;
         let mut slot_index = vec![None; max_slot + 1];
@@ -157,11 +165,69 @@ impl TableInfo {
             name,
             int_key,
             pks,
+            pk_types,
             cols,
             slot_index,
             all_columns,
             sql,
         }
+    }
+
+    /// The one reading of a primary key named from outside (a merged
+    /// change, a read or an eviction by key): its values as SQLite stores
+    /// them in the key's columns, packed minimally. Both the row a merge
+    /// writes and the clock it keys are found by this key, so two encodings
+    /// of one row (`'5'` and `5` for an INTEGER key) are one row, and a
+    /// value SQLite would refuse (`'\u{a0}5'` for a rowid, a BLOB in a
+    /// STRICT INTEGER key) or NULL is refused here, naming the column.
+    pub fn canonical_key(&self, raw: &[u8]) -> Result<(Vec<u8>, Vec<Value>)> {
+        let vals = crate::pack::unpack(raw).map_err(|e| Error::pk(&self.name, raw, e))?;
+        if vals.len() != self.pks.len() {
+            return Err(Error::PkArity {
+                table: self.name.clone(),
+                pk: hex::encode(raw),
+                expected: self.pks.len(),
+                got: vals.len(),
+            });
+        }
+        let refuse = |i: usize, reason: String| Error::PkValue {
+            table: self.name.clone(),
+            pk: hex::encode(raw),
+            column: self.pks[i].name.clone(),
+            reason: reason.into(),
+        };
+        let mut out = Vec::with_capacity(vals.len());
+        for (i, v) in vals.iter().enumerate() {
+            if v.is_null() {
+                return Err(refuse(i, "is NULL: a CRR's key is never NULL".into()));
+            }
+            let stored = self.pk_types[i]
+                .store(v)
+                .map_err(|m| refuse(i, m.to_string()))?;
+            if let Some(reason) = self.ambiguous_key(i, &stored) {
+                return Err(refuse(i, reason));
+            }
+            out.push(stored);
+        }
+        let packed = crate::pack::PackedPk::pack(&out)
+            .map_err(|e| Error::pk(&self.name, raw, e))?
+            .0;
+        Ok((packed, out))
+    }
+
+    /// Why a stored key value cannot name one row (`None` when it can): a
+    /// REAL equal to an integer (5.0, 0.0, -0.0) in a key column that
+    /// converts no number, where SQLite takes 5 and 5.0 for one key and the
+    /// clocks would take them for two. A deliberate difference from
+    /// cr-sqlite 0.16, which accepts them and diverges (docs/arch/core.md,
+    /// "Keys"); 2.5 or 1e300, which no integer equals, are fine.
+    pub fn ambiguous_key(&self, i: usize, stored: &Value) -> Option<String> {
+        const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+        let integral =
+            matches!(stored, Value::Real(r) if r.fract() == 0.0 && (-TWO_63..TWO_63).contains(r));
+        (integral && self.pk_types[i].keeps_numbers_apart()).then(|| {
+            "holds a REAL equal to an integer, but its type converts no number (no declared type, BLOB, or STRICT ANY): SQLite takes 5 and 5.0 for one key, the clocks for two. Write the INTEGER, or declare the column INTEGER, REAL, NUMERIC or TEXT".to_owned()
+        })
     }
 
     /// Index into `cols` of the column with this name.
@@ -302,10 +368,13 @@ pub(crate) fn load_table(conn: &Connection, name: String) -> Result<TableInfo> {
         )
         .optional()?;
     let int_key = key_type.is_some_and(|t| t.eq_ignore_ascii_case("integer"));
+    let pks: Vec<Column> = pks.into_iter().map(|(_, c)| c).collect();
+    let pk_types = key_column_types(conn, &name, &present, &pks)?;
     Ok(TableInfo::new(
         name,
         int_key,
-        pks.into_iter().map(|(_, c)| c).collect(),
+        pks,
+        pk_types,
         cols,
         all_columns,
     ))
@@ -390,6 +459,19 @@ pub(crate) fn check_compatible(conn: &Connection, table: &str) -> Result<Vec<Col
             c.name
         )));
     }
+    // 3b. Key columns compare with BINARY: under NOCASE or RTRIM two keys
+    // that pack differently ('a' and 'A') would be one row to SQLite and
+    // two to the clocks (cr-sqlite 0.16 accepts them, and diverges).
+    for c in &pk_cols {
+        let (_, coll, ..) = conn.column_metadata(None::<&str>, table, c.name.as_str())?;
+        let coll = coll.map(|c| c.to_string_lossy().into_owned());
+        if let Some(coll) = coll.filter(|c| !c.eq_ignore_ascii_case("BINARY")) {
+            return Err(refuse(format!(
+                "primary key column {:?} is declared COLLATE {coll}: two keys SQLite holds equal would be two rows to the clocks. Key columns must use the default BINARY collation (normalize the values instead, e.g. lower-case them)",
+                c.name
+            )));
+        }
+    }
     // 4. No AUTOINCREMENT.
     if sql.to_ascii_lowercase().contains("autoincrement") {
         return Err(refuse(
@@ -425,6 +507,52 @@ pub(crate) fn check_compatible(conn: &Connection, table: &str) -> Result<Vec<Col
     Ok(cols)
 }
 
+/// How each key column converts the values written to it: the rowid's
+/// INTEGER-only rule for an `INTEGER PRIMARY KEY` alias, the column's type
+/// in a STRICT table, else its declared type's affinity.
+fn key_column_types(
+    conn: &Connection,
+    table: &str,
+    present: &[ColumnSchema],
+    pks: &[Column],
+) -> Result<Vec<ColumnType>> {
+    let strict = is_strict(conn, table)?;
+    let rowid = has_rowid_alias_pk(conn, table, present)?;
+    pks.iter()
+        .map(|k| {
+            let decl = present
+                .iter()
+                .find(|c| c.name == k.name)
+                .map(|c| c.decl_type.as_str())
+                .unwrap_or("");
+            Ok(if rowid {
+                ColumnType::Rowid
+            } else if strict {
+                ColumnType::Strict(StrictType::from_decl_type(decl).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "table {table:?}: STRICT column {:?} has type {decl:?}",
+                        k.name
+                    ))
+                })?)
+            } else {
+                ColumnType::Affinity(Affinity::from_decl_type(Some(decl)))
+            })
+        })
+        .collect()
+}
+
+/// Whether the table is STRICT.
+pub(crate) fn is_strict(conn: &Connection, table: &str) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .is_some_and(|s| s != 0))
+}
+
 /// Whether the table's primary key is a single `INTEGER PRIMARY KEY`
 /// rowid alias (which only ever holds integers).
 pub(crate) fn has_rowid_alias_pk(
@@ -451,9 +579,11 @@ pub(crate) fn has_rowid_alias_pk(
         return Ok(false);
     }
     // `INTEGER PRIMARY KEY DESC` is not an alias: reading an alias compiles
-    // to the Rowid opcode, any other column to Column.
+    // to the Rowid opcode, any other column to Column. NOT INDEXED keeps an
+    // index on another column from turning the read into an index scan
+    // (`todos (list_id)` did: its key read compiled to neither).
     let mut stmt = conn.prepare(&format!(
-        "EXPLAIN SELECT {} FROM {}",
+        "EXPLAIN SELECT {} FROM {} NOT INDEXED",
         ident(&pk.name),
         ident(table)
     ))?;

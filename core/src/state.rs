@@ -26,6 +26,7 @@ use tenantsync_types::Value;
 
 use crate::clock::RowClock;
 use crate::connection::MergeStamping;
+use crate::error::version_overflow;
 use crate::error::{Error, Result};
 use crate::raw::{Bind, RawStmt};
 use crate::schema::{self, TableInfo};
@@ -493,7 +494,10 @@ impl State {
     /// pending, merging)`, recorded as pending.
     pub fn next_version(&mut self, sh: &Shared, merging: Option<i64>) -> Result<i64> {
         let current = self.db_version(sh)?;
-        let mut v = current.saturating_add(1).max(sh.pending.load(Relaxed));
+        let mut v = current
+            .checked_add(1)
+            .ok_or_else(version_overflow)?
+            .max(sh.pending.load(Relaxed));
         if let Some(m) = merging {
             v = v.max(m);
         }

@@ -66,6 +66,18 @@ fn table_for(
 }
 
 fn pack(t: &TableInfo, values: &[ValueRef<'_>]) -> Result<Vec<u8>> {
+    for (i, v) in values.iter().enumerate() {
+        if let ValueRef::Real(r) = v
+            && let Some(reason) = t.ambiguous_key(i, &tenantsync_types::Value::Real(*r))
+        {
+            return Err(Error::PkValue {
+                table: t.name.clone(),
+                pk: String::new(),
+                column: t.pks[i].name.clone(),
+                reason: reason.into(),
+            });
+        }
+    }
     let mut pk = Vec::with_capacity(16);
     pack_into(values.iter().copied(), values.len(), &mut pk)
         .map_err(|e| Error::pk(&t.name, &pk, e))?;
@@ -81,9 +93,21 @@ fn local(col_version: i64, db_version: i64, seq: i64) -> Clock {
     }
 }
 
+/// `v + by`, or an error naming the clock: a clock never wraps or sticks at
+/// the end of its range (a saturated causal length would stay odd, so the
+/// row could never be deleted again).
+fn bump(t: &TableInfo, pk: &[u8], cid: &str, v: i64, by: i64) -> Result<i64> {
+    v.checked_add(by).ok_or_else(|| Error::Clock {
+        table: t.name.clone(),
+        pk: hex::encode(pk),
+        cid: cid.to_owned(),
+        reason: format!("{v} + {by} overflows: the clock is at the end of its range").into(),
+    })
+}
+
 /// The next odd causal length after `cv` (cr-sqlite: even +1, odd +2).
-fn next_alive(cv: i64) -> i64 {
-    cv.saturating_add(if cv.rem_euclid(2) == 0 { 1 } else { 2 })
+fn next_alive(t: &TableInfo, pk: &[u8], cv: i64) -> Result<i64> {
+    bump(t, pk, "-1", cv, if cv.rem_euclid(2) == 0 { 1 } else { 2 })
 }
 
 /// `crsql_after_insert('t', NEW.pk...)`.
@@ -117,18 +141,24 @@ pub(crate) fn after_insert(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     let mut new = old.clone();
     if t.cols.is_empty() {
         let seq = sh.bump_seq();
-        let cv = old.sentinel.map_or(1, |s| next_alive(s.col_version));
+        let cv = match old.sentinel {
+            Some(s) => next_alive(&t, &pk, s.col_version)?,
+            None => 1,
+        };
         new.sentinel = Some(local(cv, v, seq));
     } else {
         // cr-sqlite consumes a seq here even when there is no sentinel.
         let seq = sh.bump_seq();
         if let Some(s) = &mut new.sentinel {
-            *s = local(next_alive(s.col_version), v, seq);
+            *s = local(next_alive(&t, &pk, s.col_version)?, v, seq);
         }
         for c in &t.cols {
             let seq = sh.bump_seq();
             let cell = new.cell_mut(c.slot);
-            let cv = cell.map_or(1, |c| c.col_version.saturating_add(1));
+            let cv = match cell {
+                Some(k) => bump(&t, &pk, &c.name, k.col_version, 1)?,
+                None => 1,
+            };
             *cell = Some(local(cv, v, seq));
         }
     }
@@ -168,10 +198,10 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
         let old_clock = st.read_clock(&t, &old_pk)?;
         // Tombstone the old key.
         let seq = sh.bump_seq();
-        let cv = old_clock
-            .as_ref()
-            .and_then(|c| c.sentinel)
-            .map_or(2, |s| s.col_version.saturating_add(1));
+        let cv = match old_clock.as_ref().and_then(|c| c.sentinel) {
+            Some(s) => bump(&t, &old_pk, "-1", s.col_version, 1)?,
+            None => 2,
+        };
         let tomb = RowClock {
             sentinel: Some(local(cv, v, seq)),
             cells: Vec::new(),
@@ -179,7 +209,10 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
         st.write_clock(&t, &old_pk, old_clock.as_ref(), &tomb)?;
         // Create the new key.
         let seq = sh.bump_seq();
-        let cv = clock.sentinel.map_or(1, |s| next_alive(s.col_version));
+        let cv = match clock.sentinel {
+            Some(s) => next_alive(&t, &new_pk, s.col_version)?,
+            None => 1,
+        };
         clock.sentinel = Some(local(cv, v, seq));
         // Move the old key's cells, keeping col_version and author but
         // re-stamped with this transaction so incremental pulls see them.
@@ -198,7 +231,10 @@ pub(crate) fn after_update(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     for i in changed {
         let seq = sh.bump_seq();
         let cell = clock.cell_mut(t.cols[i].slot);
-        let cv = cell.map_or(1, |c| c.col_version.saturating_add(1));
+        let cv = match cell {
+            Some(k) => bump(&t, &new_pk, &t.cols[i].name, k.col_version, 1)?,
+            None => 1,
+        };
         *cell = Some(local(cv, v, seq));
     }
     st.write_clock(&t, &new_pk, old_new_key.as_ref(), &clock)?;
@@ -214,10 +250,10 @@ pub(crate) fn after_delete(sh: &Shared, st: &mut State, args: &[ValueRef<'_>]) -
     let seq = sh.bump_seq();
     let pk = pack(&t, &args[1..])?;
     let old = st.read_clock(&t, &pk)?;
-    let cv = old
-        .as_ref()
-        .and_then(|c| c.sentinel)
-        .map_or(2, |s| s.col_version.saturating_add(1));
+    let cv = match old.as_ref().and_then(|c| c.sentinel) {
+        Some(s) => bump(&t, &pk, "-1", s.col_version, 1)?,
+        None => 2,
+    };
     let tomb = RowClock {
         sentinel: Some(local(cv, v, seq)),
         cells: Vec::new(),
