@@ -5,14 +5,15 @@
 CREATE POLICY lists_tenant_read ON lists FOR SELECT TO authenticated
   USING (tenant_id = auth.claim('tenant_id'));
 CREATE POLICY lists_owner_write ON lists FOR ALL TO authenticated
-  USING (owner = auth.uid())
+  USING (owner = auth.uid() AND tenant_id = auth.claim('tenant_id'))
   WITH CHECK (owner = auth.uid() AND tenant_id = auth.claim('tenant_id'));
 
 -- Members: a user sees the memberships of their tenant.
 CREATE POLICY members_tenant_read ON members FOR SELECT TO authenticated
   USING (tenant_id = auth.claim('tenant_id'));
 CREATE POLICY members_list_owner ON members FOR ALL TO authenticated
-  USING (list_id IN (SELECT id FROM lists WHERE owner = auth.uid()))
+  USING (tenant_id = auth.claim('tenant_id')
+         AND list_id IN (SELECT id FROM lists WHERE owner = auth.uid()))
   WITH CHECK (tenant_id = auth.claim('tenant_id')
               AND list_id IN (SELECT id FROM lists WHERE owner = auth.uid()));
 

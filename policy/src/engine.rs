@@ -903,6 +903,11 @@ impl Engine {
         };
         binder.mark_direct(&root);
         let params = binder.params;
+        if let Some(reason) = crate::limits::over_limits(&root, &params) {
+            return Err(QueryError::Refused {
+                reasons: vec![reason],
+            });
+        }
         let ms = binder.memberships;
         let column_names: Vec<String> = columns
             .iter()
@@ -1268,6 +1273,9 @@ impl WriteCommand {
 pub struct WriteDecision {
     /// Whether the write is allowed.
     pub allowed: bool,
+    /// The write changes nothing and is not a refusal: a DELETE of a row
+    /// the writer cannot read, which PostgreSQL skips (`allowed` is false).
+    pub skipped: bool,
     /// What the write does to the row.
     pub command: WriteCommand,
     /// The policies that decided: those that granted, or the one that refused
@@ -1361,31 +1369,27 @@ impl WritePlan {
         }
     }
 
-    /// Checks each (before, after) pair, rows in table column order:
-    /// INSERT (no before): WITH CHECK of the INSERT policies on after;
-    /// UPDATE: the before row must be SELECT-visible and pass the UPDATE
-    /// policies' USING, the after row their WITH CHECK (USING when absent);
-    /// DELETE (no after): the before row must be SELECT-visible and pass the
-    /// DELETE policies' USING. Permissive policies OR, restrictive AND on
-    /// top, no applicable permissive policy = denied.
+    /// Checks each (before, after) pair, rows in table column order, with
+    /// PostgreSQL's rules for a statement that names its row (a sync client
+    /// always does: `UPDATE ... WHERE pk = ...`):
+    ///
+    /// - INSERT (no before): WITH CHECK of the INSERT policies on after;
+    /// - UPDATE: the before row must be SELECT-visible and pass the UPDATE
+    ///   policies' USING; the after row must pass their WITH CHECK (USING
+    ///   when absent) and be SELECT-visible too (PostgreSQL: "new row
+    ///   violates row-level security policy");
+    /// - DELETE (no after): the before row must be SELECT-visible and pass
+    ///   the DELETE policies' USING.
+    ///
+    /// Permissive policies OR, restrictive AND on top, no applicable
+    /// permissive policy = denied. Every subquery reads `ms`, the
+    /// membership sets of the database as it was before the row's write
+    /// (PostgreSQL evaluates a statement's subqueries on the snapshot
+    /// before it, so a row never vouches for itself).
     pub fn check(
         &self,
         rows: &[RowChange<'_>],
         ms: &MembershipResults,
-    ) -> Result<Vec<WriteDecision>, WriteError> {
-        self.check_split(rows, ms, ms)
-    }
-
-    /// [`WritePlan::check`] with the membership sets of two states: the
-    /// before rows (SELECT visibility and USING) are judged with `before`
-    /// (the sets on the database before the write), the after rows (WITH
-    /// CHECK) with `after` (the sets once the write is applied), so a batch
-    /// that creates a list and shares it is judged on what it produces.
-    pub fn check_split(
-        &self,
-        rows: &[RowChange<'_>],
-        before: &MembershipResults,
-        after: &MembershipResults,
     ) -> Result<Vec<WriteDecision>, WriteError> {
         for (index, (b, a)) in rows.iter().enumerate() {
             for r in [b, a].into_iter().flatten() {
@@ -1407,7 +1411,7 @@ impl WritePlan {
         }
         Ok(rows
             .iter()
-            .map(|(b, a)| self.check_one(*b, *a, before, after))
+            .map(|(b, a)| self.check_one(*b, *a, ms))
             .collect())
     }
 
@@ -1415,34 +1419,66 @@ impl WritePlan {
         &self,
         before: Option<&[Value]>,
         after: Option<&[Value]>,
-        ms_before: &MembershipResults,
-        ms_after: &MembershipResults,
+        ms: &MembershipResults,
     ) -> WriteDecision {
+        let decision = |allowed, command, policies, reason| WriteDecision {
+            allowed,
+            skipped: false,
+            command,
+            policies,
+            reason,
+        };
         let deny = |command, v: Verdict| match v {
-            Verdict::Refused { policies, reason } => WriteDecision {
-                allowed: false,
-                command,
-                policies,
-                reason,
-            },
+            Verdict::Refused { policies, reason } => decision(false, command, policies, reason),
             Verdict::Granted(_) => unreachable!("only refusals are denied"),
         };
+        let insert = |new: &[Value]| match self.judge(
+            &self.insert,
+            WriteCommand::Insert,
+            "WITH CHECK",
+            new,
+            ms,
+        ) {
+            Verdict::Granted(p) => decision(
+                true,
+                WriteCommand::Insert,
+                vec![p.clone()],
+                format!("policy `{p}` (WITH CHECK) grants INSERT of the new row"),
+            ),
+            v => deny(WriteCommand::Insert, v),
+        };
+        let visible = |row: &[Value]| self.select.eval(row, &self.params, ms).is_true();
         match (before, after) {
-            (None, Some(new)) => {
-                match self.judge(
-                    &self.insert,
-                    WriteCommand::Insert,
-                    "WITH CHECK",
-                    new,
-                    ms_after,
-                ) {
-                    Verdict::Granted(p) => WriteDecision {
-                        allowed: true,
-                        command: WriteCommand::Insert,
-                        reason: format!("policy `{p}` (WITH CHECK) grants INSERT of the new row"),
-                        policies: vec![p],
-                    },
-                    v => deny(WriteCommand::Insert, v),
+            (None, Some(new)) => insert(new),
+            (Some(old), None) if !visible(old) => WriteDecision {
+                // PostgreSQL's DELETE skips a row its writer cannot read;
+                // so does a push (the writer holds no such row), and it
+                // answers as for a row that does not exist.
+                allowed: false,
+                skipped: true,
+                command: WriteCommand::Delete,
+                policies: vec![],
+                reason: "the row is not visible to the writer: the delete changes nothing".into(),
+            },
+            (Some(old), Some(new)) if !visible(old) => {
+                // Refused, in the words a write of a row that does not exist
+                // would get: a refusal does not tell whether another
+                // tenant's row holds the key (docs/POLICY.md, "What a
+                // client can observe").
+                let as_new = insert(new);
+                if as_new.allowed {
+                    decision(
+                        false,
+                        WriteCommand::Update,
+                        vec![],
+                        format!(
+                            "the existing row is not visible to role {} (no SELECT policy on `{}` grants it): a row must be readable to be changed",
+                            self.role_text(),
+                            self.table
+                        ),
+                    )
+                } else {
+                    as_new
                 }
             }
             (Some(old), new) => {
@@ -1451,36 +1487,34 @@ impl WritePlan {
                 } else {
                     WriteCommand::Delete
                 };
-                if !self.select.eval(old, &self.params, ms_before).is_true() {
-                    return WriteDecision {
-                        allowed: false,
-                        command: cmd,
-                        policies: vec![],
-                        reason: format!(
-                            "the existing row is not visible to role {} (no SELECT policy on `{}` grants it): a row must be readable to be changed",
-                            self.role_text(),
-                            self.table
-                        ),
-                    };
-                }
                 let using = if new.is_some() {
                     &self.update_using
                 } else {
                     &self.delete
                 };
-                let g1 = match self.judge(using, cmd, "USING", old, ms_before) {
+                let g1 = match self.judge(using, cmd, "USING", old, ms) {
                     Verdict::Granted(p) => p,
                     v => return deny(cmd, v),
                 };
                 let Some(new) = new else {
-                    return WriteDecision {
-                        allowed: true,
-                        command: cmd,
-                        reason: format!("policy `{g1}` (USING) grants DELETE of the existing row"),
-                        policies: vec![g1],
-                    };
+                    return decision(
+                        true,
+                        cmd,
+                        vec![g1.clone()],
+                        format!("policy `{g1}` (USING) grants DELETE of the existing row"),
+                    );
                 };
-                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms_after) {
+                match self.judge(&self.update_check, cmd, "WITH CHECK", new, ms) {
+                    Verdict::Granted(_) if !visible(new) => decision(
+                        false,
+                        cmd,
+                        vec![],
+                        format!(
+                            "the new row would not be visible to role {} (no SELECT policy on `{}` grants it): as in PostgreSQL, an UPDATE may not produce a row its writer cannot read",
+                            self.role_text(),
+                            self.table
+                        ),
+                    ),
                     Verdict::Granted(g2) => {
                         let reason = format!(
                             "policy `{g1}` (USING) grants UPDATE of the existing row and `{g2}` (WITH CHECK) accepts the new row"
@@ -1489,12 +1523,7 @@ impl WritePlan {
                         if !policies.contains(&g2) {
                             policies.push(g2);
                         }
-                        WriteDecision {
-                            allowed: true,
-                            command: cmd,
-                            policies,
-                            reason,
-                        }
+                        decision(true, cmd, policies, reason)
                     }
                     v => deny(cmd, v),
                 }

@@ -10,6 +10,8 @@
 //!   reporting every problem as [`Diagnostics`] (`diag`).
 //! - `lower`: sqlparser AST -> [`Expr`], refusing everything outside the
 //!   allowed subset.
+//! - `lint`: [`PolicySet::tenant_warnings`], policies on a tenant's table
+//!   that do not constrain its tenant column.
 //! - `limits`: how complex one statement may be, checked on its tokens
 //!   before parsing (deep trees would overflow the stack).
 //! - `expr`: the expression tree, its evaluator (SQLite semantics) and SQL
@@ -30,6 +32,7 @@ mod engine;
 mod expr;
 pub mod identity;
 mod limits;
+mod lint;
 mod lower;
 mod policy;
 pub mod schema;
@@ -42,6 +45,7 @@ pub use engine::{
 };
 pub use expr::{CmpOp, Expr, MembershipId, MembershipResults, MembershipSet, Truth};
 pub use identity::{Identity, IdentityError};
+pub use limits::{MAX_LIKE_PATTERN_BYTES, MAX_LITERAL_BYTES, MAX_QUERY_VALUES};
 pub use policy::{Policy, PolicyCommand, PolicyKind, PolicySet};
 pub use schema::{Affinity, ColumnSchema, Schema, TableSchema};
 pub use sqlite::{ArithOp, real_to_text};

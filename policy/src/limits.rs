@@ -18,6 +18,59 @@ use sqlparser::tokenizer::{Location, Token, Tokenizer};
 /// (a subscription query, or one `CREATE POLICY`) may have.
 pub(crate) const MAX_COMPLEXITY: usize = 256;
 
+/// The most values one effective query binds (its literals, its claims and
+/// those of the policies): SQLite refuses more than 32,766 variables, and
+/// every binding is kept per view.
+pub const MAX_QUERY_VALUES: usize = 10_000;
+
+/// The longest TEXT or BLOB literal of a subscription query, in bytes.
+pub const MAX_LITERAL_BYTES: usize = 64 * 1024;
+
+/// The longest LIKE pattern, in bytes: patterns are matched on every
+/// changed row, and SQLite refuses patterns over 50,000 bytes.
+pub const MAX_LIKE_PATTERN_BYTES: usize = 1_000;
+
+/// The first limit an effective query goes over: its bound values, and the
+/// LIKE patterns among them (patterns never depend on the row, so each is
+/// known once bound). The message names the limit.
+pub(crate) fn over_limits(
+    root: &crate::expr::Expr,
+    params: &[tenantsync_types::Value],
+) -> Option<String> {
+    use tenantsync_types::Value;
+    if params.len() > MAX_QUERY_VALUES {
+        return Some(format!(
+            "the query binds {} values (its literals and the policies' claims), more than the {MAX_QUERY_VALUES} a subscription may",
+            params.len()
+        ));
+    }
+    for v in params {
+        let len = match v {
+            Value::Text(t) => t.len(),
+            Value::Blob(b) => b.len(),
+            _ => 0,
+        };
+        if len > MAX_LITERAL_BYTES {
+            return Some(format!(
+                "a literal of {len} bytes is longer than the {MAX_LITERAL_BYTES} bytes a value in a subscription may have"
+            ));
+        }
+    }
+    let mut stack = vec![root];
+    while let Some(e) = stack.pop() {
+        if let crate::expr::Expr::Like { pattern, .. } = e
+            && let Some(len) = pattern.constant_text_len(params)
+            && len > MAX_LIKE_PATTERN_BYTES
+        {
+            return Some(format!(
+                "a LIKE pattern of {len} bytes is longer than the {MAX_LIKE_PATTERN_BYTES} bytes a pattern may have"
+            ));
+        }
+        stack.extend(e.children());
+    }
+    None
+}
+
 const NESTING_KEYWORDS: &[Keyword] = &[
     Keyword::AND,
     Keyword::OR,

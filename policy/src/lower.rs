@@ -350,9 +350,17 @@ impl<'a> Lowerer<'a> {
                         return None;
                     }
                 };
+                let p = p?;
+                if p.mentions_column() {
+                    self.problem(
+                        pattern.span(),
+                        "a LIKE pattern must not depend on the row (use a literal or a claim): a row's text as a pattern could fail every query over the table",
+                    );
+                    return None;
+                }
                 Some(Expr::Like {
                     expr: Box::new(x?),
-                    pattern: Box::new(p?),
+                    pattern: Box::new(p),
                     escape,
                     negated: *negated,
                 })

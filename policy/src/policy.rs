@@ -79,6 +79,8 @@ pub struct Policy {
     pub with_check: Option<Expr>,
     /// 1-based line of the statement in its file.
     pub line: usize,
+    /// 1-based column of the statement's first character.
+    pub column: usize,
     /// The statement as written (for explain).
     pub text: String,
 }
@@ -108,6 +110,9 @@ impl Policy {
 pub struct PolicySet {
     pub(crate) schema: Arc<Schema>,
     pub(crate) policies: Vec<Policy>,
+    /// The file's name and text (for diagnostics after the parse).
+    pub(crate) file: Arc<str>,
+    pub(crate) source: Arc<str>,
 }
 
 impl PolicySet {
@@ -196,6 +201,8 @@ impl PolicySet {
             Ok(PolicySet {
                 schema: Arc::new(schema.clone()),
                 policies,
+                file: Arc::from(file_name),
+                source: Arc::from(source),
             })
         } else {
             diags.sort();
@@ -208,6 +215,8 @@ impl PolicySet {
         PolicySet {
             schema: Arc::new(schema.clone()),
             policies: Vec::new(),
+            file: Arc::from(""),
+            source: Arc::from(""),
         }
     }
 
@@ -399,6 +408,7 @@ fn lower_policy(
         using,
         with_check,
         line: stmt_span.start.line as usize,
+        column: stmt_span.start.column as usize,
         text,
     })
 }

@@ -103,11 +103,21 @@ fn values() -> impl Strategy<Value = Value> {
 }
 
 fn value_expr(cols: &'static [&'static str]) -> BoxedStrategy<String> {
-    let leaf = prop_oneof![
-        3 => select(cols).prop_map(str::to_owned),
-        2 => select(LITERALS).prop_map(str::to_owned),
-        1 => select(CLAIMS).prop_map(str::to_owned),
-    ];
+    let leaf = if cols.is_empty() {
+        // A value that does not depend on the row (a LIKE pattern).
+        prop_oneof![
+            2 => select(LITERALS).prop_map(str::to_owned),
+            1 => select(CLAIMS).prop_map(str::to_owned),
+        ]
+        .boxed()
+    } else {
+        prop_oneof![
+            3 => select(cols).prop_map(str::to_owned),
+            2 => select(LITERALS).prop_map(str::to_owned),
+            1 => select(CLAIMS).prop_map(str::to_owned),
+        ]
+        .boxed()
+    };
     leaf.prop_recursive(3, 12, 3, |inner| {
         prop_oneof![
             (
@@ -193,7 +203,7 @@ fn condition(cols: &'static [&'static str], subqueries: bool) -> BoxedStrategy<S
                         ][..]
                     )
                     .prop_map(str::to_owned),
-                    v.clone()
+                    value_expr(&[])
                 ],
                 any::<bool>(),
                 any::<bool>(),

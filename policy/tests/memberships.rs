@@ -215,12 +215,13 @@ fn probe_keys_find_exactly_the_set_members() {
 }
 
 #[test]
-fn check_split_judges_using_before_and_with_check_after() {
+fn every_subquery_is_judged_on_the_state_before_the_write() {
     let engine = common::example_engine();
     let alice = common::identity(r#"{"sub":"alice","role":"authenticated","tenant_id":"t1"}"#);
     let plan = engine.write_plan(&alice, "todos").unwrap();
     let text = |s: &str| Value::Text(s.into());
-    // carol's todo in list 9, which alice may edit only as a member of 9.
+    // carol's todo in list 9, which alice may read and edit only as a
+    // member of 9.
     let old = vec![
         Value::Integer(1),
         text("t1"),
@@ -241,17 +242,24 @@ fn check_split_judges_using_before_and_with_check_after() {
     };
     let none = MembershipResults::new();
     let rows = [(Some(old.as_slice()), Some(new.as_slice()))];
-    let decide = |b: &MembershipResults, a: &MembershipResults| {
-        plan.check_split(&rows, b, a).unwrap()[0].allowed
-    };
-    assert!(decide(&member, &member));
-    assert!(
-        decide(&member, &none),
-        "WITH CHECK needs no membership here"
-    );
-    assert!(!decide(&none, &member), "USING is judged before the write");
-    assert_eq!(
-        plan.check(&rows, &member).unwrap(),
-        plan.check_split(&rows, &member, &member).unwrap()
-    );
+    let decide = |ms: &MembershipResults| plan.check(&rows, ms).unwrap().swap_remove(0);
+    assert!(decide(&member).allowed);
+    let d = decide(&none);
+    assert!(!d.allowed && !d.skipped, "{d:?}");
+    // The UPDATE's new row must stay readable to its writer (PostgreSQL):
+    // moving carol's todo to a list alice is no member of is refused.
+    let mut moved = old.clone();
+    moved[2] = Value::Integer(10);
+    let d = plan
+        .check(&[(Some(old.as_slice()), Some(moved.as_slice()))], &member)
+        .unwrap()
+        .swap_remove(0);
+    assert!(!d.allowed, "{d:?}");
+    assert!(d.reason.contains("new row would not be visible"), "{d:?}");
+    // A DELETE of a row alice cannot read is skipped, not refused.
+    let d = plan
+        .check(&[(Some(old.as_slice()), None)], &none)
+        .unwrap()
+        .swap_remove(0);
+    assert!(!d.allowed && d.skipped, "{d:?}");
 }

@@ -59,7 +59,11 @@ fn check(claims: &str, table: &str, rows: &[(Row, Row)]) -> String {
         .map(|d| {
             format!(
                 "{} {:?} [{}]: {}",
-                if d.allowed { "allowed" } else { "denied" },
+                match (d.allowed, d.skipped) {
+                    (true, _) => "allowed",
+                    (false, true) => "skipped",
+                    (false, false) => "denied",
+                },
                 d.command,
                 d.policies.join(", "),
                 d.reason
@@ -119,7 +123,7 @@ fn roles_without_policies_are_denied_by_default() {
         (Some(todo(1, "t1", 1, "alice", "a")), None),
     ]), @r"
     denied Insert []: no policy grants INSERT on `todos` to role `anon`
-    denied Delete []: the existing row is not visible to role `anon` (no SELECT policy on `todos` grants it): a row must be readable to be changed
+    skipped Delete []: the row is not visible to the writer: the delete changes nothing
     ");
 }
 

@@ -21,13 +21,21 @@ use tenantsync_types::Value;
 /// The `policy` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum PolicyCommand {
-    /// Validate a policy file: prints `ok` (exit 0) or every problem (exit 1).
+    /// Validate a policy file: prints `ok` (exit 0) or every problem (exit
+    /// 1). Warnings (a policy on a tenant's table that does not constrain
+    /// its tenant column) come before `ok` and do not fail the check.
     Check {
         /// The schema SQL file (CREATE TABLE ...; SELECT crsql_as_crr('t');).
         #[arg(long)]
         schema: PathBuf,
         /// The policy file.
         policy: PathBuf,
+        /// The column that holds a row's tenant.
+        #[arg(long, default_value = "tenant_id")]
+        tenant_column: String,
+        /// The token claim that names the caller's tenant.
+        #[arg(long, default_value = "tenant_id")]
+        tenant_claim: String,
     },
     /// Show the effective SQL and parameters of a query for an identity,
     /// and with --db the rows it would receive.
@@ -106,7 +114,12 @@ type Outcome = Result<(), Failure>;
 /// Runs a subcommand; returns the exit code.
 pub fn run(cmd: &PolicyCommand, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let result = match cmd {
-        PolicyCommand::Check { schema, policy } => check(schema, policy, out),
+        PolicyCommand::Check {
+            schema,
+            policy,
+            tenant_column,
+            tenant_claim,
+        } => check(schema, policy, tenant_column, tenant_claim, out),
         PolicyCommand::Explain {
             schema,
             policy,
@@ -240,12 +253,21 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("values serialise")
 }
 
-fn check(schema: &Path, policy: &Path, out: &mut dyn Write) -> Outcome {
+fn check(
+    schema: &Path,
+    policy: &Path,
+    tenant_column: &str,
+    tenant_claim: &str,
+    out: &mut dyn Write,
+) -> Outcome {
     let schema = load_schema(schema)?;
     let source = std::fs::read_to_string(policy)
         .with_context(|| format!("cannot read policy file {}", policy.display()))?;
     match PolicySet::parse(&policy.display().to_string(), &source, &schema) {
-        Ok(_) => {
+        Ok(set) => {
+            if let Some(w) = set.tenant_warnings(tenant_column, tenant_claim) {
+                writeln!(out, "{w}").context("stdout")?;
+            }
             writeln!(out, "ok").context("stdout")?;
             Ok(())
         }

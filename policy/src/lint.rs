@@ -1,0 +1,102 @@
+//! Warnings about policies that are valid but probably not what a
+//! multi-tenant schema wants: [`PolicySet::tenant_warnings`].
+//!
+//! A table with the tenant column (`tenant_id` by default) holds several
+//! tenants' rows; a policy on it that does not compare that column with the
+//! token's tenant claim grants across tenants whenever its other condition
+//! matches rows of another tenant (`owner = auth.uid()` does, for a user
+//! named alike in two tenants). The check is syntactic and conservative: a
+//! policy passes when each of its expressions has, as a top-level `AND`
+//! term, `<tenant column> = auth.claim('<tenant claim>')` (either side), or
+//! when a RESTRICTIVE policy on the table covering its command and roles
+//! has that term. Anything else (a tenant checked through a subquery, a
+//! table meant to be shared) is silenced with a comment line
+//! `-- tenantsync: cross-tenant` inside the policy or right above it.
+
+use crate::diag::Diagnostics;
+use crate::expr::{CmpOp, Expr};
+use crate::policy::{Policy, PolicyCommand, PolicyKind, PolicySet};
+
+/// The comment that silences the warning for one policy.
+pub const SILENCE: &str = "tenantsync: cross-tenant";
+
+impl PolicySet {
+    /// One warning (`file:line:col`, with the source line) per policy on a
+    /// table that has `tenant_column` whose expressions do not constrain
+    /// it to the `tenant_claim` of the token (see the module docs). `None`
+    /// when there is nothing to warn about.
+    pub fn tenant_warnings(&self, tenant_column: &str, tenant_claim: &str) -> Option<Diagnostics> {
+        let mut d = Diagnostics::new(&self.file, &self.source);
+        for p in &self.policies {
+            let table = &self.schema.tables[p.table];
+            let Some(col) = table.column_index(tenant_column) else {
+                continue;
+            };
+            if self.silenced(p) || self.constrained(p, col, tenant_claim) {
+                continue;
+            }
+            let at = sqlparser::tokenizer::Location::new(p.line as u64, p.column as u64);
+            d.push(
+                sqlparser::tokenizer::Span::new(at, at),
+                format!(
+                    "warning: policy `{}` on `{}` does not constrain `{}`: it grants rows of every tenant its condition matches. Add `{} = auth.claim('{}')` to it (or a RESTRICTIVE policy that does), or say it is meant with a comment `-- {SILENCE}`",
+                    p.name,
+                    table.name,
+                    table.columns[col].name,
+                    table.columns[col].name,
+                    tenant_claim
+                ),
+            );
+        }
+        (!d.items.is_empty()).then_some(d)
+    }
+
+    fn silenced(&self, p: &Policy) -> bool {
+        if p.text.contains(SILENCE) {
+            return true;
+        }
+        // The comment lines right above the statement.
+        self.source
+            .lines()
+            .take(p.line.saturating_sub(1))
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .take_while(|l| l.trim_start().starts_with("--"))
+            .any(|l| l.contains(SILENCE))
+    }
+
+    fn constrained(&self, p: &Policy, col: usize, claim: &str) -> bool {
+        let has = |e: Option<&Expr>| e.is_none_or(|e| pins_tenant(e, col, claim));
+        if has(p.using.as_ref()) && has(p.with_check.as_ref()) {
+            return true;
+        }
+        self.policies.iter().any(|r| {
+            r.kind == PolicyKind::Restrictive
+                && r.table == p.table
+                && (r.command == PolicyCommand::All || r.command == p.command)
+                && (r.roles.is_empty()
+                    || (!p.roles.is_empty() && p.roles.iter().all(|x| r.roles.contains(x))))
+                && has(r.using_expr())
+                && has(r.check_expr())
+        })
+    }
+}
+
+/// Whether `e` is, or has as a top-level AND term, `column = claim`.
+fn pins_tenant(e: &Expr, col: usize, claim: &str) -> bool {
+    match e {
+        Expr::And(terms) => terms.iter().any(|t| pins_tenant(t, col, claim)),
+        Expr::Compare {
+            op: CmpOp::Eq | CmpOp::Is,
+            left,
+            right,
+            ..
+        } => matches!(
+            (left.as_ref(), right.as_ref()),
+            (Expr::Column(c), Expr::Claim(n)) | (Expr::Claim(n), Expr::Column(c))
+                if *c == col && n == claim
+        ),
+        _ => false,
+    }
+}
