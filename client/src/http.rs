@@ -232,7 +232,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 ) -> Result<T, HttpError> {
     let start = || String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
     if (200..300).contains(&status) {
-        serde_json::from_slice(bytes).map_err(|e| HttpError::Unexpected {
+        tenantsync_protocol::json::decode(bytes).map_err(|e| HttpError::Unexpected {
             method,
             path,
             status,

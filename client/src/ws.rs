@@ -599,7 +599,7 @@ impl Worker {
                     }
                     Some(Err(e)) => return Err(format!("connection error before welcome: {e}")),
                     Some(Ok(Message::Text(t))) => {
-                        return serde_json::from_str::<ServerMsg>(t.as_str())
+                        return tenantsync_protocol::json::decode::<ServerMsg>(t.as_bytes())
                             .map_err(|e| format!("unreadable server message before welcome: {e}"));
                     }
                     Some(Ok(Message::Close(f))) => {
@@ -716,7 +716,7 @@ impl Worker {
     }
 
     async fn on_text(&mut self, s: &mut Session, text: &str) -> std::result::Result<(), String> {
-        let msg: ServerMsg = match serde_json::from_str(text) {
+        let msg: ServerMsg = match tenantsync_protocol::json::decode(text.as_bytes()) {
             Ok(m) => m,
             Err(e) => {
                 self.local_error(format!("unreadable server message: {e}"));

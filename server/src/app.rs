@@ -130,6 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::http::metrics))
         .route("/v1/sql", post(crate::http::sql))
         .route("/v1/admin/policy", post(crate::http::reload_policy))
+        .route("/v1/admin/status", get(crate::http::admin_status))
         .route("/v1/admin/peers/{site_id}", get(crate::http::peer_report))
         .fallback(crate::http::not_found)
         .method_not_allowed_fallback(crate::http::method_not_allowed)

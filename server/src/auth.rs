@@ -16,6 +16,7 @@
 //! The claims of a verified token become a [`Principal`].
 
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -194,8 +195,10 @@ impl Authenticator {
         let mut validation = Validation::new(alg.algorithm());
         validation.algorithms = vec![alg.algorithm()];
         validation.leeway = settings.leeway_secs;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
+        // `exp` and `nbf` are read once, by `claim_time`, for HTTP and
+        // WebSocket alike (the library reads fractions its own way).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &settings.audience {
             Some(aud) => {
@@ -234,6 +237,32 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Map<String, Json>>(token, &self.key, &self.validation)
             .map_err(|e| self.refusal(&e))?;
         let claims = data.claims;
+        let bad_time = |claim: &str, why: String| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                format!("the token's `{claim}` claim {why}"),
+            )
+        };
+        let leeway = Duration::from_secs(self.validation.leeway);
+        let now = SystemTime::now();
+        let exp = claim_time(&claims, "exp", Round::Down)
+            .map_err(|why| bad_time("exp", why))?
+            .ok_or_else(|| bad_time("exp", "is missing".into()))?;
+        if exp + leeway < now {
+            return Err(ApiError::new(
+                ErrorCode::TokenExpired,
+                "the token has expired (`exp` passed)",
+            ));
+        }
+        if let Some(nbf) =
+            claim_time(&claims, "nbf", Round::Up).map_err(|why| bad_time("nbf", why))?
+            && nbf > now + leeway
+        {
+            return Err(ApiError::new(
+                ErrorCode::TokenNotYetValid,
+                "the token is not valid yet (`nbf` is in the future)",
+            ));
+        }
         match claims.get("sub") {
             Some(Json::String(s)) if !s.is_empty() => {}
             _ => {
@@ -310,6 +339,49 @@ impl Authenticator {
         };
         ApiError::new(code, message)
     }
+}
+
+/// Which way [`claim_time`] rounds a fraction of a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    /// Toward the past (`exp`: a token never lives longer than it says).
+    Down,
+    /// Toward the future (`nbf`: a token never starts earlier).
+    Up,
+}
+
+/// The one reading of a time claim (`exp`, `nbf`), used for HTTP requests
+/// and WebSocket sessions alike: a JSON number of seconds since the Unix
+/// epoch, from 0 to 253402300799 (the end of year 9999); a fraction is
+/// allowed and rounded toward the safe side (`round`). `Ok(None)` when the
+/// claim is absent; an error (in words) for anything else: a string, a
+/// negative or out-of-range number.
+pub fn claim_time(
+    claims: &Map<String, Json>,
+    name: &str,
+    round: Round,
+) -> Result<Option<SystemTime>, String> {
+    const MAX_SECS: f64 = 253_402_300_799.0;
+    let Some(v) = claims.get(name) else {
+        return Ok(None);
+    };
+    let secs = match v {
+        Json::Number(n) => match (n.as_u64(), n.as_f64()) {
+            (Some(i), _) => i as f64,
+            (None, Some(f)) if f.is_finite() => match round {
+                Round::Down => f.floor(),
+                Round::Up => f.ceil(),
+            },
+            _ => return Err("is not a number of seconds".into()),
+        },
+        _ => return Err("is not a number of seconds".into()),
+    };
+    if !(0.0..=MAX_SECS).contains(&secs) {
+        return Err(format!("({secs}) is not a time between 1970 and 9999"));
+    }
+    Ok(Some(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64),
+    ))
 }
 
 /// The token of an `Authorization: Bearer <token>` header value (the scheme

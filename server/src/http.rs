@@ -137,9 +137,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(body_rejection)?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            HttpError::new(ErrorCode::BadMessage, format!("invalid request body: {e}"))
-        })
+        tenantsync_protocol::json::decode(&bytes)
+            .map(JsonBody)
+            .map_err(|e| {
+                HttpError::new(ErrorCode::BadMessage, format!("invalid request body: {e}"))
+            })
     }
 }
 
@@ -245,18 +247,17 @@ pub async fn schema(State(state): State<AppState>, Caller(_): Caller) -> Respons
     json(state.service().schema())
 }
 
-/// `GET /v1/health` (no token): 200 `{status: "ok", db_version}`, 503
-/// `shutting_down` once a shutdown began.
+/// `GET /v1/health` (no token): 200 `{status: "ok"}`, 503 `shutting_down`
+/// once a shutdown began. It says nothing of the data: no version, no
+/// count (docs/POLICY.md, "What a client can observe").
 pub async fn health(State(state): State<AppState>) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
-    Ok(json(serde_json::json!({
-        "status": "ok",
-        "db_version": state.service().db_version(),
-    })))
+    Ok(json(serde_json::json!({ "status": "ok" })))
 }
 
-/// `GET /metrics` (no token): the Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// `GET /metrics` (service role): the Prometheus text format. Its counters
+/// count every tenant's traffic, so they are not for clients.
+pub async fn metrics(State(state): State<AppState>, _caller: ServiceCaller) -> Response {
     let text = match state.metrics() {
         Some(render) => render(),
         None => "# no metrics recorder is installed in this process\n".to_owned(),
@@ -312,6 +313,19 @@ pub async fn reload_policy(
             Err(e.into())
         }
     }
+}
+
+/// `GET /v1/admin/status` (service role): `{status, db_version}`, what
+/// `/v1/health` no longer tells anyone.
+pub async fn admin_status(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+) -> Result<Response, HttpError> {
+    refuse_when_shutting_down(&state)?;
+    Ok(json(serde_json::json!({
+        "status": "ok",
+        "db_version": state.service().db_version(),
+    })))
 }
 
 /// `GET /v1/admin/peers/{site_id}` (service role).

@@ -199,10 +199,9 @@ impl Principal {
             other => Some(other.to_string()),
         });
         let service = claims.get("role").and_then(Json::as_str) == Some("service");
-        let expires_at = claims
-            .get("exp")
-            .and_then(Json::as_u64)
-            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        // The edge verified the claim: an unreadable one cannot reach here.
+        let expires_at =
+            crate::auth::claim_time(&claims, "exp", crate::auth::Round::Down).unwrap_or(None);
         Principal {
             identity: Arc::new(Identity::new(claims)),
             subject,
@@ -231,11 +230,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with a code and a message.
+    /// An error with a code and a message. An `internal` error's message
+    /// (an SQLite error, the effective SQL of a policy, a path) never
+    /// reaches a client: it goes to the log under an incident number, and
+    /// the client reads only that number.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        let mut message = message.into();
+        if code == ErrorCode::Internal {
+            message = incident(&message);
+        }
         ApiError {
             code,
-            message: message.into(),
+            message,
             diagnostics: Vec::new(),
             pushed_version: None,
             retry_after_ms: None,
@@ -263,6 +269,26 @@ impl ApiError {
             retry_after_ms: self.retry_after_ms,
         }
     }
+}
+
+/// Logs the policies that do not constrain the tenant column (named as the
+/// tenant claim): `tenantsync policy check` shows the same warnings.
+pub(crate) fn warn_cross_tenant(set: &PolicySet, tenant_claim: &str) {
+    if let Some(w) = set.tenant_warnings(tenant_claim, tenant_claim) {
+        for d in &w.items {
+            tracing::warn!(file = %w.file, line = d.line, column = d.column, "{}", d.message);
+        }
+    }
+}
+
+/// Logs an internal error's detail and returns what a client may read of
+/// it: an incident number to find it in the log.
+fn incident(detail: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{:x}-{n}", std::process::id());
+    tracing::error!(incident = %id, detail, "internal error");
+    format!("internal error (incident {id}; the server's log has the details)")
 }
 
 /// A push that was not applied.
@@ -475,6 +501,12 @@ pub(crate) fn validate_push(
             "the range ({from}, {to}] is empty: `to` must be at least `from`"
         )));
     }
+    if to > tenantsync_protocol::MAX_CLOCK {
+        return Err(bad(format!(
+            "`to` {to} is above {}, the largest version a peer may push (docs/PROTOCOL.md, \"Clocks\")",
+            tenantsync_protocol::MAX_CLOCK
+        )));
+    }
     for (i, c) in changes.iter().enumerate() {
         if c.site_id != *site {
             return Err(ApiError::new(
@@ -563,6 +595,7 @@ impl SyncService {
             .map_err(|d| StartError::Policy {
                 diagnostics: d.to_string().lines().map(str::to_owned).collect(),
             })?;
+        warn_cross_tenant(&set, &config.tenant_claim);
         let policy = PolicyEngine::new(set);
         let shared: SharedPolicy = Arc::new(RwLock::new(PolicyState {
             epoch: 0,
@@ -588,6 +621,7 @@ impl SyncService {
             readers.clone(),
             Tuning::default(),
             version.clone(),
+            Arc::from(config.tenant_claim.as_str()),
         )
         .map_err(db_err)?;
         let thread = std::thread::Builder::new()

@@ -77,7 +77,11 @@ pub const WRITE_BUFFER: usize = 128 * 1024;
 /// field) or `unknown_type`, naming what was wrong and carrying the
 /// message's `id` as `ref` when it has one.
 pub fn parse_client_msg(text: &str) -> Result<ClientMsg, ErrorMsg> {
-    serde_json::from_str::<ClientMsg>(text).map_err(|e| explain_parse_error(text, &e))
+    match tenantsync_protocol::json::decode::<ClientMsg>(text.as_bytes()) {
+        Ok(m) => Ok(m),
+        Err(tenantsync_protocol::json::DecodeError::Json(e)) => Err(explain_parse_error(text, &e)),
+        Err(e) => Err(ErrorMsg::new(ErrorCode::BadMessage, e.to_string())),
+    }
 }
 
 fn explain_parse_error(text: &str, typed: &serde_json::Error) -> ErrorMsg {

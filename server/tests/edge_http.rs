@@ -56,19 +56,44 @@ async fn health(s: &TestServer) -> Json {
     body
 }
 
+/// `GET /v1/admin/status` with the service token.
+async fn status(s: &TestServer) -> Json {
+    let (st, body) = call(
+        s,
+        Method::GET,
+        "/v1/admin/status",
+        Some(&service_token()),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    body
+}
+
+/// Health needs no token and tells nothing of the data: no version, no
+/// count (issue 11: anyone could count and time other tenants' commits).
 #[tokio::test]
-async fn health_needs_no_token() {
+async fn health_needs_no_token_and_tells_nothing_of_the_data() {
     let s = TestServer::start().await;
     let body = health(&s).await;
-    assert_eq!(body["status"], "ok");
-    assert!(body["db_version"].is_i64(), "{body}");
+    assert_eq!(body, serde_json::json!({"status": "ok"}));
+    assert!(status(&s).await["db_version"].is_i64());
+    let (st, body) = call(&s, Method::GET, "/v1/admin/status", None, None).await;
+    assert_eq!(st, 401, "{body}");
     s.stop().await;
 }
 
 #[tokio::test]
-async fn metrics_render_the_given_recorder() {
+async fn metrics_render_the_given_recorder_to_the_service_role_only() {
     let s = TestServer::start().await;
     let r = Client::new().get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 401, "every tenant's traffic is counted there");
+    let r = Client::new()
+        .get(s.url("/metrics"))
+        .bearer_auth(service_token())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -363,7 +388,7 @@ async fn service_sql() {
         "sql_error",
         "nope",
     );
-    assert_eq!(health(&s).await["db_version"], body["db_version"]);
+    assert_eq!(status(&s).await["db_version"], body["db_version"]);
     s.stop().await;
 }
 

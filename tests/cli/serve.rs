@@ -120,11 +120,17 @@ impl Drop for Server {
 
 /// A plain HTTP/1.1 GET: the status and the body.
 fn get(addr: &str, path: &str) -> (u16, String) {
+    get_as(addr, path, None)
+}
+
+/// A GET with `Authorization: Bearer <token>` when a token is given.
+fn get_as(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
@@ -139,6 +145,18 @@ fn get(addr: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A service-role token minted by `tenantsync token`.
+fn service_token() -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantsync"))
+        .args([
+            "token", "--secret", SECRET, "--sub", "ops", "--role", "service", "--ttl", "1h",
+        ])
+        .output()
+        .expect("tenantsync token runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn os(s: &str) -> &std::ffi::OsStr {
@@ -180,8 +198,11 @@ fn serve_listens_reloads_on_sighup_and_stops_on_sigterm() {
     assert_eq!(health["status"], "ok");
     let (status, body) = get(&server.addr, "/v1/schema");
     assert_eq!(status, 401, "{body}");
-    // The binary's Prometheus exporter renders the edge's counters.
-    let (status, metrics) = get(&server.addr, "/metrics");
+    // The binary's Prometheus exporter renders the edge's counters, to the
+    // service role only.
+    assert_eq!(get(&server.addr, "/metrics").0, 401);
+    let service = service_token();
+    let (status, metrics) = get_as(&server.addr, "/metrics", Some(&service));
     assert_eq!(status, 200);
     assert!(
         metrics.contains("tenantsync_http_requests_total{endpoint=\"/v1/health\",status=\"200\"}"),

@@ -290,7 +290,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         stats.syncs_done.load(Ordering::Relaxed),
         mb(after.map(|s| s.rss)),
     ));
-    let metrics = server_metrics(&http, &bases[0]).await;
+    let metrics = server_metrics(&http, &bases[0], &tokens.service(None)).await;
     if !connect_failures.is_empty() {
         note(&format!(
             "{} clients could not connect; first: {}",
@@ -513,9 +513,15 @@ async fn memory_sampler(
 async fn server_metrics(
     http: &reqwest::Client,
     base: &str,
+    service_token: &str,
 ) -> std::collections::HashMap<String, f64> {
     let mut out = std::collections::HashMap::new();
-    let Ok(r) = http.get(format!("{base}/metrics")).send().await else {
+    let Ok(r) = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(service_token)
+        .send()
+        .await
+    else {
         return out;
     };
     let Ok(text) = r.text().await else { return out };

@@ -251,6 +251,8 @@ pub(crate) struct Engine {
     guard: Arc<std::sync::atomic::AtomicBool>,
     /// The committed version, for [`crate::SyncService::db_version`].
     published: Arc<std::sync::atomic::AtomicI64>,
+    /// The claim (and column) naming a tenant.
+    tenant_claim: Arc<str>,
 }
 
 impl Engine {
@@ -265,6 +267,7 @@ impl Engine {
         readers: Arc<Readers>,
         tuning: Tuning,
         published: Arc<std::sync::atomic::AtomicI64>,
+        tenant_claim: Arc<str>,
     ) -> tenantsync_core::Result<Engine> {
         let mut db = db;
         let version = db.db_version()?;
@@ -293,6 +296,7 @@ impl Engine {
             stopping: false,
             guard,
             published,
+            tenant_claim,
         })
     }
 
@@ -437,16 +441,19 @@ impl Engine {
         let claims = who.ident_key.to_string();
         let tenant = who.principal.tenant.clone();
         match self.peers.get_mut(&site) {
-            Some(p) if p.subject != who.principal.subject => Err(ApiError::new(
-                ErrorCode::SiteBoundToOtherSubject,
-                format!(
-                    "site id {site} is bound to another token subject; a peer uses its own site id"
-                ),
-            )),
+            // Identity is (tenant, subject): the same `sub` in another
+            // tenant is another identity, and never resumes this site.
+            Some(p) if p.subject != who.principal.subject || p.tenant != tenant => {
+                Err(ApiError::new(
+                    ErrorCode::SiteBoundToOtherSubject,
+                    format!(
+                        "site id {site} is bound to another identity (tenant and subject); a peer uses its own site id"
+                    ),
+                ))
+            }
             Some(p) => {
-                if p.claims != claims || p.tenant != tenant {
+                if p.claims != claims {
                     p.claims = claims.clone();
-                    p.tenant = tenant.clone();
                     store::upsert_peer(
                         self.db.conn(),
                         &site,
@@ -490,6 +497,7 @@ impl Engine {
             e.diagnostics = d.to_string().lines().map(str::to_owned).collect();
             e
         })?;
+        crate::service::warn_cross_tenant(&set, &self.tenant_claim);
         let change = self.policy.replace_policies(set);
         self.policy_gen += 1;
         {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
-use tenantsync_core::{PackedPk, SiteId};
+use tenantsync_core::{ApplyOptions, ClockBound, PackedPk, SiteId};
 use tenantsync_policy::{MembershipResults, MembershipSet, WritePlan};
 use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::RowKey;
@@ -40,6 +40,54 @@ impl Plans {
                 filters.release_instance(*f);
             }
         }
+    }
+}
+
+/// One row of a push: its table, its canonical key, the changes naming it.
+struct PushRow {
+    table: u16,
+    pk: PackedPk,
+    changes: Vec<tenantsync_core::Change>,
+}
+
+/// Why a judged row is not kept.
+enum RowVerdict {
+    /// Refused by the write policies: the whole push is refused.
+    Refused(RefusedRow),
+    /// A write the policies skip (a DELETE of a row its writer cannot
+    /// read): rolled back, not a refusal.
+    Skipped,
+}
+
+impl RowVerdict {
+    fn into_refusal(self) -> Option<RefusedRow> {
+        match self {
+            RowVerdict::Refused(r) => Some(r),
+            RowVerdict::Skipped => None,
+        }
+    }
+}
+
+/// How the server merges what peers push: a change for a row the server
+/// does not hold that would not create it leaves no trace, and clocks are
+/// bounded relative to the server's (docs/PROTOCOL.md, "Clocks").
+const UNTRUSTED: ApplyOptions = ApplyOptions {
+    absent_rows_leave_no_trace: true,
+    clock_bound: Some(ClockBound {
+        max_step: tenantsync_protocol::MAX_CLOCK_STEP,
+        max: tenantsync_protocol::MAX_CLOCK,
+    }),
+};
+
+/// The refusal reason of a change whose clocks are out of bounds; `None`
+/// for any other error.
+fn clock_refusal(e: &tenantsync_core::Error) -> Option<String> {
+    match e {
+        tenantsync_core::Error::Change { source, .. } => clock_refusal(source),
+        tenantsync_core::Error::Clock { cid, reason, .. } => Some(format!(
+            "column {cid:?}: {reason} (docs/PROTOCOL.md, \"Clocks\")"
+        )),
+        _ => None,
     }
 }
 
@@ -434,132 +482,199 @@ impl Engine {
             e.pushed_version = Some(pv);
             return Outcome::Error(e);
         }
-        // Rows, in first-seen order.
-        let mut rows: Vec<(u16, PackedPk)> = Vec::new();
-        {
-            let mut seen: FxSet<(u16, PackedPk)> = FxSet::default();
-            for c in &p.changes {
-                let Some(t) = self.schema.table(&c.table) else {
-                    return Outcome::Error(ApiError::new(
-                        ErrorCode::BadPush,
-                        format!("table {:?} is not a CRR", c.table),
-                    ));
-                };
-                let pk = c.pk.canonical().unwrap_or_else(|_| c.pk.clone());
-                if seen.insert((t.id, pk.clone())) {
-                    rows.push((t.id, pk));
-                }
-            }
-        }
-        let push_tables: FxSet<u16> = rows.iter().map(|(t, _)| *t).collect();
-        let service = p.who.principal.service;
-        let mut before: Vec<Option<Vec<Value>>> = Vec::new();
-        let mut ms_before: FxMap<u16, MembershipResults> = FxMap::default();
-        if !service {
-            for (t, pk) in &rows {
-                match self
-                    .db
-                    .row_values(&self.schema.tables[*t as usize].name, pk)
-                {
-                    Ok(v) => before.push(v),
-                    Err(e) => {
-                        return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
-                    }
-                }
-            }
-            for t in &push_tables {
-                match self.membership_sets(plans, *t, touched) {
-                    Ok(m) => {
-                        ms_before.insert(*t, m);
-                    }
-                    Err(e) => return Outcome::Error(e),
-                }
-            }
-        }
-        let stats = match self.db.apply(&p.changes) {
-            Ok(s) => s,
-            Err(e) => {
-                return Outcome::Error(ApiError::new(
-                    ErrorCode::BadPush,
-                    format!("the changes cannot be merged: {e}"),
-                ));
-            }
+        let rows = match self.push_rows(p) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Error(e),
         };
-        let _ = stats;
-        let mut now_touched = touched.clone();
-        now_touched.extend(push_tables.iter().copied());
-        if !service {
-            let mut after: Vec<Option<Vec<Value>>> = Vec::with_capacity(rows.len());
-            for (t, pk) in &rows {
-                match self
-                    .db
-                    .row_values(&self.schema.tables[*t as usize].name, pk)
-                {
-                    Ok(v) => after.push(v),
-                    Err(e) => return Outcome::Error(internal(e)),
-                }
+        let mut refused: Vec<RefusedRow> = Vec::new();
+        let mut ms_cache: FxMap<u16, Arc<MembershipResults>> = FxMap::default();
+        for row in &rows {
+            match self.push_row(p, row, plans, touched, &mut ms_cache) {
+                Ok(Some(r)) => refused.push(r),
+                Ok(None) => {}
+                Err(e) => return Outcome::Error(e),
             }
-            let mut refused: Vec<RefusedRow> = Vec::new();
-            for t in &push_tables {
-                let ms_after = match self.membership_sets(plans, *t, &now_touched) {
-                    Ok(m) => m,
-                    Err(e) => return Outcome::Error(e),
-                };
-                let idx: Vec<usize> = rows
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (rt, _))| rt == t)
-                    .filter(|(i, _)| !(before[*i].is_none() && after[*i].is_none()))
-                    .map(|(i, _)| i)
-                    .collect();
-                let pairs: Vec<tenantsync_policy::RowChange<'_>> = idx
-                    .iter()
-                    .map(|&i| (before[i].as_deref(), after[i].as_deref()))
-                    .collect();
-                let Some(plan) = plans.get(t) else {
-                    continue;
-                };
-                let decisions = match plan.plan.check_split(&pairs, &ms_before[t], &ms_after) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        return Outcome::Error(ApiError::new(ErrorCode::BadPush, e.to_string()));
-                    }
-                };
-                for (k, d) in decisions.iter().enumerate() {
-                    if !d.allowed {
-                        let (rt, pk) = &rows[idx[k]];
-                        refused.push(RefusedRow {
-                            table: self.schema.tables[*rt as usize].name.to_string(),
-                            pk: pk.clone(),
-                            command: serde_json::to_value(d.command)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default(),
-                            policy: d.policies.first().cloned(),
-                            reason: d.reason.clone(),
-                        });
-                    }
-                }
+        }
+        let keys: Vec<(u16, PackedPk)> = rows.into_iter().map(|r| (r.table, r.pk)).collect();
+        if !refused.is_empty() {
+            if let Err(e) = self.db.rollback_to(sp) {
+                return Outcome::Error(internal(e));
             }
-            if !refused.is_empty() {
-                if let Err(e) = self.db.rollback_to(sp) {
-                    return Outcome::Error(internal(e));
-                }
-                // Not held: pushed_version stays (docs/PROTOCOL.md §7), so a
-                // peer that lost this answer resends and is refused again.
-                // Its `state` is read after the group commits (`describe`).
-                return Outcome::Refused(Box::new((refusal_head(&rows, refused, pv), rows)));
-            }
+            // Not held: pushed_version stays (docs/PROTOCOL.md §7), so a
+            // peer that lost this answer resends and is refused again.
+            // Its `state` is read after the group commits (`describe`).
+            return Outcome::Refused(Box::new((refusal_head(&keys, refused, pv), keys)));
         }
         let new_pv = pv.max(p.to);
         if let Err(e) = store::set_pushed_version(self.db.conn(), &p.site, new_pv) {
             return Outcome::Error(internal(e));
         }
         pending_pv.insert(p.site, new_pv);
-        *touched = now_touched;
         Outcome::Applied {
             pushed_version: new_pv,
         }
+    }
+
+    /// The rows a push names, each by the one key the merge writes it under
+    /// (the table's canonical key, SQLite's own reading of the pk), with its
+    /// changes, in first-named order. A key SQLite would not store (NULL,
+    /// a text rowid such as "\u{a0}5", a STRICT mismatch) refuses the push.
+    fn push_rows(&self, p: &PushCmd) -> Result<Vec<PushRow>, ApiError> {
+        let mut rows: Vec<PushRow> = Vec::new();
+        let mut index: FxMap<(u16, PackedPk), usize> = FxMap::default();
+        for (i, c) in p.changes.iter().enumerate() {
+            let Some(t) = self.schema.table(&c.table) else {
+                return Err(ApiError::new(
+                    ErrorCode::BadPush,
+                    format!("change {i}: table {:?} is not a CRR", c.table),
+                ));
+            };
+            let pk = self.db.canonical_pk(&c.table, &c.pk).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::BadPush,
+                    format!("change {i} names a key SQLite would not store: {e}"),
+                )
+            })?;
+            let k = *index.entry((t.id, pk.clone())).or_insert_with(|| {
+                rows.push(PushRow {
+                    table: t.id,
+                    pk,
+                    changes: Vec::new(),
+                });
+                rows.len() - 1
+            });
+            rows[k].changes.push(c.clone());
+        }
+        Ok(rows)
+    }
+
+    /// Merges one row of a push in its own savepoint and judges it, with
+    /// PostgreSQL's rules: the row as it was and as it is after the merge,
+    /// every subquery on the database as it was before this row (earlier
+    /// accepted rows of the group included). Returns the refusal, if any;
+    /// a refused or skipped row is rolled back. What the merge changed must
+    /// be exactly this row: nothing is kept that no check saw.
+    fn push_row(
+        &mut self,
+        p: &PushCmd,
+        row: &PushRow,
+        plans: &FxMap<u16, Arc<PlanEntry>>,
+        touched: &mut FxSet<u16>,
+        ms_cache: &mut FxMap<u16, Arc<MembershipResults>>,
+    ) -> Result<Option<RefusedRow>, ApiError> {
+        let tname = self.schema.tables[row.table as usize].name.clone();
+        let service = p.who.principal.service;
+        let before = self
+            .db
+            .row_values(&tname, &row.pk)
+            .map_err(|e| ApiError::new(ErrorCode::BadPush, e.to_string()))?;
+        let ms = if service {
+            None
+        } else {
+            Some(match ms_cache.get(&row.table) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(self.membership_sets(plans, row.table, touched)?);
+                    ms_cache.insert(row.table, m.clone());
+                    m
+                }
+            })
+        };
+        let rsp = self.db.savepoint("tenantsync_row").map_err(internal)?;
+        let undo = |engine: &Engine, rsp: tenantsync_core::Savepoint| -> Result<(), ApiError> {
+            engine.db.rollback_to(&rsp).map_err(internal)?;
+            engine.db.release(rsp).map_err(internal)
+        };
+        let report = match self.db.apply_with(&row.changes, &UNTRUSTED) {
+            Ok(r) => r,
+            Err(e) => {
+                undo(self, rsp)?;
+                return match clock_refusal(&e) {
+                    Some(reason) => Ok(Some(RefusedRow {
+                        table: tname.to_string(),
+                        pk: row.pk.clone(),
+                        command: if before.is_some() { "update" } else { "insert" }.into(),
+                        policy: None,
+                        reason,
+                    })),
+                    None => Err(ApiError::new(
+                        ErrorCode::BadPush,
+                        format!("the changes cannot be merged: {e}"),
+                    )),
+                };
+            }
+        };
+        if report.changed.is_empty() {
+            // Every change lost, was already there, or named a row that is
+            // absent before and after (it leaves no trace).
+            self.db.release(rsp).map_err(internal)?;
+            return Ok(None);
+        }
+        if report.changed.len() != 1
+            || report.changed[0].0 != *tname
+            || report.changed[0].1 != row.pk
+        {
+            undo(self, rsp)?;
+            return Err(internal(format!(
+                "a merge of {tname} pk {} changed other rows",
+                row.pk
+            )));
+        }
+        if let Some(ms) = ms {
+            let after = self.db.row_values(&tname, &row.pk).map_err(internal)?;
+            if let Some(refusal) = self.judge_row(plans, row, &tname, before, after, &ms)? {
+                undo(self, rsp)?;
+                return Ok(refusal.into_refusal());
+            }
+        }
+        self.db.release(rsp).map_err(internal)?;
+        if touched.insert(row.table) {
+            // Memberships reading this table see the row from now on.
+            ms_cache.clear();
+        }
+        Ok(None)
+    }
+
+    /// The policy decision on one merged row; `None` when it is allowed.
+    fn judge_row(
+        &self,
+        plans: &FxMap<u16, Arc<PlanEntry>>,
+        row: &PushRow,
+        tname: &str,
+        before: Option<Vec<Value>>,
+        after: Option<Vec<Value>>,
+        ms: &MembershipResults,
+    ) -> Result<Option<RowVerdict>, ApiError> {
+        if before.is_none() && after.is_none() {
+            return Err(internal(format!(
+                "a merge of {tname} pk {} changed a row that is absent before and after",
+                row.pk
+            )));
+        }
+        let Some(plan) = plans.get(&row.table) else {
+            return Err(internal(format!("no write plan for {tname}")));
+        };
+        let d = plan
+            .plan
+            .check(&[(before.as_deref(), after.as_deref())], ms)
+            .map_err(|e| ApiError::new(ErrorCode::BadPush, e.to_string()))?
+            .swap_remove(0);
+        Ok(if d.allowed {
+            None
+        } else if d.skipped {
+            Some(RowVerdict::Skipped)
+        } else {
+            Some(RowVerdict::Refused(RefusedRow {
+                table: tname.to_owned(),
+                pk: row.pk.clone(),
+                command: serde_json::to_value(d.command)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                policy: d.policies.first().cloned(),
+                reason: d.reason,
+            }))
+        })
     }
 
     /// Fills a refusal's `state` (whole rows the peer may read, as the
