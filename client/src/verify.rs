@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use tenantsync_core::{CrrConnection, Options, PackedPk, Value};
-use tenantsync_policy::{ColumnSchema, Engine, Identity, PolicySet, Schema, TableSchema};
+use tenantsync_policy::{Engine, Identity, PolicySet, Schema};
 
 use crate::replica::Replica;
 
@@ -75,42 +75,10 @@ pub enum VerifyError {
 /// `tenantsync_*` bookkeeping), columns with declared types, primary keys,
 /// CRR flags.
 pub fn policy_schema(db: &CrrConnection) -> Result<Schema, tenantsync_core::Error> {
-    let core = db.schema()?;
-    Ok(Schema {
-        tables: core
-            .tables
-            .iter()
-            .filter(|t| !t.name.to_ascii_lowercase().starts_with("tenantsync_"))
-            .map(|t| TableSchema {
-                name: t.name.clone(),
-                columns: t
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        ColumnSchema::new(
-                            c.name.clone(),
-                            (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                        )
-                    })
-                    .collect(),
-                pk: pk_positions(t),
-                is_crr: t.is_crr,
-            })
-            .collect(),
-    })
-}
-
-/// Column positions of the primary key, in PRIMARY KEY order.
-fn pk_positions(t: &tenantsync_core::TableSchema) -> Vec<usize> {
-    let mut pk: Vec<(u32, usize)> = t
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.pk > 0)
-        .map(|(i, c)| (c.pk, i))
-        .collect();
-    pk.sort();
-    pk.into_iter().map(|(_, i)| i).collect()
+    let mut core = db.schema()?;
+    core.tables
+        .retain(|t| !t.name.to_ascii_lowercase().starts_with("tenantsync_"));
+    Ok(Schema::from(&core))
 }
 
 fn quote(name: &str) -> String {
@@ -170,7 +138,7 @@ pub fn crr_rows(db: &CrrConnection) -> Result<Rows, VerifyError> {
             db.conn(),
             "the replica",
             &t.name,
-            &pk_positions(t),
+            &t.pk_positions(),
             None,
             &[],
             &mut out,

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use tenantsync_types::Value;
@@ -279,7 +278,8 @@ pub(crate) fn create_meta_tables(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// `pragma_table_info` of one table: (name, declared type, notnull, default, pk ordinal).
+/// `pragma_table_info` of one table: (name, declared type, notnull, default,
+/// pk ordinal), and each column's collation when it is not BINARY.
 pub(crate) fn table_columns(conn: &Connection, table: &str) -> Result<Vec<ColumnSchema>> {
     let mut stmt = conn.prepare_cached(
         "SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(?1) ORDER BY cid",
@@ -291,9 +291,17 @@ pub(crate) fn table_columns(conn: &Connection, table: &str) -> Result<Vec<Column
             not_null: r.get::<_, i64>(2)? != 0,
             default: r.get(3)?,
             pk: r.get::<_, i64>(4)? as u32,
+            collation: None,
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    let mut cols = rows.collect::<Result<Vec<_>, _>>()?;
+    for c in &mut cols {
+        let (_, coll, ..) = conn.column_metadata(None::<&str>, table, c.name.as_str())?;
+        c.collation = coll
+            .map(|c| c.to_string_lossy().into_owned())
+            .filter(|c| !c.eq_ignore_ascii_case("BINARY"));
+    }
+    Ok(cols)
 }
 
 /// Loads every CRR's [`TableInfo`] from our metadata and `pragma_table_info`.
@@ -463,9 +471,7 @@ pub(crate) fn check_compatible(conn: &Connection, table: &str) -> Result<Vec<Col
     // that pack differently ('a' and 'A') would be one row to SQLite and
     // two to the clocks (cr-sqlite 0.16 accepts them, and diverges).
     for c in &pk_cols {
-        let (_, coll, ..) = conn.column_metadata(None::<&str>, table, c.name.as_str())?;
-        let coll = coll.map(|c| c.to_string_lossy().into_owned());
-        if let Some(coll) = coll.filter(|c| !c.eq_ignore_ascii_case("BINARY")) {
+        if let Some(coll) = &c.collation {
             return Err(refuse(format!(
                 "primary key column {:?} is declared COLLATE {coll}: two keys SQLite holds equal would be two rows to the clocks. Key columns must use the default BINARY collation (normalize the values instead, e.g. lower-case them)",
                 c.name
@@ -768,67 +774,15 @@ pub(crate) fn describe(conn: &Connection, crrs: &[String]) -> Result<Schema> {
     for name in names {
         let columns = table_columns(conn, &name)?;
         let is_crr = crrs.contains(&name);
+        let strict = is_strict(conn, &name)?;
         tables.push(TableSchema {
             name,
             columns,
             is_crr,
+            strict,
         });
     }
     Ok(Schema { tables })
 }
 
-/// The tables of a database: what the policy engine needs to validate
-/// policies and rewrite queries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Schema {
-    /// User tables (not SQLite's, not the CRR metadata), by name.
-    pub tables: Vec<TableSchema>,
-}
-
-impl Schema {
-    /// The table with this name.
-    pub fn table(&self, name: &str) -> Option<&TableSchema> {
-        self.tables.iter().find(|t| t.name == name)
-    }
-}
-
-/// One table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableSchema {
-    /// Its name.
-    pub name: String,
-    /// Its columns in table order (generated columns excluded, as
-    /// `pragma_table_info` does).
-    pub columns: Vec<ColumnSchema>,
-    /// Whether it is a CRR (tracked and synced).
-    pub is_crr: bool,
-}
-
-impl TableSchema {
-    /// The primary-key columns in PRIMARY KEY order.
-    pub fn pk_columns(&self) -> Vec<&ColumnSchema> {
-        let mut pks: Vec<&ColumnSchema> = self.columns.iter().filter(|c| c.pk > 0).collect();
-        pks.sort_by_key(|c| c.pk);
-        pks
-    }
-
-    /// The column with this name.
-    pub fn column(&self, name: &str) -> Option<&ColumnSchema> {
-        self.columns.iter().find(|c| c.name == name)
-    }
-}
-
-/// One column.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ColumnSchema {
-    /// Its name.
-    pub name: String,
-    /// The declared type as written (`""` when none).
-    pub decl_type: String,
-    /// Declared NOT NULL.
-    pub not_null: bool,
-    /// The DEFAULT expression as written, if any.
-    pub default: Option<String>,
-    /// 1-based position in the PRIMARY KEY, 0 when not part of it.
-    pub pk: u32,
-}
+pub use tenantsync_types::schema::{ColumnSchema, Schema, TableSchema};

@@ -1220,6 +1220,9 @@ fn parse_query(
             Some(w) => Some(lw.expr(w, &scope)?),
             None => None,
         };
+        if let (Some(w), Some(sel_where)) = (&w, &sel.selection) {
+            lw.check_collations(w, ti, sel_where.span());
+        }
         Some((ti, cols, w))
     })();
     if !lw.problems.is_empty() {

@@ -697,6 +697,91 @@ impl<'a> Lowerer<'a> {
         }
     }
 
+    /// Refuses every comparison (`=`, `<`, `IN`, `BETWEEN`, `CASE x WHEN`)
+    /// of a column of `table` (or of a subquery's table) declared with a
+    /// collation other than BINARY: SQLite compares it under that collation
+    /// (`'ACME' = 'acme'` under NOCASE), and the evaluator that matches
+    /// changed rows and judges writes compares bytes. One reading for both,
+    /// or none: such a schema gets a clear error, never two answers.
+    pub(crate) fn check_collations(&mut self, e: &Expr, table: usize, span: Span) {
+        let mut stack = vec![(e, table)];
+        while let Some((e, t)) = stack.pop() {
+            let collated = |x: &Expr| match x {
+                Expr::Column(c) => {
+                    self.schema.tables[t].columns[*c]
+                        .collation
+                        .as_deref()
+                        .map(|coll| {
+                            (
+                                self.schema.tables[t].columns[*c].name.clone(),
+                                coll.to_owned(),
+                            )
+                        })
+                }
+                _ => None,
+            };
+            let operands: Vec<&Expr> = match e {
+                Expr::Compare { left, right, .. } => vec![left, right],
+                Expr::InList { expr, list, .. } => {
+                    let mut v = vec![expr.as_ref()];
+                    v.extend(list.iter());
+                    v
+                }
+                Expr::Between {
+                    expr, low, high, ..
+                } => vec![expr, low, high],
+                Expr::Case {
+                    operand: Some(op),
+                    whens,
+                    ..
+                } => {
+                    let mut v = vec![op.as_ref()];
+                    v.extend(whens.iter().map(|(w, _, _)| w));
+                    v
+                }
+                Expr::InSubquery {
+                    expr,
+                    table: sub,
+                    column,
+                    filter,
+                    ..
+                } => {
+                    if let Some(coll) = &self.schema.tables[*sub].columns[*column].collation {
+                        let name = format!(
+                            "{}.{}",
+                            self.schema.tables[*sub].name,
+                            self.schema.tables[*sub].columns[*column].name
+                        );
+                        self.collation_problem(span, &name, coll);
+                    }
+                    if let Some(f) = filter {
+                        stack.push((f, *sub));
+                    }
+                    vec![expr.as_ref()]
+                }
+                _ => vec![],
+            };
+            let found: Vec<(String, String)> =
+                operands.iter().filter_map(|x| collated(x)).collect();
+            for (name, coll) in found {
+                let name = format!("{}.{name}", self.schema.tables[t].name);
+                self.collation_problem(span, &name, &coll);
+            }
+            for c in e.children() {
+                stack.push((c, t));
+            }
+        }
+    }
+
+    fn collation_problem(&mut self, span: Span, column: &str, collation: &str) {
+        self.problem(
+            span,
+            format!(
+                "column `{column}` is declared COLLATE {collation}: tenantsync compares values as bytes (BINARY) wherever it evaluates a condition, so a comparison of this column could match differently in a snapshot and in a live change. Declare the column without COLLATE (store the values normalized, e.g. lower-cased), or compare `lower({column})`"
+            ),
+        );
+    }
+
     /// `SELECT column FROM crr_table [WHERE ...]`, uncorrelated.
     fn subquery(&mut self, q: &ast::Query) -> Option<(usize, usize, Option<Expr>)> {
         let span = q.span();

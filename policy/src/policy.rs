@@ -377,6 +377,9 @@ fn lower_policy(
         let scope = Scope::new(schema, t, None);
         using = cp.using.as_ref().and_then(|u| lw.expr(u, &scope));
         with_check = cp.with_check.as_ref().and_then(|w| lw.expr(w, &scope));
+        for e in using.iter().chain(with_check.iter()) {
+            lw.check_collations(e, t, stmt_span);
+        }
     }
     let name = cp.name.value.clone();
     for (to, span) in &lw.subqueries {

@@ -11,20 +11,29 @@ pub struct ColumnSchema {
     pub name: String,
     /// The declared type (`INTEGER`, `TEXT`, `VARCHAR(10)`...), if any.
     pub decl_type: Option<String>,
+    /// Its collation when not BINARY: comparisons of such a column are
+    /// refused (docs/POLICY.md, "Collations").
+    pub collation: Option<String>,
+    /// Its affinity: from the declared type, except that a STRICT table's
+    /// `ANY` column converts nothing (BLOB affinity) where an ordinary
+    /// table's column declared `ANY` is NUMERIC.
+    pub affinity: Affinity,
 }
 
 impl ColumnSchema {
-    /// A column with a declared type.
+    /// A column with a declared type (and the BINARY collation).
     pub fn new(name: impl Into<String>, decl_type: Option<&str>) -> Self {
         ColumnSchema {
             name: name.into(),
             decl_type: decl_type.map(str::to_owned),
+            collation: None,
+            affinity: Affinity::from_decl_type(decl_type),
         }
     }
 
     /// The column's affinity.
     pub fn affinity(&self) -> Affinity {
-        Affinity::from_decl_type(self.decl_type.as_deref())
+        self.affinity
     }
 }
 
@@ -68,6 +77,42 @@ impl Schema {
         self.tables
             .iter()
             .position(|t| t.name.eq_ignore_ascii_case(name))
+    }
+}
+
+impl From<&tenantsync_types::schema::Schema> for Schema {
+    /// The tables as the core describes them (`CrrConnection::schema`).
+    fn from(s: &tenantsync_types::schema::Schema) -> Schema {
+        Schema {
+            tables: s.tables.iter().map(TableSchema::from).collect(),
+        }
+    }
+}
+
+impl From<&tenantsync_types::schema::TableSchema> for TableSchema {
+    fn from(t: &tenantsync_types::schema::TableSchema) -> TableSchema {
+        TableSchema {
+            name: t.name.clone(),
+            columns: t
+                .columns
+                .iter()
+                .map(|c| {
+                    let decl = (!c.decl_type.is_empty()).then_some(c.decl_type.as_str());
+                    let strict_any = t.strict && c.decl_type.eq_ignore_ascii_case("ANY");
+                    ColumnSchema {
+                        collation: c.collation.clone(),
+                        affinity: if strict_any {
+                            Affinity::Blob
+                        } else {
+                            Affinity::from_decl_type(decl)
+                        },
+                        ..ColumnSchema::new(c.name.clone(), decl)
+                    }
+                })
+                .collect(),
+            pk: t.pk_positions(),
+            is_crr: t.is_crr,
+        }
     }
 }
 

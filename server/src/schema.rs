@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use tenantsync_core::CrrConnection;
-use tenantsync_policy::{ColumnSchema, Schema, TableSchema};
+use tenantsync_policy::Schema;
 use tenantsync_protocol::http::{ColumnInfo, SchemaResponse, TableInfo};
 
 /// Tables the server keeps for itself (never synced, never in policies).
@@ -43,56 +43,31 @@ pub(crate) struct ServerSchema {
 
 impl ServerSchema {
     pub fn read(db: &CrrConnection, schema_sql: &str) -> tenantsync_core::Result<ServerSchema> {
-        let core = db.schema()?;
-        let mut policy = Schema::default();
+        let mut core = db.schema()?;
+        core.tables.retain(|t| !is_server_table(&t.name));
+        let policy = Schema::from(&core);
         let mut tables = Vec::new();
         let mut infos = Vec::new();
-        for t in core.tables.iter().filter(|t| !is_server_table(&t.name)) {
-            let mut pk: Vec<(u32, usize)> = t
-                .columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.pk > 0)
-                .map(|(i, c)| (c.pk, i))
-                .collect();
-            pk.sort();
-            let pk: Vec<usize> = pk.into_iter().map(|(_, i)| i).collect();
-            policy.tables.push(TableSchema {
+        for t in core.tables.iter().filter(|t| t.is_crr) {
+            infos.push(TableInfo {
                 name: t.name.clone(),
                 columns: t
                     .columns
                     .iter()
-                    .map(|c| {
-                        ColumnSchema::new(
-                            c.name.clone(),
-                            (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                        )
+                    .map(|c| ColumnInfo {
+                        name: c.name.clone(),
+                        decl_type: c.decl_type.clone(),
+                        pk: c.pk,
                     })
                     .collect(),
-                pk: pk.clone(),
-                is_crr: t.is_crr,
+                crr: true,
             });
-            if t.is_crr {
-                infos.push(TableInfo {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| ColumnInfo {
-                            name: c.name.clone(),
-                            decl_type: c.decl_type.clone(),
-                            pk: c.pk,
-                        })
-                        .collect(),
-                    crr: true,
-                });
-                tables.push(Table {
-                    id: tables.len() as u16,
-                    name: Arc::from(t.name.as_str()),
-                    columns: t.columns.iter().map(|c| c.name.clone()).collect(),
-                    pk,
-                });
-            }
+            tables.push(Table {
+                id: tables.len() as u16,
+                name: Arc::from(t.name.as_str()),
+                columns: t.columns.iter().map(|c| c.name.clone()).collect(),
+                pk: t.pk_positions(),
+            });
         }
         Ok(ServerSchema {
             policy,

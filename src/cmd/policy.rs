@@ -13,8 +13,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde::Serialize;
 use tenantsync_core::CrrConnection;
 use tenantsync_policy::{
-    ColumnSchema, EffectiveQuery, Engine, Identity, MembershipResults, PolicySet, Schema,
-    TableSchema,
+    EffectiveQuery, Engine, Identity, MembershipResults, PolicySet, Schema, TableSchema,
 };
 use tenantsync_types::Value;
 
@@ -172,37 +171,7 @@ pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
         .execute_batch(&sql)
         .with_context(|| format!("schema file {} failed", path.display()))?;
     let core_schema = db.schema().context("cannot read the schema back")?;
-    Ok(Schema {
-        tables: core_schema
-            .tables
-            .iter()
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
-    })
+    Ok(Schema::from(&core_schema))
 }
 
 fn load_policy(path: &Path, schema: &Schema) -> Result<PolicySet, Failure> {

@@ -133,21 +133,24 @@ fn schema_describes_tables_and_crrs() {
                 decl_type: "INTEGER".into(),
                 not_null: true,
                 default: None,
-                pk: 2
+                pk: 2,
+                collation: None,
             },
             ColumnSchema {
                 name: "k".into(),
                 decl_type: "TEXT".into(),
                 not_null: true,
                 default: None,
-                pk: 1
+                pk: 1,
+                collation: None,
             },
             ColumnSchema {
                 name: "v".into(),
                 decl_type: "REAL".into(),
                 not_null: false,
                 default: Some("1.5".into()),
-                pk: 0
+                pk: 0,
+                collation: None,
             },
         ]
     );

@@ -6,48 +6,14 @@ use std::collections::BTreeSet;
 
 use rusqlite::Connection;
 use tenantsync_core::CrrConnection;
-use tenantsync_policy::{
-    ColumnSchema, EffectiveQuery, Engine, Identity, PolicySet, Schema, TableSchema,
-};
+use tenantsync_policy::{EffectiveQuery, Engine, Identity, PolicySet, Schema};
 use tenantsync_types::Value;
 
 const SCHEMA: &str = include_str!("../../examples/schema.sql");
 const POLICY: &str = include_str!("../../examples/policy.sql");
 
 fn schema(db: &CrrConnection) -> Schema {
-    Schema {
-        tables: db
-            .schema()
-            .unwrap()
-            .tables
-            .iter()
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
-    }
+    Schema::from(&db.schema().expect("describe the schema"))
 }
 
 fn rows(conn: &Connection, sql: &str, params: &[Value]) -> Vec<Vec<Value>> {

@@ -8,6 +8,8 @@
 //! - [`affinity`]: SQLite's column affinities and the conversions a column
 //!   makes of the values written to it ([`affinity::ColumnType::store`]),
 //!   The core keys rows with it, the policy evaluator compares with it.
+//! - [`schema`]: the tables of a database as the core reads them and the
+//!   policy engine takes them.
 //! - [`num`]: SQLite's own number <-> text conversions (`sqlite3AtoF`,
 //!   `sqlite3Atoi64`, the `%!.17g` rendering of a REAL), ported exactly.
 //!
@@ -30,6 +32,7 @@ use std::fmt;
 
 pub mod affinity;
 pub mod num;
+pub mod schema;
 
 pub use affinity::Affinity;
 

@@ -4,7 +4,7 @@
 
 use rusqlite::Connection;
 use tenantsync_core::{CrrConnection, Options, SiteId};
-use tenantsync_policy::{ColumnSchema, Schema, TableSchema};
+use tenantsync_policy::Schema;
 use tenantsync_types::Value;
 
 /// An in-memory core database with site id `[site; 16]` and `script` run on it.
@@ -26,38 +26,7 @@ pub fn core_db(site: u8, script: &str) -> CrrConnection {
 /// The database's tables as the policy engine takes them (what the CLI's
 /// `load_schema` builds from the core's description).
 pub fn policy_schema(db: &CrrConnection) -> Schema {
-    let core = db.schema().expect("describe the schema");
-    Schema {
-        tables: core
-            .tables
-            .iter()
-            .map(|t| {
-                let mut pk: Vec<(u32, usize)> = t
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.pk > 0)
-                    .map(|(i, c)| (c.pk, i))
-                    .collect();
-                pk.sort();
-                TableSchema {
-                    name: t.name.clone(),
-                    columns: t
-                        .columns
-                        .iter()
-                        .map(|c| {
-                            ColumnSchema::new(
-                                c.name.clone(),
-                                (!c.decl_type.is_empty()).then_some(c.decl_type.as_str()),
-                            )
-                        })
-                        .collect(),
-                    pk: pk.into_iter().map(|(_, i)| i).collect(),
-                    is_crr: t.is_crr,
-                }
-            })
-            .collect(),
-    }
+    Schema::from(&db.schema().expect("describe the schema"))
 }
 
 /// Runs `sql` with `params` bound and returns every row, or SQLite's error.

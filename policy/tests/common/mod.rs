@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 use rusqlite::functions::FunctionFlags;
-use tenantsync_policy::{ColumnSchema, Engine, Identity, PolicySet, Schema, TableSchema};
+use tenantsync_policy::{Engine, Identity, PolicySet, Schema};
 use tenantsync_types::Value;
 
 pub const EXAMPLE_SCHEMA: &str = include_str!("../../../examples/schema.sql");
@@ -30,7 +30,10 @@ pub fn database(schema_sql: &str) -> (Connection, Schema) {
     (conn, schema)
 }
 
+/// The tables as SQLite describes them (declared types, keys, STRICT,
+/// collations), through the policy engine's one conversion.
 pub fn read_schema(conn: &Connection, crrs: &[String]) -> Schema {
+    use tenantsync_types::schema as ts;
     let mut stmt = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY rowid")
         .unwrap();
@@ -52,26 +55,38 @@ pub fn read_schema(conn: &Connection, crrs: &[String]) -> Schema {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        let mut pk: Vec<(i64, usize)> = cols
+        let strict: bool = conn
+            .query_row(
+                "SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+                [&name],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            != 0;
+        let columns = cols
             .iter()
-            .enumerate()
-            .filter(|(_, c)| c.2 > 0)
-            .map(|(i, c)| (c.2, i))
+            .map(|(n, t, pk)| {
+                let (_, coll, ..) = conn.column_metadata(None::<&str>, &name, n).unwrap();
+                ts::ColumnSchema {
+                    name: n.clone(),
+                    decl_type: t.clone(),
+                    not_null: false,
+                    default: None,
+                    pk: *pk as u32,
+                    collation: coll
+                        .map(|c| c.to_string_lossy().into_owned())
+                        .filter(|c| !c.eq_ignore_ascii_case("BINARY")),
+                }
+            })
             .collect();
-        pk.sort();
-        tables.push(TableSchema {
+        tables.push(ts::TableSchema {
             is_crr: crrs.iter().any(|c| c.eq_ignore_ascii_case(&name)),
             name,
-            columns: cols
-                .iter()
-                .map(|(n, t, _)| {
-                    ColumnSchema::new(n.clone(), (!t.is_empty()).then_some(t.as_str()))
-                })
-                .collect(),
-            pk: pk.into_iter().map(|(_, i)| i).collect(),
+            columns,
+            strict,
         });
     }
-    Schema { tables }
+    Schema::from(&ts::Schema { tables })
 }
 
 pub fn example_schema() -> Schema {
