@@ -13,12 +13,15 @@
 //! - [`core_peer`]: [`core_peer::CorePeer`], a tenantsync-core database as a
 //!   [`CrPeer`] (typed API or SQL).
 //! - [`fuzz`]: the seeded random convergence run of the interop test.
+//! - [`postgres`]: [`postgres::PgServer`], a real PostgreSQL 15 cluster on
+//!   loopback for the differential test of write decisions.
 
 pub mod core_peer;
 pub mod crr;
 pub mod crsqlite;
 pub mod fuzz;
 pub mod peer;
+pub mod postgres;
 
 pub use crsqlite::{RealCrsqlite, RealPeer};
 pub use peer::{CrPeer, Dump, SqlPeer, TieRule, dump};
