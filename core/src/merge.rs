@@ -137,6 +137,8 @@ pub(crate) struct RowMerge {
     clock: RowClock,
     pending: PendingRow,
     dirty: bool,
+    /// Site ids this row's merge registered (undone if it leaves no trace).
+    new_sites: Vec<Vec<u8>>,
 }
 
 /// Whether a row clock describes a row that exists (odd causal length).
@@ -168,6 +170,7 @@ impl RowMerge {
             clock,
             pending: PendingRow::default(),
             dirty: false,
+            new_sites: Vec::new(),
         })
     }
 
@@ -305,7 +308,11 @@ impl RowMerge {
             && !alive(&self.clock)
         {
             // Absent before and after: nothing a check could judge, so
-            // nothing is kept (the delete of an absent row ran as a no-op).
+            // nothing is kept (the delete of an absent row ran as a no-op),
+            // not even the author's site id.
+            for site in &self.new_sites {
+                st.forget_site(site)?;
+            }
             return Ok(false);
         }
         self.flush(st)?;
@@ -319,12 +326,15 @@ impl RowMerge {
     /// The clock a winning change is stored with: its col_version, seq and
     /// author, stamped with the local version per the stamping rule.
     fn winner_clock(
-        &self,
+        &mut self,
         sh: &Shared,
         st: &mut State,
         c: &ChangeRef<'_>,
         col_version: i64,
     ) -> Result<Clock> {
+        if !c.site_id.is_empty() && !st.site_known(c.site_id)? {
+            self.new_sites.push(c.site_id.to_vec());
+        }
         let site = st.site_ordinal(c.site_id)?;
         Ok(Clock {
             col_version,

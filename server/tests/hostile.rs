@@ -62,6 +62,9 @@ enum Expect {
     Upgrade401(&'static str),
     /// `push_refused` with this code; the session goes on.
     Refused(&'static str),
+    /// `push_ok`: the push is acknowledged and leaves no trace (only the
+    /// pusher's own `pushed_version` moves).
+    Acked,
     /// `subscribed`, then a snapshot holding exactly this many rows.
     Rows(usize),
     /// An HTTP error with this status and code.
@@ -72,6 +75,8 @@ const ALICE: Who = ("alice", "acme");
 const MALLORY: Who = ("mallory", "acme");
 /// The bystander: another tenant, subscribed for the whole run.
 const BOB: Who = ("bob", "globex");
+/// An attacker in globex (issue 11's attacks on acme's rows).
+const GUS: Who = ("gus", "globex");
 const BOB_SITE: u8 = 2;
 
 fn token(who: Who) -> String {
@@ -140,6 +145,66 @@ fn column<'a>(changes: &'a mut [Json], cid: &str) -> &'a mut Json {
         .find(|c| c[CID] == cid)
         .expect("the column")
 }
+
+/// A packed pk of these values, as hex.
+fn pk_hex(values: &[tenantsync_core::Value]) -> Json {
+    json!(tenantsync_core::PackedPk::pack(values).unwrap().to_hex())
+}
+
+/// gus writes list 1's row (acme's, seeded) under another encoding of its
+/// key, with clocks that would win.
+fn gus_on_list_1(site: SiteId, key: tenantsync_core::Value) -> Frame {
+    push_edited(site, GUS_LIST, |c| {
+        c.retain(|c| c[CID] != "-1");
+        for c in c.iter_mut() {
+            c[PK] = pk_hex(std::slice::from_ref(&key));
+            c[COL_VERSION] = json!(9);
+        }
+    })
+}
+
+/// gus's own list 3 (seeded in globex), rewritten with these clocks.
+fn gus_on_list_3(site: SiteId, cl: i64, col_version: i64, sentinel_only: bool) -> Frame {
+    push_edited(site, GUS_LIST_3, move |c| {
+        if sentinel_only {
+            c.retain(|c| c[CID] == "-1");
+            if c.is_empty() {
+                let mut s = changes_of(site, GUS_LIST_3).1[0].clone();
+                s[CID] = json!("-1");
+                s[VAL] = Json::Null;
+                c.push(s);
+            }
+            for c in c.iter_mut() {
+                c[CL] = json!(cl);
+                c[COL_VERSION] = json!(cl);
+            }
+        } else {
+            c.retain(|c| c[CID] != "-1");
+            for c in c.iter_mut() {
+                c[CL] = json!(cl);
+                c[COL_VERSION] = json!(col_version);
+            }
+        }
+    })
+}
+
+/// A tombstone (cl 2 sentinel) for `lists` row `id`.
+fn tombstone(site: SiteId, id: i64) -> Frame {
+    push_edited(site, GUS_LIST, |c| {
+        let mut s = c[0].clone();
+        s[PK] = pk_hex(&[tenantsync_core::Value::Integer(id)]);
+        s[CID] = json!("-1");
+        s[VAL] = Json::Null;
+        s[CL] = json!(2);
+        s[COL_VERSION] = json!(2);
+        *c = vec![s];
+    })
+}
+
+const GUS_LIST: &str =
+    "INSERT INTO lists (id, tenant_id, owner, name) VALUES (1, 'globex', 'gus', 'took')";
+const GUS_LIST_3: &str =
+    "INSERT INTO lists (id, tenant_id, owner, name) VALUES (3, 'globex', 'gus', 'mine')";
 
 const INSERT_ACME: &str =
     "INSERT INTO todos (id, tenant_id, owner, title) VALUES (50, 'acme', 'alice', 'mine')";
@@ -254,6 +319,45 @@ fn catalogue() -> Vec<(&'static str, Attack, Expect)> {
         ("HTTP: a pull with an injected query", Post { path: "/v1/pull", token: token(ALICE), body: json!({"site_id": site(96).to_string(), "subscriptions": [{"id": "s", "query": "SELECT * FROM todos; DROP TABLE todos"}]}).to_string() }, Http(400, "query_refused")),
         ("HTTP: a wait that is not a number", Post { path: "/v1/pull", token: token(ALICE), body: json!({"site_id": site(96).to_string(), "subscriptions": [], "wait_ms": "forever"}).to_string() }, Http(400, "bad_message")),
         ("HTTP: a push as another subject's site", Post { path: "/v1/push", token: token(MALLORY), body: json!({"site_id": site(BOB_SITE).to_string(), "from": 0, "to": 0, "changes": []}).to_string() }, Http(403, "site_bound_to_other_subject")),
+        // Issue 11, class 1: the row a check reads is the row a merge
+        // writes. A key SQLite would not store is refused; any other
+        // encoding of acme's list 1 is list 1, and gus may not write it.
+        ("class 1: a rowid key of U+00A0 and digits", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key of U+2003 and digits", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key of U+3000 and digits", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key of U+FEFF and digits", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key of digits and U+00A0", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key that is a BLOB", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key of 5.5", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a rowid key above i64 as text", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a NULL key (planting a row under a fresh id)", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        ("class 1: a key of ASCII spaces and digits is row 1", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 1: a key of '+1' is row 1", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 1: a key of '1.0' is row 1", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 1: a key of '1e0' is row 1", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 1: a key of REAL 1.0 is row 1", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 1: a composite key whose INTEGER part is U+00A0 and digits", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        // Class 2: nothing is kept that no check saw.
+        ("class 2: a tombstone for an id no row has leaves no trace", Frames { who: GUS, frames: vec![] }, Acked),
+        ("class 2: a tombstone for another tenant's row is skipped", Frames { who: GUS, frames: vec![] }, Acked),
+        ("class 2: a resurrection of another tenant's row", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        // Class 3: clocks are bounded relative to the server's.
+        ("class 3: a col_version of i64::MAX on a row the pusher may write", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 3: a causal length of i64::MAX on a row the pusher may write", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 3: a col_version 2^32 + 2 ahead of the server's", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 3: a causal length above 2^53", Frames { who: GUS, frames: vec![] }, Refused("policy_refused")),
+        ("class 3: a to above 2^53", Frames { who: GUS, frames: vec![] }, Error("bad_push")),
+        // Class 4: numbers and times read one way.
+        ("class 4: a change value above i64", on(Frame::Text(r#"{"type":"push","id":"p","from":0,"to":1,"changes":[["todos","010932","title",18446744073709551616,1,1,"ed00000000000000000000000000007f",1,0]]}"#.into())), Error("bad_message")),
+        ("class 4: a fractional exp in the past", upgrade({ let mut c = alice_claims(); c.insert("exp".into(), json!(tokens::now() as f64 - 30.75)); c }), Upgrade401("token_expired")),
+        ("class 4: an exp that is a string", upgrade({ let mut c = alice_claims(); c.insert("exp".into(), json!((tokens::now() + 600).to_string())); c }), Upgrade401("unauthorized")),
+        ("class 4: a negative exp", upgrade({ let mut c = alice_claims(); c.insert("exp".into(), json!(-5)); c }), Upgrade401("unauthorized")),
+        // Class 5: identity is (tenant, subject).
+        ("class 5: bob of acme on the site of bob of globex", Hello { token: token(("bob", "acme")), site: site(BOB_SITE) }, Closed("site_bound_to_other_subject", 1008)),
+        ("class 5: HTTP: bob of acme pulls on the site of bob of globex", Post { path: "/v1/pull", token: token(("bob", "acme")), body: json!({"site_id": site(BOB_SITE).to_string(), "subscriptions": [{"id": "s", "query": "SELECT * FROM todos"}]}).to_string() }, Http(403, "site_bound_to_other_subject")),
+        // Class 6: errors say what limit was hit, never the policy's SQL.
+        ("class 6: a LIKE pattern read from the row", on(subscribe("SELECT * FROM todos WHERE title LIKE owner")), Error("query_refused")),
+        ("class 6: a LIKE pattern over the limit", on(subscribe(&format!("SELECT * FROM todos WHERE title LIKE '{}'", "%".repeat(1100)))), Error("query_refused")),
     ];
     // The pushes need the case's own site id (the one its session uses).
     for (i, (name, attack, _)) in cases.iter_mut().enumerate() {
@@ -351,11 +455,88 @@ fn catalogue() -> Vec<(&'static str, Attack, Expect)> {
             "a site id of 15 bytes" => push_edited(s, INSERT_ACME, |c| {
                 c[0][SITE] = json!("00".repeat(15));
             }),
+            name if name.starts_with("class ") => class_push(s, name),
             other => panic!("no push for {other:?}"),
         };
         frames.push(f);
     }
     cases
+}
+
+/// The pushes of the issue-11 cases, by name.
+fn class_push(s: SiteId, name: &str) -> Frame {
+    use tenantsync_core::Value::{Blob, Integer, Null, Real, Text};
+    let text = |t: &str| Text(t.to_owned());
+    match name {
+        "class 1: a rowid key of U+00A0 and digits" => gus_on_list_1(s, text("\u{a0}1")),
+        "class 1: a rowid key of U+2003 and digits" => gus_on_list_1(s, text("\u{2003}1")),
+        "class 1: a rowid key of U+3000 and digits" => gus_on_list_1(s, text("\u{3000}1")),
+        "class 1: a rowid key of U+FEFF and digits" => gus_on_list_1(s, text("\u{feff}1")),
+        "class 1: a rowid key of digits and U+00A0" => gus_on_list_1(s, text("1\u{a0}")),
+        "class 1: a rowid key that is a BLOB" => gus_on_list_1(s, Blob(b"1".to_vec())),
+        "class 1: a rowid key of 5.5" => gus_on_list_1(s, Real(5.5)),
+        "class 1: a rowid key above i64 as text" => gus_on_list_1(s, text("9223372036854775808")),
+        "class 1: a NULL key (planting a row under a fresh id)" => {
+            push_edited(s, INSERT_ACME, |c| {
+                for c in c.iter_mut() {
+                    c[PK] = pk_hex(&[Null]);
+                }
+            })
+        }
+        "class 1: a key of ASCII spaces and digits is row 1" => gus_on_list_1(s, text(" 1 ")),
+        "class 1: a key of '+1' is row 1" => gus_on_list_1(s, text("+1")),
+        "class 1: a key of '1.0' is row 1" => gus_on_list_1(s, text("1.0")),
+        "class 1: a key of '1e0' is row 1" => gus_on_list_1(s, text("1e0")),
+        "class 1: a key of REAL 1.0 is row 1" => gus_on_list_1(s, Real(1.0)),
+        "class 1: a composite key whose INTEGER part is U+00A0 and digits" => push_edited(
+            s,
+            "INSERT INTO members (list_id, user_id, tenant_id) VALUES (1, 'gus', 'acme')",
+            |c| {
+                for c in c.iter_mut() {
+                    c[PK] = pk_hex(&[text("\u{a0}1"), text("gus")]);
+                }
+            },
+        ),
+        "class 2: a tombstone for an id no row has leaves no trace" => tombstone(s, 777),
+        "class 2: a tombstone for another tenant's row is skipped" => tombstone(s, 1),
+        "class 2: a resurrection of another tenant's row" => push_edited(s, GUS_LIST, |c| {
+            for c in c.iter_mut() {
+                c[CL] = json!(3);
+                if c[CID] == "-1" {
+                    c[COL_VERSION] = json!(3);
+                }
+            }
+            sentinel(c)[COL_VERSION] = json!(3);
+        }),
+        "class 3: a col_version of i64::MAX on a row the pusher may write" => {
+            gus_on_list_3(s, 1, i64::MAX, false)
+        }
+        "class 3: a causal length of i64::MAX on a row the pusher may write" => {
+            gus_on_list_3(s, i64::MAX, i64::MAX, true)
+        }
+        "class 3: a col_version 2^32 + 2 ahead of the server's" => {
+            gus_on_list_3(s, 1, (1 << 32) + 2, false)
+        }
+        "class 3: a causal length above 2^53" => {
+            gus_on_list_3(s, (1 << 53) + 1, (1 << 53) + 1, true)
+        }
+        "class 3: a to above 2^53" => {
+            let (_, c) = changes_of(s, GUS_LIST_3);
+            let big = (1i64 << 53) + 5;
+            let c = c
+                .into_iter()
+                .map(|mut c| {
+                    c[DB_VERSION] = json!(big);
+                    c
+                })
+                .collect();
+            push(0, big, c)
+        }
+        other => {
+            let _ = Integer(0);
+            panic!("no push for {other:?}")
+        }
+    }
 }
 
 trait WithText {
@@ -376,7 +557,7 @@ impl WithText for Frame {
 /// Every table of the server database except the peers' last-seen times and
 /// the persisted subscriptions (which a hello or a subscribe legitimately
 /// writes), as sorted text: equal before and after a case = nothing changed.
-fn fingerprint(s: &TestServer) -> Vec<String> {
+fn fingerprint(s: &TestServer, own: SiteId) -> Vec<String> {
     let db = rusqlite::Connection::open_with_flags(
         s.dir.path().join("server.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -412,7 +593,10 @@ fn fingerprint(s: &TestServer) -> Vec<String> {
         dump(&format!("SELECT * FROM \"{t}\""), t, &mut out);
     }
     dump(
-        "SELECT site_id, pushed_version FROM tenantsync_peers WHERE pushed_version > 0",
+        &format!(
+            "SELECT site_id, pushed_version FROM tenantsync_peers WHERE pushed_version > 0 AND site_id != X'{}'",
+            own
+        ),
         "pushed_version",
         &mut out,
     );
@@ -449,6 +633,11 @@ async fn attack(s: &TestServer, i: usize, name: &str, attack: Attack, expect: &E
                 Expect::Refused(code) => {
                     let m = ws.expect("push_refused").await;
                     assert_eq!(m["code"], *code, "{name}: {m}");
+                    ws.ping("still served").await;
+                }
+                Expect::Acked => {
+                    let m = ws.msg().await;
+                    assert_eq!(m["type"], "push_ok", "{name}: {m}");
                     ws.ping("still served").await;
                 }
                 Expect::Rows(n) => {
@@ -565,17 +754,21 @@ async fn every_hostile_input_gets_its_error_changes_nothing_and_hurts_no_one_els
         .await;
     s.sql("INSERT INTO todos (id, tenant_id, owner, title) VALUES (2, 'globex', 'bob', 'bolts')")
         .await;
+    s.sql("INSERT INTO lists (id, tenant_id, owner, name) VALUES (3, 'globex', 'gus', 'mine')")
+        .await;
     let mut bob = bystander(&s).await;
     let cases = catalogue();
-    assert!(cases.len() >= 70, "{} cases", cases.len());
+    assert!(cases.len() >= 100, "{} cases", cases.len());
     let mut names = std::collections::BTreeSet::new();
     for (i, (name, a, expect)) in cases.into_iter().enumerate() {
         assert!(names.insert(name), "two cases named {name:?}");
-        let before = fingerprint(&s);
+        // An acknowledged case may move its own pushed_version, nothing else.
+        let own = case_site(i);
+        let before = fingerprint(&s, own);
         attack(&s, i, name, a, &expect).await;
         // Let the engine finish whatever the case queued.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let after = fingerprint(&s);
+        let after = fingerprint(&s, own);
         if before != after {
             let gone: Vec<_> = before.iter().filter(|r| !after.contains(r)).collect();
             let new: Vec<_> = after.iter().filter(|r| !before.contains(r)).collect();
@@ -583,5 +776,153 @@ async fn every_hostile_input_gets_its_error_changes_nothing_and_hurts_no_one_els
         }
         still_served(&s, &mut bob, i, name).await;
     }
+    s.stop().await;
+}
+
+/// Issue 11, class 6: a subscription over a limit is refused with the
+/// limit it hit, and nothing of the effective SQL (the policies' shape)
+/// reaches the client; before, SQLite's own error came back as `internal`
+/// with that SQL in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_queries_are_refused_with_their_limit_and_no_sql() {
+    let s = TestServer::start_with(
+        tenantsync_server::config::EdgeSettings {
+            max_message_bytes: 4 * 1024 * 1024,
+            ..edge()
+        },
+        |c| c.limits.max_message_bytes = 4 * 1024 * 1024,
+    )
+    .await;
+    let ids = (0..200_000)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cases = [
+        (format!("SELECT * FROM todos WHERE id IN ({ids})"), "values"),
+        (
+            format!(
+                "SELECT * FROM todos WHERE title LIKE '{}'",
+                "a%".repeat(25_000)
+            ),
+            "LIKE pattern",
+        ),
+        (
+            format!(
+                "SELECT * FROM todos WHERE title = '{}'",
+                "x".repeat(100_000)
+            ),
+            "literal",
+        ),
+    ];
+    for (query, limit) in cases {
+        let mut ws = s.ws(Some(&token(ALICE))).await;
+        ws.open(site(90), None).await;
+        ws.send(json!({"type": "subscribe", "id": "s", "query": query}))
+            .await;
+        let m = ws.expect_error("query_refused", limit).await;
+        let message = m["message"].as_str().unwrap();
+        for leak in ["SELECT", "tenant_id", "members", "?1"] {
+            assert!(!message.contains(leak), "{leak:?} in {message:?}");
+        }
+        ws.ping("still served").await;
+    }
+    s.stop().await;
+}
+
+/// Issue 11, class 8: a WITH CHECK whose subquery reads the written table
+/// judges the row on the database before it, as PostgreSQL does: a
+/// membership row never vouches for itself, and another row of the same
+/// push vouches only once it was itself allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_row_never_vouches_for_itself() {
+    const POLICY: &str = "
+CREATE POLICY lists_read ON lists FOR SELECT USING (tenant_id = auth.claim('tenant_id'));
+CREATE POLICY members_read ON members FOR SELECT USING (tenant_id = auth.claim('tenant_id'));
+CREATE POLICY members_join ON members FOR INSERT
+  WITH CHECK (tenant_id = auth.claim('tenant_id')
+              AND list_id IN (SELECT list_id FROM members WHERE user_id = auth.uid()));
+";
+    let s = TestServer::start_with(edge(), |c| c.policy_sql = POLICY.into()).await;
+    s.sql("INSERT INTO members (list_id, user_id, tenant_id) VALUES (1, 'alice', 'acme')")
+        .await;
+    let mut ws = s.ws(Some(&token(MALLORY))).await;
+    let me = site(91);
+    ws.open(me, None).await;
+    // mallory, a member of nothing, adds herself to list 1: her own row
+    // is what the subquery would find.
+    ws.send(
+        match push_edited(
+            me,
+            "INSERT INTO members (list_id, user_id, tenant_id) VALUES (1, 'mallory', 'acme')",
+            |_| {},
+        ) {
+            Frame::Json(j) => j,
+            _ => unreachable!(),
+        },
+    )
+    .await;
+    let m = ws.expect("push_refused").await;
+    assert_eq!(m["rows"][0]["table"], "members", "{m}");
+    let n = s
+        .sql("SELECT count(*) FROM members WHERE user_id = 'mallory'")
+        .await;
+    assert_eq!(n["results"][0]["rows"][0][0], 0, "{n}");
+    // alice, a member of list 1, adds bob to it: allowed.
+    let mut ws = s.ws(Some(&token(ALICE))).await;
+    let her = site(92);
+    ws.open(her, None).await;
+    ws.send(
+        match push_edited(
+            her,
+            "INSERT INTO members (list_id, user_id, tenant_id) VALUES (1, 'bob', 'acme')",
+            |_| {},
+        ) {
+            Frame::Json(j) => j,
+            _ => unreachable!(),
+        },
+    )
+    .await;
+    ws.expect("push_ok").await;
+    s.stop().await;
+}
+
+/// Issue 11, class 4: `exp` is read once, for HTTP and WebSocket alike; a
+/// fractional one ends the session when HTTP starts refusing the token
+/// (the session never expired before: its expiry read only integers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fractional_exp_ends_the_session_when_http_refuses_the_token() {
+    let s = TestServer::start().await;
+    let mut claims = tokens::claims("alice", "acme", 0);
+    claims.insert("exp".into(), json!(tokens::now() as f64 + 2.25));
+    let tok = tokens::hs256(SECRET, &claims);
+    let mut ws = s.ws(Some(&tok)).await;
+    ws.open(site(93), None).await;
+    ws.send(json!({"type": "subscribe", "id": "s", "query": "SELECT * FROM todos"}))
+        .await;
+    ws.expect("subscribed").await;
+    ws.expect("snapshot").await;
+    let started = std::time::Instant::now();
+    let closed = loop {
+        match ws.next().await {
+            edge_common::server::Got::Msg(m) if m["type"] == "error" => {
+                assert_eq!(m["code"], "token_expired", "{m}");
+            }
+            edge_common::server::Got::Msg(_) => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(closed, edge_common::server::Got::Close(Some((1008, ref r))) if r == "token_expired"),
+        "{closed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/pull"))
+        .bearer_auth(&tok)
+        .json(&json!({"site_id": site(93).to_string(), "subscriptions": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     s.stop().await;
 }

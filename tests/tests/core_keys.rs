@@ -334,6 +334,10 @@ proptest! {
         let pk = PackedPk::pack(&vals[..arity]).unwrap();
         let c = make(table, col, pk.clone(), kind, cl, cv);
         let before = dump(&d, table);
+        let sites = |d: &CrrConnection| -> i64 {
+            d.conn().query_row("SELECT count(*) FROM crsql_site_id", [], |r| r.get(0)).unwrap()
+        };
+        let sites_before = sites(&d);
         let canonical = d.canonical_pk(table, &pk);
         let checked_before = d.row_values(table, &pk);
         let merged = if typed {
@@ -372,6 +376,9 @@ proptest! {
                     let exists = after.get(&key).is_some_and(|r| r.0.is_some());
                     if !existed && !exists {
                         prop_assert!(changed.is_empty(), "{table} {vals:?}: an absent row kept a trace");
+                    }
+                    if changed.is_empty() {
+                        prop_assert_eq!(sites(&d), sites_before, "nothing changed, not even a site id");
                     }
                 }
             }
