@@ -9,6 +9,16 @@
 //! directly on the server database (nothing it may not see, nothing
 //! missing, every value equal).
 //!
+//! Adversarial peers (issue 11) push alongside: users of a third tenant
+//! whose subjects are the honest users' (the same `sub` in several tenants),
+//! sending hand-made changes over HTTP to rows of the other tenants: every
+//! pk encoding (integer, REAL, text with ASCII and Unicode spaces, signs,
+//! blobs, NULL), extreme clocks, tombstones and resurrections, values that
+//! move rows into their tenant, and pushes on honest peers' site ids. At
+//! quiescence no clock on the server outside the attackers' own tenant
+//! carries an attacker's site id: nothing they sent left a trace (they only
+//! write rows of the honest tenants), so no honest write was lost to them.
+//!
 //! `TENANTSYNC_ORACLE_SEEDS` (default 20) seeds from `TENANTSYNC_ORACLE_SEED`
 //! (default 1); `TENANTSYNC_ORACLE_STEPS` (default 40) actions per seed. A
 //! failing seed prints its whole trace (policy, subscriptions, actions,
@@ -19,6 +29,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
+use serde_json::{Value as Json, json};
 use tenantsync_client::{Event, Replica, SyncClient};
 use tenantsync_policy::Identity;
 
@@ -198,6 +209,119 @@ fn trace_events(name: String, client: &SyncClient) {
     });
 }
 
+/// The attackers' tenant: no honest peer is in it.
+const EVIL: &str = "t3";
+
+/// An adversarial peer: an HTTP pusher of hand-made changes.
+struct Attacker {
+    name: String,
+    token: String,
+    site: tenantsync_core::SiteId,
+    pushed: i64,
+}
+
+/// A pk of one value under a random encoding that may name row `id`.
+fn evil_pk(rng: &mut StdRng, id: i64) -> tenantsync_core::PackedPk {
+    use tenantsync_core::Value::{Blob, Integer, Null, Real, Text};
+    let v = match rng.random_range(0..12) {
+        0 => Integer(id),
+        1 => Real(id as f64),
+        2 => Text(format!(" {id} ")),
+        3 => Text(format!("\u{a0}{id}")),
+        4 => Text(format!("\u{3000}{id}")),
+        5 => Text(format!("+{id}")),
+        6 => Text(format!("{id}.0")),
+        7 => Blob(id.to_string().into_bytes()),
+        8 => Null,
+        9 => Text(format!("{id}e0")),
+        10 => Real(id as f64 + 0.5),
+        _ => Integer(id + 100),
+    };
+    tenantsync_core::PackedPk::pack(&[v]).unwrap()
+}
+
+/// One hand-made push body of an attacker (its own changes, at the next
+/// version), aimed at the honest tenants' rows.
+fn evil_push(
+    rng: &mut StdRng,
+    a: &Attacker,
+    honest_sites: &[tenantsync_core::SiteId],
+) -> (Json, String) {
+    let to = a.pushed + 1;
+    let id = rng.random_range(1..=30);
+    // The rows it writes are another tenant's: an honest tenant's id, or
+    // the values that would put a new row into an honest tenant.
+    let victim = *TENANTS.choose(rng).unwrap();
+    let cols = [("tenant_id", json!(victim)), ("owner", json!("u1"))];
+    let (table, title) = if rng.random_bool(0.7) {
+        ("todos", ("title", json!("evil")))
+    } else {
+        ("lists", ("name", json!("evil")))
+    };
+    let cols: Vec<(&str, Json)> = std::iter::once(title).chain(cols).collect();
+    let pk = evil_pk(rng, if table == "lists" { id % 4 + 1 } else { id });
+    let huge = [
+        1i64,
+        2,
+        9,
+        1 << 32,
+        (1 << 32) + 7,
+        1 << 53,
+        (1 << 53) + 1,
+        i64::MAX,
+    ];
+    let cv = *huge.choose(rng).unwrap();
+    let (site, what) = if rng.random_bool(0.1) && !honest_sites.is_empty() {
+        (
+            *honest_sites.choose(rng).unwrap(),
+            "on an honest peer's site",
+        )
+    } else {
+        (a.site, "")
+    };
+    let mut changes = Vec::new();
+    let kind = rng.random_range(0..4);
+    let cl = match kind {
+        // A tombstone (even), a resurrection (odd > 1), a live row.
+        0 => *[2i64, 4, (1 << 53) + 1 - 1, i64::MAX - 1]
+            .choose(rng)
+            .unwrap(),
+        1 => *[3i64, 5, i64::MAX].choose(rng).unwrap(),
+        _ => 1,
+    };
+    if kind <= 1 {
+        changes.push(json!([
+            table,
+            pk.to_hex(),
+            "-1",
+            null,
+            cl,
+            to,
+            site.to_string(),
+            cl,
+            0
+        ]));
+    }
+    if kind >= 1 {
+        for (i, (c, v)) in cols.iter().enumerate() {
+            changes.push(json!([
+                table,
+                pk.to_hex(),
+                c,
+                v,
+                cv,
+                to,
+                site.to_string(),
+                cl,
+                i + 1
+            ]));
+        }
+    }
+    let body = json!({"site_id": site.to_string(), "from": a.pushed, "to": to, "changes": changes});
+    let text = format!("{table} pk {pk} kind {kind} cl {cl} cv {cv} {what}");
+    (body, text)
+}
+
 struct Peer {
     name: String,
     user: &'static str,
@@ -253,6 +377,22 @@ async fn one_seed(seed: u64, steps: usize) {
             client,
         });
     }
+    // 1-2 attackers: the honest users' subjects, in the attackers' tenant.
+    let mut attackers: Vec<Attacker> = (0..rng.random_range(1..=2))
+        .map(|k| {
+            let user = *USERS.choose(&mut rng).unwrap();
+            Attacker {
+                name: format!("attacker{k} ({user}@{EVIL})"),
+                token: token(&claims(user, EVIL)),
+                site: tenantsync_core::SiteId([0xe0 + k as u8; 16]),
+                pushed: 0,
+            }
+        })
+        .collect();
+    let mut honest_sites = Vec::new();
+    for p in &peers {
+        honest_sites.push(p.client.read(|r| Ok(r.site_id())).await.unwrap());
+    }
     // The trace (stderr, shown when the seed fails): every action in order.
     for step in 0..steps {
         let p = &peers[rng.random_range(0..peers.len())];
@@ -291,7 +431,33 @@ async fn one_seed(seed: u64, steps: usize) {
                 eprintln!("  {step}: {who} subscribes {id}: {q}");
                 p.client.subscribe(&id, q).await.unwrap();
             }
-            _ => {}
+            _ => {
+                for _ in 0..rng.random_range(1..4) {
+                    let k = rng.random_range(0..attackers.len());
+                    let (body, text) = evil_push(&mut rng, &attackers[k], &honest_sites);
+                    let a = &mut attackers[k];
+                    let r = http
+                        .post(format!("{url}/v1/push"))
+                        .bearer_auth(&a.token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    let answer: Json = r.json().await.unwrap_or(Json::Null);
+                    eprintln!(
+                        "  {step}: {} pushes {text}: {status} {}",
+                        a.name, answer["code"]
+                    );
+                    assert!(
+                        status < 500,
+                        "seed {seed}: an attack got {status}: {answer}"
+                    );
+                    if status == 200 {
+                        a.pushed = body["to"].as_i64().unwrap();
+                    }
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
     }
@@ -309,6 +475,31 @@ async fn one_seed(seed: u64, steps: usize) {
     .await;
     assert!(converged.is_ok(), "seed {seed}: no convergence");
     drop(view);
+    // Nothing an attacker sent left a trace.
+    for a in &attackers {
+        for table in ["todos", "lists", "members"] {
+            let reader = tenantsync_core::CrrConnection::open_with(
+                &spec.db,
+                tenantsync_core::Options {
+                    read_only: true,
+                    ..tenantsync_core::Options::default()
+                },
+            )
+            .unwrap();
+            let theirs = reader
+                .changes(&tenantsync_core::ChangesQuery {
+                    table: Some(table.into()),
+                    site: tenantsync_core::SiteFilter::Only(a.site),
+                    ..tenantsync_core::ChangesQuery::default()
+                })
+                .unwrap();
+            assert!(
+                theirs.is_empty(),
+                "seed {seed}: {} left a trace on {table}: {theirs:?}",
+                a.name
+            );
+        }
+    }
     for p in peers {
         p.client.close().await.unwrap();
     }
