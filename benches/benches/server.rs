@@ -110,7 +110,7 @@ fn apply_push(c: &mut Criterion) {
                     statements: vec![SqlStatement {
                         sql: "SELECT 1".into(),
                         params: vec![],
-                    }],
+                    }], tenant: None,
                 },
             )
             .await;

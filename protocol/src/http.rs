@@ -138,6 +138,10 @@ pub struct SqlStatement {
 pub struct SqlRequest {
     /// Statements, run in one transaction.
     pub statements: Vec<SqlStatement>,
+    /// The tenant they are for, on a server of several shards (default:
+    /// the token's tenant claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One statement's result.

@@ -10,8 +10,8 @@ use tenantsync_policy::{Engine as PolicyEngine, Identity, PolicySet};
 use tenantsync_types::Value;
 
 use crate::engine::filters::{ChangedRow, Filters};
-use crate::outbox::{Enc, Item, ItemPart, RowChanges, ViewPart, build_changes};
-use crate::schema::ServerSchema;
+use crate::engine::outbox::{Enc, Item, ItemPart, RowChanges, ViewPart, build_changes};
+use crate::engine::schema::ServerSchema;
 
 /// `views` views over examples/schema.sql + policy.sql, one per user, users
 /// spread over `views / 10` tenants, each user with a few todos; and one

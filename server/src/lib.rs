@@ -4,25 +4,32 @@
 //! the design (read it before changing anything here).
 //!
 //! Module map:
-//! - [`service`]: [`SyncService`], the handle the edge uses: start, sessions
-//!   ([`Session`], [`Outbox`]), push, pull, service SQL, policy reload, peer
-//!   reports, shutdown. Its types are the contract between the engine and
-//!   the edge; its bodies only talk to the engine and readers by channels.
-//! - `engine`: the engine thread, the only writer: the loop and its
-//!   commands, group commits of pushes and service SQL (`engine::write`),
-//!   CommitBatches (`engine::commit`), views, membership instances and the
-//!   equality index (`engine::filters`), subscriptions, held-set tracking
-//!   and fan-out (`engine::subs`).
-//! - `reader`: the reader pool (snapshot, resume, refetch, pull jobs; fair
-//!   per tenant).
-//! - `outbox`: per-connection bounded queues; coalescing of whole-commit
-//!   items into `changes` checkpoints; the encoded-once change types.
-//! - `store`: the server's own tables (`tenantsync_peers`,
-//!   `tenantsync_subscriptions`).
-//! - `schema`: the schema as the engine and the policy engine see it.
-//! - `fair`: per-tenant round-robin queues.
+//! - [`contract`]: the types the edge and the engine share (a leaf):
+//!   [`Principal`], [`Limits`], [`ServiceConfig`], [`ApiError`],
+//!   [`PushError`], [`OutFrame`].
+//! - [`service`]: [`SyncService`], the handle the edge uses: it routes each
+//!   tenant to its shard ([`placement`]) and runs sessions ([`Session`],
+//!   [`Outbox`]), push, pull, service SQL, policy reload, peer reports,
+//!   shutdown; its bodies only talk to the engines by channels.
+//! - [`placement`]: [`Placement`], the stable tenant -> shard rule.
+//! - `engine` (one shard's side, OS threads, synchronous):
+//!   - `engine::shard`: a shard: its database, engine thread and readers;
+//!     `engine::layout`, the shards on disk.
+//!   - the engine thread, the only writer of its shard: the loop and its
+//!     commands, group commits of pushes and service SQL (`engine::write`,
+//!     `engine::push_check`), CommitBatches (`engine::commit`), views,
+//!     membership instances and the equality index (`engine::filters`),
+//!     subscriptions, held-set tracking and fan-out (`engine::subs`).
+//!   - `engine::reader`: the reader pool (snapshot, resume, refetch, pull
+//!     jobs; fair per tenant).
+//!   - `engine::outbox`: per-connection bounded queues; coalescing of
+//!     whole-commit items into `changes` checkpoints.
+//!   - `engine::store`: the server's own tables (`tenantsync_peers`,
+//!     `tenantsync_subscriptions`); `engine::schema`, the schema as the
+//!     engine and the policy engine see it; `engine::fair`, per-tenant
+//!     round-robin queues.
 //! - `bench` (hidden): hooks for the criterion benchmarks.
-//! - The edge (tokio side), which never touches SQLite:
+//! - `edge` (the tokio side, which never touches SQLite), re-exported here:
 //!   - [`auth`]: bearer JWT verification ([`auth::Authenticator`]) into a
 //!     [`Principal`].
 //!   - [`config`]: the server's [`config::Config`] (TOML file, environment,
@@ -37,22 +44,18 @@
 #[doc(hidden)]
 pub mod bench;
 
-pub mod app;
-pub mod auth;
-pub mod config;
+pub mod contract;
+mod edge;
 mod engine;
-mod fair;
-pub mod http;
-mod outbox;
-mod reader;
-mod schema;
+pub mod placement;
 pub mod service;
-mod store;
-pub mod ws;
+
+pub use edge::{app, auth, config, http, ws};
 
 const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 
+pub use placement::Placement;
 pub use service::{
     ApiError, Limits, OutFrame, Outbox, Principal, PushError, ServiceConfig, Session, StartError,
-    SyncService, Synchronous,
+    SyncService, Synchronous, shard_path,
 };

@@ -514,6 +514,7 @@ async fn snapshots_then_deltas_have_no_gap_and_no_duplicate_under_concurrent_wri
                                 sql,
                                 params: vec![],
                             }],
+                            tenant: None,
                         },
                     )
                     .await
@@ -607,6 +608,7 @@ async fn service_sql_cannot_touch_internal_tables_or_the_schema() {
                         sql: sql.into(),
                         params: vec![],
                     }],
+                    tenant: None,
                 },
             )
             .await
@@ -618,7 +620,10 @@ async fn service_sql_cannot_touch_internal_tables_or_the_schema() {
         .service
         .sql(
             &principal("alice", "t1"),
-            tenantsync_protocol::http::SqlRequest { statements: vec![] },
+            tenantsync_protocol::http::SqlRequest {
+                statements: vec![],
+                tenant: None,
+            },
         )
         .await
         .unwrap_err();
@@ -640,6 +645,7 @@ async fn service_sql_cannot_touch_internal_tables_or_the_schema() {
                         params: vec![],
                     },
                 ],
+                tenant: None,
             },
         )
         .await
@@ -684,6 +690,7 @@ async fn pulls_resume_from_their_cursor_and_long_poll() {
                     sql: "UPDATE todos SET owner = 'carol' WHERE id = 2".into(),
                     params: vec![],
                 }],
+                tenant: None,
             },
         )
         .await
@@ -763,7 +770,7 @@ async fn a_refusal_describes_its_rows_as_of_its_groups_commit() {
                     statements: vec![tenantsync_protocol::http::SqlStatement {
                         sql: "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c".into(),
                         params: vec![],
-                    }],
+                    }], tenant: None,
                 },
             )
             .await

@@ -289,6 +289,7 @@ async fn service_sql(
                 params: vec![],
             })
             .collect(),
+        tenant: None,
     };
     let r = service
         .sql(&service_principal(), req)

@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// SQLite synchronous: full or normal [default: full] [env: TENANTSYNC_SYNCHRONOUS]
     #[arg(long, value_name = "MODE", value_parser = parse_synchronous)]
     pub synchronous: Option<Synchronous>,
+    /// Shards: databases with a writer each, tenants spread over them; fixed when the database is created [default: 1] [env: TENANTSYNC_SHARDS]
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
     /// Largest WebSocket message or HTTP body [default: 4194304] [env: TENANTSYNC_LIMITS_MAX_MESSAGE_BYTES]
     #[arg(long, value_name = "BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -108,6 +111,7 @@ impl ServeArgs {
             tenant_claim: self.tenant_claim.clone(),
             readers: self.readers,
             synchronous: self.synchronous,
+            shards: self.shards,
             limits: LimitsConfig {
                 max_message_bytes: self.max_message_bytes,
                 max_pull_bytes: self.max_pull_bytes,

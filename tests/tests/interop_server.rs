@@ -227,6 +227,7 @@ async fn a_real_cr_sqlite_peer_syncs_through_the_protocol() {
             sql: s.into(),
             params: vec![],
         }],
+        tenant: None,
     };
     service
         .sql(

@@ -587,7 +587,13 @@ impl Ours {
             });
         }
         ours.service
-            .sql(&service_principal(), SqlRequest { statements })
+            .sql(
+                &service_principal(),
+                SqlRequest {
+                    statements,
+                    tenant: None,
+                },
+            )
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         Ok(ours)

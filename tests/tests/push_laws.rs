@@ -309,6 +309,7 @@ fn one_history(pushes: &[Push]) -> Result<(usize, usize), TestCaseError> {
                             params: vec![],
                         })
                         .collect(),
+                    tenant: None,
                 },
             ),
         )

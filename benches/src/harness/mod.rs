@@ -201,6 +201,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             let permit = sem.clone().acquire_owned().await?;
             let req = SqlRequest {
                 statements: tenant::seed_statements(t, &shape),
+                tenant: None,
             };
             let (http, url, tok, b) = (
                 http.clone(),
@@ -692,6 +693,7 @@ async fn service_write(ctx: &Ctx, t: usize, id: u64, sent_ns: u64, round: u64) {
     };
     let req = SqlRequest {
         statements: vec![stmt],
+        tenant: None,
     };
     let r = ctx
         .http

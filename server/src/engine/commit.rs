@@ -9,8 +9,8 @@ use std::sync::Arc;
 use tenantsync_core::{Change, ChangesQuery, CrrConnection, PackedPk};
 
 use super::filters::{ChangedRow, FxMap};
-use crate::outbox::{Enc, RowChanges};
-use crate::schema::ServerSchema;
+use crate::engine::outbox::{Enc, RowChanges};
+use crate::engine::schema::ServerSchema;
 
 /// Reads the rows a commit changed: versions `(since, until]`.
 pub(crate) fn read_batch(

@@ -27,8 +27,8 @@ use tenantsync_policy::{
 };
 use tenantsync_types::Value;
 
-use crate::outbox::RowChanges;
-use crate::schema::ServerSchema;
+use crate::engine::outbox::RowChanges;
+use crate::engine::schema::ServerSchema;
 
 pub(crate) type Hasher = foldhash::fast::FixedState;
 pub(crate) type FxMap<K, V> = HashMap<K, V, Hasher>;

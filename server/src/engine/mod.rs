@@ -11,7 +11,15 @@
 //!   service SQL (under an authorizer), in fair group commits.
 
 mod commit;
+pub(crate) mod fair;
 pub(crate) mod filters;
+pub(crate) mod layout;
+pub(crate) mod outbox;
+pub(crate) mod push_check;
+pub(crate) mod reader;
+pub(crate) mod schema;
+pub(crate) mod shard;
+pub(crate) mod store;
 mod subs;
 mod write;
 
@@ -31,12 +39,11 @@ use tokio::sync::oneshot;
 pub(crate) use filters::PkSet;
 use filters::{FxMap, FxSet};
 
-use crate::fair::FairQueue;
-use crate::outbox::OutboxShared;
-use crate::reader::{PullItem, Readers};
-use crate::schema::ServerSchema;
-use crate::service::{ApiError, Limits, Principal, PushError};
-use crate::store;
+use crate::contract::{ApiError, Limits, Principal, PushError};
+use crate::engine::fair::FairQueue;
+use crate::engine::outbox::OutboxShared;
+use crate::engine::reader::{PullItem, Readers};
+use crate::engine::schema::ServerSchema;
 
 /// A subscription's identity: (peer site, subscription id).
 pub(crate) type SubKey = (SiteId, Arc<str>);
@@ -57,6 +64,9 @@ pub(crate) struct Who {
     /// The claims' canonical JSON (caches are keyed by it).
     pub ident_key: Arc<str>,
     pub tenant: Arc<str>,
+    /// Service SQL on a node of several shards: the one tenant whose rows
+    /// its statements may write.
+    pub scope: Option<Arc<str>>,
 }
 
 impl Who {
@@ -66,6 +76,7 @@ impl Who {
                 serde_json::to_string(p.identity.claims()).expect("claims serialise"),
             ),
             tenant: Arc::from(p.tenant.as_deref().unwrap_or("")),
+            scope: None,
             principal: p.clone(),
         }
     }
@@ -253,6 +264,8 @@ pub(crate) struct Engine {
     published: Arc<std::sync::atomic::AtomicI64>,
     /// The claim (and column) naming a tenant.
     tenant_claim: Arc<str>,
+    /// The tenant scoped service SQL may write (`write::install_scope_guard`).
+    scope: write::Scope,
 }
 
 impl Engine {
@@ -273,6 +286,8 @@ impl Engine {
         let version = db.db_version()?;
         let guard = Arc::new(std::sync::atomic::AtomicBool::new(false));
         write::install_authorizer(&mut db, guard.clone())?;
+        let scope: write::Scope = Arc::default();
+        write::install_scope_guard(&db, &tenant_claim, scope.clone())?;
         published.store(version, std::sync::atomic::Ordering::Release);
         Ok(Engine {
             db,
@@ -297,6 +312,7 @@ impl Engine {
             guard,
             published,
             tenant_claim,
+            scope,
         })
     }
 
@@ -497,7 +513,7 @@ impl Engine {
             e.diagnostics = d.to_string().lines().map(str::to_owned).collect();
             e
         })?;
-        crate::service::warn_cross_tenant(&set, &self.tenant_claim);
+        shard::warn_cross_tenant(&set, &self.tenant_claim);
         let change = self.policy.replace_policies(set);
         self.policy_gen += 1;
         {

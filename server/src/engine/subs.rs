@@ -23,10 +23,10 @@ use tenantsync_protocol::ws::{ErrorMsg, ServerMsg};
 
 use super::filters::{ChangedRow, Draft, FilterId, FxMap, FxSet, PkSet};
 use super::{ConnId, Engine, OpenOk, SubKey, Who, commit};
-use crate::outbox::{Item, ItemPart, OutboxShared, ViewPart};
-use crate::reader::{Job, PullItem, SyncBase, SyncJob};
-use crate::service::{ApiError, OutFrame};
-use crate::store;
+use crate::contract::{ApiError, OutFrame};
+use crate::engine::outbox::{Item, ItemPart, OutboxShared, ViewPart};
+use crate::engine::reader::{Job, PullItem, SyncBase, SyncJob};
+use crate::engine::store;
 
 /// Parts of one version per connection: (subscription id, part).
 type PerConn = FxMap<ConnId, Vec<(Arc<str>, Arc<ViewPart>)>>;
@@ -993,7 +993,7 @@ impl Engine {
         table: u16,
         d: &Draft,
         rows: &[ChangedRow],
-        whole: &FxMap<(u16, PackedPk), Arc<crate::outbox::RowChanges>>,
+        whole: &FxMap<(u16, PackedPk), Arc<crate::engine::outbox::RowChanges>>,
         version: i64,
     ) -> ViewPart {
         let tname = &self.schema.tables[table as usize].name;

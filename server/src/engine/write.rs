@@ -17,8 +17,8 @@ use tenantsync_types::Value;
 
 use super::filters::{FilterId, Filters, FxMap, FxSet};
 use super::{Engine, PushCmd, PushReply, SqlCmd, Write, commit};
-use crate::service::{ApiError, OutFrame, PushError};
-use crate::store;
+use crate::contract::{ApiError, OutFrame, PushError};
+use crate::engine::store;
 
 /// A write plan with the membership instances its checks read.
 pub(crate) struct PlanEntry {
@@ -170,6 +170,88 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
+/// The tenant a scoped service statement may write (see
+/// [`install_scope_guard`]); `None` outside one.
+pub(crate) type Scope = Arc<std::sync::Mutex<Option<Arc<str>>>>;
+
+/// Service SQL on a node of several shards is scoped to one tenant: TEMP
+/// triggers on every table of the database (on the engine connection only)
+/// abort a statement that inserts, updates or deletes a row whose tenant
+/// column is not that tenant (before and after the change), or that writes
+/// a table without a tenant column (a local table exists once per shard, so
+/// no tenant's statement may change it). Outside scoped service SQL
+/// `tenantsync_scope()` is NULL and the triggers do nothing (a merged push
+/// never sees them act).
+pub(crate) fn install_scope_guard(
+    db: &tenantsync_core::CrrConnection,
+    tenant_column: &str,
+    scope: Scope,
+) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    let conn = db.conn();
+    conn.create_scalar_function(
+        "tenantsync_scope",
+        0,
+        FunctionFlags::SQLITE_UTF8,
+        move |_| {
+            Ok(scope
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                .map(str::to_owned))
+        },
+    )?;
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM main.sqlite_master WHERE type = 'table' AND sql NOT LIKE 'CREATE VIRTUAL%'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let col = q(tenant_column);
+    for table in tables.iter().filter(|t| !internal_table(t)) {
+        let has: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2 COLLATE NOCASE",
+            [table.as_str(), tenant_column],
+            |r| r.get(0),
+        )?;
+        let abort = format!(
+            "SELECT RAISE(ABORT, 'service SQL scoped to one tenant may only write rows of that tenant (table {})')",
+            table.replace('\'', "''")
+        );
+        for (when, event) in [
+            (format!("NEW.{col} IS NOT tenantsync_scope()"), "INSERT"),
+            (
+                format!(
+                    "OLD.{col} IS NOT tenantsync_scope() OR NEW.{col} IS NOT tenantsync_scope()"
+                ),
+                "UPDATE",
+            ),
+            (format!("OLD.{col} IS NOT tenantsync_scope()"), "DELETE"),
+        ] {
+            let cond = if has { when } else { "1".to_owned() };
+            conn.execute_batch(&format!(
+                "CREATE TEMP TRIGGER IF NOT EXISTS {} BEFORE {event} ON main.{} \
+                 WHEN tenantsync_scope() IS NOT NULL AND ({cond}) BEGIN {abort}; END;",
+                q(&format!(
+                    "tenantsync_scope_{table}_{}",
+                    event.to_lowercase()
+                )),
+                q(table)
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Tables of the engine's own (SQLite's, cr-sqlite's, tenantsync's): never
+/// written by service SQL.
+fn internal_table(name: &str) -> bool {
+    let l = name.to_ascii_lowercase();
+    l.starts_with("sqlite_")
+        || l.starts_with("crsql_")
+        || l.contains("__crsql_")
+        || l.starts_with("tenantsync_")
+}
+
 /// The SQLite authorizer for service SQL: no writes to internal tables, no
 /// schema changes, ATTACH, PRAGMA or transaction control. It is installed
 /// on the engine connection for good and judges only while `guard` is set,
@@ -188,13 +270,6 @@ pub(crate) fn install_authorizer(
 }
 
 fn authorize(ctx: AuthContext<'_>) -> Authorization {
-    let internal = |t: &str| {
-        let l = t.to_ascii_lowercase();
-        l.starts_with("sqlite_")
-            || l.starts_with("crsql_")
-            || l.contains("__crsql_")
-            || l.starts_with("tenantsync_")
-    };
     if ctx.accessor.is_some() {
         // Inside a trigger (the CRR tracking): the engine's own work.
         return Authorization::Allow;
@@ -203,7 +278,7 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
         AuthAction::Insert { table_name }
         | AuthAction::Delete { table_name }
         | AuthAction::Update { table_name, .. } => {
-            if internal(table_name) {
+            if internal_table(table_name) {
                 Authorization::Deny
             } else {
                 Authorization::Allow
@@ -769,6 +844,7 @@ impl Engine {
             self.guard.store(true, std::sync::atomic::Ordering::SeqCst);
             let prepared = conn.prepare(&st.sql);
             self.guard.store(false, std::sync::atomic::Ordering::SeqCst);
+            let _scoped = ScopeGuard::set(&self.scope, s.who.scope.clone());
             let mut stmt = prepared.map_err(err)?;
             let n = stmt.column_count();
             let mut rows = Vec::new();
@@ -796,6 +872,22 @@ impl Engine {
             "service SQL"
         );
         Ok(results)
+    }
+}
+
+/// Sets the scope for one statement; clears it when dropped.
+struct ScopeGuard<'a>(&'a Scope);
+
+impl<'a> ScopeGuard<'a> {
+    fn set(scope: &'a Scope, tenant: Option<Arc<str>>) -> ScopeGuard<'a> {
+        *scope.lock().unwrap_or_else(|p| p.into_inner()) = tenant;
+        ScopeGuard(scope)
+    }
+}
+
+impl Drop for ScopeGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 

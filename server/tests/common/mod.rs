@@ -66,6 +66,7 @@ impl Server {
                         sql: sql.into(),
                         params: vec![],
                     }],
+                    tenant: None,
                 },
             )
             .await

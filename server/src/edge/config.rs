@@ -52,6 +52,12 @@ pub struct Config {
     /// SQLite `synchronous` for the server database: `full` or `normal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub synchronous: Option<Synchronous>,
+    /// Shards: databases with a writer each, tenants spread over them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<usize>,
+    /// `[shard_overrides]`: tenant = shard index (the file only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_overrides: Option<std::collections::BTreeMap<String, usize>>,
     /// How long a shutdown may take before sockets are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -180,6 +186,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("tenant_claim", Kind::Text),
     ("readers", Kind::Integer),
     ("synchronous", Kind::Text),
+    ("shards", Kind::Integer),
     ("shutdown_timeout_secs", Kind::Integer),
     ("jwt.alg", Kind::Text),
     ("jwt.secret", Kind::Text),
@@ -410,6 +417,20 @@ impl Config {
         if !(1..=256).contains(&readers) {
             return Err(invalid("readers", "must be between 1 and 256"));
         }
+        let shards = self.shards.unwrap_or(1);
+        if !(1..=256).contains(&shards) {
+            return Err(invalid("shards", "must be between 1 and 256"));
+        }
+        let shard_overrides = self.shard_overrides.clone().unwrap_or_default();
+        if let Some((t, s)) = shard_overrides.iter().find(|(_, s)| **s >= shards) {
+            return Err(ConfigError::Invalid {
+                key: "shard_overrides",
+                reason: format!(
+                    "tenant {t:?} = {s}: shards are numbered 0 to {}",
+                    shards - 1
+                ),
+            });
+        }
         let limits = self.limits.resolve()?;
         let jwt = self.jwt.resolve(tenant_claim.clone())?;
         let ws = &self.websocket;
@@ -446,6 +467,8 @@ impl Config {
             limits,
             readers,
             synchronous: self.synchronous.unwrap_or_default(),
+            shards,
+            shard_overrides,
         };
         Ok(Settings {
             service,

@@ -315,16 +315,25 @@ pub async fn reload_policy(
     }
 }
 
-/// `GET /v1/admin/status` (service role): `{status, db_version}`, what
-/// `/v1/health` no longer tells anyone.
+/// `GET /v1/admin/status` (service role): `{status, db_version, shards:
+/// [{shard, db_version}]}` (`db_version` is the highest), what
+/// `/v1/health` tells no one.
 pub async fn admin_status(
     State(state): State<AppState>,
     _caller: ServiceCaller,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
+    let service = state.service();
+    let shards: Vec<_> = service
+        .db_versions()
+        .into_iter()
+        .enumerate()
+        .map(|(k, v)| serde_json::json!({"shard": k, "db_version": v}))
+        .collect();
     Ok(json(serde_json::json!({
         "status": "ok",
-        "db_version": state.service().db_version(),
+        "db_version": service.db_version(),
+        "shards": shards,
     })))
 }
 

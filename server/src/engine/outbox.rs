@@ -16,7 +16,7 @@ use tenantsync_protocol::change::encode_change;
 use tenantsync_protocol::ws::ChangesMessageBuilder;
 use tokio::sync::Notify;
 
-use crate::service::OutFrame;
+use crate::contract::OutFrame;
 
 /// One change, encoded once.
 #[derive(Debug)]

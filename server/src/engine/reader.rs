@@ -18,11 +18,11 @@ use tenantsync_protocol::ws::ServerMsg;
 use tenantsync_types::Value;
 use tokio::sync::oneshot;
 
+use crate::contract::ApiError;
+use crate::engine::fair::FairQueue;
+use crate::engine::outbox::OutboxShared;
+use crate::engine::schema::ServerSchema;
 use crate::engine::{Cmd, PkSet, SubKey};
-use crate::fair::FairQueue;
-use crate::outbox::OutboxShared;
-use crate::schema::ServerSchema;
-use crate::service::ApiError;
 use tenantsync_protocol::ErrorCode;
 
 /// Where an initial sync starts from.

@@ -1,0 +1,359 @@
+//! [`Shard`]: one server database with its engine thread (the only writer)
+//! and its reader pool, holding a set of tenants. A node runs several;
+//! [`crate::SyncService`] routes each tenant to its own (docs/arch/server.md,
+//! "Shards"). Everything here is per shard: versions, cursors, peers and
+//! their site bindings, subscriptions, the policy set's epoch.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tenantsync_core::{CrrConnection, MergeStamping, Options, SiteId};
+use tenantsync_policy::{Engine as PolicyEngine, PolicySet};
+use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::http::{
+    PeerReport, PolicyReloadResponse, PullRequest, PullResponse, SqlResponse, SqlStatement,
+};
+use tokio::sync::oneshot;
+
+use super::outbox::OutboxShared;
+use super::reader::{Job, PullItem, PullJob, Readers};
+use super::schema::{ServerSchema, apply_schema};
+use super::{Cmd, Engine, OpenOk, PolicyState, SharedPolicy, SqlCmd, Tuning, Who, Write};
+use crate::contract::{ApiError, Limits, StartError, Synchronous};
+
+/// How to start one shard.
+#[derive(Debug, Clone)]
+pub(crate) struct ShardConfig {
+    /// Its index among the node's shards.
+    pub index: usize,
+    pub db_path: PathBuf,
+    pub schema_sql: String,
+    pub policy_name: String,
+    pub policy_sql: String,
+    pub tenant_claim: String,
+    pub limits: Limits,
+    pub readers: usize,
+    pub synchronous: Synchronous,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Cmd>,
+    schema: Arc<ServerSchema>,
+    policy: SharedPolicy,
+    limits: Limits,
+    site: SiteId,
+    version: Arc<AtomicI64>,
+    readers: Arc<Readers>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            let (reply, _rx) = oneshot::channel();
+            let _ = self.tx.send(Cmd::Shutdown { reply });
+        }
+        let t = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn stopped() -> ApiError {
+    ApiError::new(ErrorCode::ShuttingDown, "the server is stopping")
+}
+
+/// A running shard. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Shard {
+    inner: Arc<Inner>,
+}
+
+impl Shard {
+    /// Opens the shard's database, applies the schema, loads and validates
+    /// the policies, starts its engine thread and readers.
+    pub fn start(config: &ShardConfig) -> Result<Shard, StartError> {
+        let db_err = |e| StartError::Database {
+            path: config.db_path.clone(),
+            source: e,
+        };
+        let db = CrrConnection::open_with(
+            &config.db_path,
+            Options {
+                merge_stamping: MergeStamping::Local,
+                ..Options::default()
+            },
+        )
+        .map_err(db_err)?;
+        let sync = match config.synchronous {
+            Synchronous::Full => "PRAGMA synchronous = FULL",
+            Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+        };
+        db.conn()
+            .execute_batch(sync)
+            .map_err(|e| db_err(e.into()))?;
+        apply_schema(&db, &config.schema_sql).map_err(StartError::Schema)?;
+        db.conn()
+            .execute_batch(super::store::CREATE)
+            .map_err(|e| StartError::Schema(e.to_string()))?;
+        let schema = Arc::new(ServerSchema::read(&db, &config.schema_sql).map_err(db_err)?);
+        let set = PolicySet::parse(&config.policy_name, &config.policy_sql, &schema.policy)
+            .map_err(|d| StartError::Policy {
+                diagnostics: d.to_string().lines().map(str::to_owned).collect(),
+            })?;
+        if config.index == 0 {
+            warn_cross_tenant(&set, &config.tenant_claim);
+        }
+        let policy = PolicyEngine::new(set);
+        let shared: SharedPolicy = Arc::new(RwLock::new(PolicyState {
+            epoch: 0,
+            engine: Arc::new(policy.clone()),
+        }));
+        let site = db.site_id();
+        let (tx, rx) = mpsc::channel();
+        let readers = Arc::new(Readers::start(
+            config.readers,
+            &config.db_path,
+            schema.clone(),
+            tx.clone(),
+            config.limits.max_message_bytes,
+        )?);
+        let version = Arc::new(AtomicI64::new(0));
+        let engine = Engine::new(
+            db,
+            schema.clone(),
+            policy,
+            shared.clone(),
+            config.limits.clone(),
+            tx.clone(),
+            readers.clone(),
+            Tuning::default(),
+            version.clone(),
+            Arc::from(config.tenant_claim.as_str()),
+        )
+        .map_err(db_err)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("tenantsync-engine-{}", config.index))
+            .spawn(move || engine.run(rx))?;
+        tracing::info!(shard = config.index, db = %config.db_path.display(), site = %site, "shard started");
+        Ok(Shard {
+            inner: Arc::new(Inner {
+                tx,
+                schema,
+                policy: shared,
+                limits: config.limits.clone(),
+                site,
+                version,
+                readers,
+                thread: Mutex::new(Some(thread)),
+                stopped: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Its database's site id (the `server_site_id` its peers see).
+    pub fn site_id(&self) -> SiteId {
+        self.inner.site
+    }
+
+    /// Its last committed version.
+    pub fn db_version(&self) -> i64 {
+        self.inner.version.load(Ordering::Acquire)
+    }
+
+    pub fn schema(&self) -> &Arc<ServerSchema> {
+        &self.inner.schema
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Sends a command to the engine thread.
+    pub fn send(&self, c: Cmd) -> Result<(), ApiError> {
+        if self.inner.stopped.load(Ordering::Acquire) {
+            return Err(stopped());
+        }
+        self.inner.tx.send(c).map_err(|_| stopped())
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// The policy set in force and its epoch.
+    pub fn policy(&self) -> (u64, Arc<PolicyEngine>) {
+        let p = self.inner.policy.read().unwrap_or_else(|p| p.into_inner());
+        (p.epoch, p.engine.clone())
+    }
+
+    /// Registers a WebSocket session (binding its site id to `who`).
+    pub async fn open(
+        &self,
+        who: Who,
+        site: SiteId,
+        client: Option<String>,
+        outbox: Arc<OutboxShared>,
+    ) -> Result<OpenOk, ApiError> {
+        self.ask(|reply| Cmd::Open {
+            who,
+            site,
+            client,
+            outbox,
+            reply,
+        })
+        .await?
+    }
+
+    /// An HTTP pull (long-polls up to `min(wait_ms, limits.max_wait)`).
+    pub async fn pull(
+        &self,
+        who: Who,
+        req: PullRequest,
+        subs: Vec<(
+            tenantsync_protocol::http::PullSub,
+            Arc<tenantsync_policy::EffectiveQuery>,
+        )>,
+        epoch: u64,
+    ) -> Result<PullResponse, ApiError> {
+        let site = req.site_id;
+        let meta: Vec<(String, String, String)> = subs
+            .iter()
+            .map(|(s, q)| (s.id.clone(), s.query.clone(), q.table.clone()))
+            .collect();
+        let tables: Vec<String> = subs
+            .iter()
+            .flat_map(|(_, q)| q.depends_on.clone())
+            .collect();
+        let items = self
+            .ask(|reply| Cmd::PullBegin {
+                who: who.clone(),
+                site,
+                subs,
+                unsubscribe: req.unsubscribe,
+                epoch,
+                reply,
+            })
+            .await??;
+        let wait = Duration::from_millis(req.wait_ms).min(self.inner.limits.max_wait);
+        let deadline = Instant::now() + wait;
+        let items = Arc::new(items);
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let job_items = items
+                .iter()
+                .map(|i| PullItem {
+                    id: i.id.clone(),
+                    q: i.q.clone(),
+                    mode: i.mode,
+                    base: i.base.clone(),
+                })
+                .collect();
+            self.inner.readers.submit(
+                &who.tenant,
+                Job::Pull(PullJob {
+                    site,
+                    items: job_items,
+                    max_bytes: self.inner.limits.max_pull_bytes,
+                    reply: tx,
+                }),
+            );
+            let r = rx.await.map_err(|_| stopped())??;
+            let now = Instant::now();
+            if r.any || now >= deadline || items.is_empty() {
+                let done = r
+                    .held
+                    .iter()
+                    .zip(&meta)
+                    .map(|((id, h), (_, query, table))| {
+                        (
+                            id.clone(),
+                            query.clone(),
+                            table.clone(),
+                            r.response.version,
+                            h.clone(),
+                        )
+                    })
+                    .collect();
+                self.send(Cmd::PullEnd { site, done })?;
+                return Ok(r.response);
+            }
+            let (wtx, wrx) = oneshot::channel();
+            self.send(Cmd::PullWait {
+                tables: tables.clone(),
+                since: r.response.version,
+                reply: wtx,
+            })?;
+            let _ = tokio::time::timeout(deadline - now, wrx).await;
+        }
+    }
+
+    /// Service SQL, in one transaction of this shard.
+    pub async fn sql(
+        &self,
+        who: Who,
+        statements: Vec<SqlStatement>,
+    ) -> Result<SqlResponse, ApiError> {
+        self.ask(|reply| {
+            Cmd::Write(Write::Sql(SqlCmd {
+                who,
+                statements,
+                reply,
+            }))
+        })
+        .await?
+    }
+
+    /// Replaces the policy set (validated whole first).
+    pub async fn reload_policy(
+        &self,
+        name: &str,
+        sql: &str,
+    ) -> Result<PolicyReloadResponse, ApiError> {
+        let (name, sql) = (name.to_owned(), sql.to_owned());
+        self.ask(|reply| Cmd::Reload { name, sql, reply }).await?
+    }
+
+    /// A peer's report, when this shard knows the site.
+    pub async fn peer_report(&self, site: SiteId) -> Result<PeerReport, ApiError> {
+        self.ask(|reply| Cmd::Report { site, reply }).await?
+    }
+
+    /// Stops the shard (see [`crate::SyncService::shutdown`]).
+    pub async fn shutdown(&self, timeout: Duration) {
+        if self.inner.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Cmd::Shutdown { reply: tx }).is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+        let t = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = t {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Logs the policies that do not constrain the tenant column (named as the
+/// tenant claim): `tenantsync policy check` shows the same warnings.
+pub(crate) fn warn_cross_tenant(set: &PolicySet, tenant_claim: &str) {
+    if let Some(w) = set.tenant_warnings(tenant_claim, tenant_claim) {
+        for d in &w.items {
+            tracing::warn!(file = %w.file, line = d.line, column = d.column, "{}", d.message);
+        }
+    }
+}
