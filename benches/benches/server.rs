@@ -72,6 +72,7 @@ fn apply_push(c: &mut Criterion) {
     cfg.synchronous = Synchronous::Normal;
     cfg.limits.push_rate_per_tenant = 1e9;
     cfg.limits.push_burst_per_tenant = 1e9;
+    cfg.limits.push_bytes_per_tenant = 1e12;
     let service = SyncService::start(cfg).unwrap();
     // 100 users of one tenant, each subscribed (100 views, 100 sessions).
     let mut sessions = Vec::new();

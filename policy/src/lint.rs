@@ -51,6 +51,48 @@ impl PolicySet {
         (!d.items.is_empty()).then_some(d)
     }
 
+    /// Per table of the schema (by index): whether a token reads only rows
+    /// whose `tenant_column` is its `tenant_claim`. True when the table has
+    /// the column and every permissive policy granting SELECT on it has the
+    /// pin (module docs) as a top-level term of its USING, or a RESTRICTIVE
+    /// SELECT policy covering its roles has; a silencing comment does not
+    /// count. (A table no policy lets anyone read is scoped too: nothing of
+    /// it is read.) Subqueries need no pin: they read under their table's
+    /// own policies. The server wakes a tenant's long-polls only for
+    /// changes of its own rows in such tables.
+    pub fn tenant_scoped_reads(&self, tenant_column: &str, tenant_claim: &str) -> Vec<bool> {
+        let reads = |c: PolicyCommand| matches!(c, PolicyCommand::All | PolicyCommand::Select);
+        let pinned =
+            |e: Option<&Expr>, col: usize| e.is_some_and(|e| pins_tenant(e, col, tenant_claim));
+        self.schema
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(t, table)| {
+                let Some(col) = table.column_index(tenant_column) else {
+                    return false;
+                };
+                let restricted = |p: &Policy| {
+                    self.policies.iter().any(|r| {
+                        r.kind == PolicyKind::Restrictive
+                            && r.table == t
+                            && reads(r.command)
+                            && (r.roles.is_empty()
+                                || (!p.roles.is_empty()
+                                    && p.roles.iter().all(|x| r.roles.contains(x))))
+                            && pinned(r.using_expr(), col)
+                    })
+                };
+                self.policies
+                    .iter()
+                    .filter(|p| {
+                        p.table == t && p.kind == PolicyKind::Permissive && reads(p.command)
+                    })
+                    .all(|p| pinned(p.using_expr(), col) || restricted(p))
+            })
+            .collect()
+    }
+
     fn silenced(&self, p: &Policy) -> bool {
         if p.text.contains(SILENCE) {
             return true;

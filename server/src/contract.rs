@@ -48,6 +48,15 @@ pub struct Limits {
     pub push_rate_per_tenant: f64,
     /// Pushes a tenant may send in a burst.
     pub push_burst_per_tenant: f64,
+    /// Bytes of changes per second per tenant, sustained; a burst may
+    /// reach twice `max_message_bytes` (or the rate, if larger).
+    pub push_bytes_per_tenant: f64,
+    /// Peers (site ids) a tenant may have bound; a new one over it is
+    /// `limit_exceeded` until others are forgotten.
+    pub max_peers_per_tenant: u64,
+    /// How long a peer that is not connected is remembered (its site
+    /// binding, pushed version and subscription cursors).
+    pub peer_retention: Duration,
     /// Items a connection's outbox holds before the peer counts as lagging.
     pub outbox_items: usize,
     /// Bytes a connection's outbox holds before the peer counts as lagging.
@@ -67,6 +76,9 @@ impl Default for Limits {
             max_connections: 100_000,
             push_rate_per_tenant: 2000.0,
             push_burst_per_tenant: 4000.0,
+            push_bytes_per_tenant: 1024.0 * 1024.0,
+            max_peers_per_tenant: 100_000,
+            peer_retention: Duration::from_secs(90 * 24 * 3600),
             outbox_items: 1024,
             outbox_bytes: 16 * 1024 * 1024,
             max_wait: Duration::from_secs(30),
@@ -100,6 +112,10 @@ pub struct ServiceConfig {
     pub shards: usize,
     /// Tenants placed in a given shard instead of by hash.
     pub shard_overrides: std::collections::BTreeMap<String, usize>,
+    /// How long idle state stays in memory: a detached subscription, a
+    /// pull state no pull named, a peer neither connected nor active (the
+    /// database keeps what they acknowledged). 60 s.
+    pub idle_grace: std::time::Duration,
 }
 
 impl ServiceConfig {
@@ -122,6 +138,7 @@ impl ServiceConfig {
             synchronous: Synchronous::Full,
             shards: 1,
             shard_overrides: std::collections::BTreeMap::new(),
+            idle_grace: std::time::Duration::from_secs(60),
         }
     }
 }

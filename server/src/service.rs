@@ -27,17 +27,20 @@ pub use crate::contract::{
     ApiError, Limits, OutFrame, Principal, PushError, ServiceConfig, StartError, Synchronous,
 };
 use crate::engine::outbox::{Drain, OutboxShared};
-use crate::engine::push_check::validate_push;
+use crate::engine::push_check::{push_bytes, validate_push};
 use crate::engine::schema::ServerSchema;
 use crate::engine::shard::{Shard, ShardConfig};
 use crate::engine::{Cmd, PushCmd, PushReply, Who, Write};
 use crate::placement::Placement;
 
-/// Pushes per second per tenant, a token bucket per tenant (governor's,
-/// keyed): tenants that stop pushing are forgotten.
+/// Pushes and bytes of changes per second per tenant, token buckets per
+/// tenant (governor's, keyed; bytes counted in KiB): tenants that stop
+/// pushing are forgotten.
 pub(crate) struct PushRates {
     limiter: governor::DefaultKeyedRateLimiter<Arc<str>>,
     per_second: f64,
+    kib: governor::DefaultKeyedRateLimiter<Arc<str>>,
+    bytes_per_second: f64,
 }
 
 impl PushRates {
@@ -46,40 +49,74 @@ impl PushRates {
             .unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(l.push_burst_per_tenant.max(1.0).round() as u32)
             .unwrap_or(NonZeroU32::MIN);
+        let kib = |b: f64| {
+            NonZeroU32::new((b / 1024.0).ceil().max(1.0) as u32).unwrap_or(NonZeroU32::MIN)
+        };
+        let kib_rate = kib(l.push_bytes_per_tenant);
+        let kib_burst = kib((2.0 * l.max_message_bytes as f64).max(l.push_bytes_per_tenant));
         PushRates {
             limiter: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
             per_second: l.push_rate_per_tenant,
+            kib: governor::RateLimiter::keyed(
+                governor::Quota::per_second(kib_rate).allow_burst(kib_burst),
+            ),
+            bytes_per_second: l.push_bytes_per_tenant,
         }
     }
 
-    /// Takes one push from the tenant's bucket.
-    fn take(&self, tenant: &Arc<str>) -> Result<(), ApiError> {
+    /// Takes one push of `bytes` (see [`push_bytes`]) from the tenant's
+    /// buckets: `rate_limited` with the wait when either is empty.
+    fn take(&self, tenant: &Arc<str>, bytes: usize) -> Result<(), ApiError> {
         use governor::clock::Clock;
-        match self.limiter.check_key(tenant) {
-            Ok(()) => Ok(()),
-            Err(not_until) => {
-                let wait = not_until
-                    .wait_time_from(governor::clock::DefaultClock::default().now())
-                    .as_millis()
-                    .max(1) as u64;
-                let mut e = ApiError::new(
-                    ErrorCode::RateLimited,
+        let limited = |wait: std::time::Duration, what: String| {
+            let wait = wait.as_millis().max(1) as u64;
+            let mut e = ApiError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "tenant {:?} is over its {what}; retry after {wait} ms",
+                    &**tenant
+                ),
+            );
+            e.retry_after_ms = Some(wait);
+            e
+        };
+        let now = governor::clock::DefaultClock::default().now();
+        let kib = NonZeroU32::new(bytes.div_ceil(1024).max(1) as u32).unwrap_or(NonZeroU32::MIN);
+        match self.kib.check_key_n(tenant, kib) {
+            Ok(Ok(())) => {}
+            Ok(Err(not_until)) => {
+                return Err(limited(
+                    not_until.wait_time_from(now),
                     format!(
-                        "tenant {:?} is over its push rate of {}/s; retry after {wait} ms",
-                        &**tenant, self.per_second
+                        "budget of {} bytes of changes per second",
+                        self.bytes_per_second
                     ),
-                );
-                e.retry_after_ms = Some(wait);
-                Err(e)
+                ));
+            }
+            // Larger than a burst: it waits for nothing, it never fits.
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "a push of about {bytes} bytes of changes is over the largest burst of this tenant's byte budget"
+                    ),
+                ));
             }
         }
+        self.limiter.check_key(tenant).map_err(|not_until| {
+            limited(
+                not_until.wait_time_from(now),
+                format!("push rate of {}/s", self.per_second),
+            )
+        })
     }
 
     /// Forgets the tenants whose buckets are full again.
     fn forget_idle(&self) {
         self.limiter.retain_recent();
+        self.kib.retain_recent();
     }
 }
 
@@ -128,6 +165,7 @@ impl SyncService {
                 limits: config.limits.clone(),
                 readers: config.readers,
                 synchronous: config.synchronous,
+                grace: config.idle_grace,
             })?);
         }
         crate::engine::layout::record(&config.db_path, placement.shards())?;
@@ -166,6 +204,17 @@ impl SyncService {
     /// The highest committed version of any shard.
     pub fn db_version(&self) -> i64 {
         self.db_versions().into_iter().max().unwrap_or(0)
+    }
+
+    /// What each shard holds (version, connections, subscriptions, views,
+    /// pull states, peers in memory), by shard, for `/v1/admin/status`.
+    pub fn shard_status(&self) -> Vec<serde_json::Value> {
+        self.inner
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(k, s)| s.status(k))
+            .collect()
     }
 
     /// Each shard's last committed version, by shard.
@@ -254,7 +303,10 @@ impl SyncService {
         validate_push(shard.schema(), &req.site_id, req.from, req.to, &req.changes)
             .map_err(PushError::Api)?;
         let who = Who::new(p);
-        self.inner.rates.take(&who.tenant).map_err(PushError::Api)?;
+        self.inner
+            .rates
+            .take(&who.tenant, push_bytes(&req.changes))
+            .map_err(PushError::Api)?;
         let (tx, rx) = oneshot::channel();
         shard
             .send(Cmd::Write(Write::Push(PushCmd {
@@ -497,7 +549,7 @@ impl Session {
                 changes,
             } => {
                 if let Err(e) = validate_push(self.shard.schema(), &self.site, from, to, &changes)
-                    .and_then(|()| self.rates.take(&self.who.tenant))
+                    .and_then(|()| self.rates.take(&self.who.tenant, push_bytes(&changes)))
                 {
                     self.error(e, Some(id));
                     return;
@@ -517,6 +569,13 @@ impl Session {
             }
             ClientMsg::Ping { id } => self.frame(&ServerMsg::Pong { id }),
         }
+    }
+
+    /// Waits until the session's outbox is within its bounds: the edge
+    /// reads the peer's next message only then, so answers the peer does
+    /// not read never pile up (docs/arch/server.md, "Bounds").
+    pub async fn room(&self) {
+        self.outbox.room().await;
     }
 
     /// Queues an error the edge detected (bad JSON, unknown type, too large).

@@ -86,6 +86,9 @@ pub struct ServeArgs {
     /// Pushes per tenant in a burst [default: 4000] [env: TENANTSYNC_LIMITS_PUSH_BURST_PER_TENANT]
     #[arg(long, value_name = "N")]
     pub push_burst_per_tenant: Option<f64>,
+    /// Bytes of changes pushed per second per tenant [default: 1048576] [env: TENANTSYNC_LIMITS_PUSH_BYTES_PER_TENANT]
+    #[arg(long, value_name = "BYTES")]
+    pub push_bytes_per_tenant: Option<f64>,
 }
 
 fn parse_alg(s: &str) -> Result<JwtAlg, String> {
@@ -121,6 +124,7 @@ impl ServeArgs {
                 max_connections: self.max_connections,
                 push_rate_per_tenant: self.push_rate_per_tenant,
                 push_burst_per_tenant: self.push_burst_per_tenant,
+                push_bytes_per_tenant: self.push_bytes_per_tenant,
                 ..LimitsConfig::default()
             },
             ..Config::default()

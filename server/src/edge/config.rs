@@ -124,6 +124,15 @@ pub struct LimitsConfig {
     /// Pushes per tenant in a burst.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_burst_per_tenant: Option<f64>,
+    /// Bytes of changes per second per tenant, sustained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_bytes_per_tenant: Option<f64>,
+    /// Peers (site ids) per tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_peers_per_tenant: Option<u64>,
+    /// Days a peer that is not connected is remembered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_retention_days: Option<u64>,
     /// Items a connection's outbox holds before the peer lags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outbox_items: Option<usize>,
@@ -202,6 +211,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("limits.max_connections", Kind::Integer),
     ("limits.push_rate_per_tenant", Kind::Number),
     ("limits.push_burst_per_tenant", Kind::Number),
+    ("limits.push_bytes_per_tenant", Kind::Number),
+    ("limits.max_peers_per_tenant", Kind::Integer),
+    ("limits.peer_retention_days", Kind::Integer),
     ("limits.outbox_items", Kind::Integer),
     ("limits.outbox_bytes", Kind::Integer),
     ("limits.max_wait_ms", Kind::Integer),
@@ -458,18 +470,18 @@ impl Config {
         };
         let schema_sql = read(&schema_path, "schema script")?;
         let policy_sql = read(&policy_path, "policy file")?;
-        let service = ServiceConfig {
-            db_path: db,
+        let mut service = ServiceConfig::new(
+            db,
             schema_sql,
-            policy_name: policy_path.display().to_string(),
+            policy_path.display().to_string(),
             policy_sql,
-            tenant_claim,
-            limits,
-            readers,
-            synchronous: self.synchronous.unwrap_or_default(),
-            shards,
-            shard_overrides,
-        };
+        );
+        service.tenant_claim = tenant_claim;
+        service.limits = limits;
+        service.readers = readers;
+        service.synchronous = self.synchronous.unwrap_or_default();
+        service.shards = shards;
+        service.shard_overrides = shard_overrides;
         Ok(Settings {
             service,
             listen,
@@ -582,6 +594,13 @@ impl LimitsConfig {
             push_burst_per_tenant: self
                 .push_burst_per_tenant
                 .unwrap_or(d.push_burst_per_tenant),
+            push_bytes_per_tenant: self
+                .push_bytes_per_tenant
+                .unwrap_or(d.push_bytes_per_tenant),
+            max_peers_per_tenant: self.max_peers_per_tenant.unwrap_or(d.max_peers_per_tenant),
+            peer_retention: self.peer_retention_days.map_or(d.peer_retention, |days| {
+                Duration::from_secs(days.saturating_mul(24 * 3600))
+            }),
             outbox_items: self.outbox_items.unwrap_or(d.outbox_items),
             outbox_bytes: self.outbox_bytes.unwrap_or(d.outbox_bytes),
             max_wait: self.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
@@ -615,6 +634,14 @@ impl LimitsConfig {
             ),
             ("limits.max_connections", limits.max_connections),
             ("limits.outbox_items", limits.outbox_items),
+            (
+                "limits.max_peers_per_tenant",
+                limits.max_peers_per_tenant.min(usize::MAX as u64) as usize,
+            ),
+            (
+                "limits.peer_retention_days",
+                (limits.peer_retention.as_secs() / (24 * 3600)) as usize,
+            ),
             ("limits.outbox_bytes", limits.outbox_bytes),
         ] {
             if v == 0 {
@@ -624,6 +651,7 @@ impl LimitsConfig {
         for (key, v) in [
             ("limits.push_rate_per_tenant", limits.push_rate_per_tenant),
             ("limits.push_burst_per_tenant", limits.push_burst_per_tenant),
+            ("limits.push_bytes_per_tenant", limits.push_bytes_per_tenant),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(key, "must be a positive number"));
@@ -633,6 +661,12 @@ impl LimitsConfig {
             return Err(invalid(
                 "limits.push_burst_per_tenant",
                 "must be at least 1 (one push)",
+            ));
+        }
+        if limits.push_bytes_per_tenant < 1024.0 {
+            return Err(invalid(
+                "limits.push_bytes_per_tenant",
+                "must be at least 1024 (bytes per second)",
             ));
         }
         if limits.max_wait > Duration::from_secs(300) {

@@ -195,6 +195,7 @@ pub async fn sync(
     Ok(upgrade
         .max_message_size(cap)
         .max_frame_size(cap)
+        .read_buffer_size(crate::ws::READ_BUFFER)
         .write_buffer_size(crate::ws::WRITE_BUFFER)
         .max_write_buffer_size(crate::ws::write_buffer_cap(max))
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
@@ -316,20 +317,16 @@ pub async fn reload_policy(
 }
 
 /// `GET /v1/admin/status` (service role): `{status, db_version, shards:
-/// [{shard, db_version}]}` (`db_version` is the highest), what
-/// `/v1/health` tells no one.
+/// [{shard, db_version, connections, subscriptions, views, pull_states,
+/// peers_in_memory}]}` (`db_version` is the highest), what `/v1/health`
+/// tells no one.
 pub async fn admin_status(
     State(state): State<AppState>,
     _caller: ServiceCaller,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
     let service = state.service();
-    let shards: Vec<_> = service
-        .db_versions()
-        .into_iter()
-        .enumerate()
-        .map(|(k, v)| serde_json::json!({"shard": k, "db_version": v}))
-        .collect();
+    let shards = service.shard_status();
     Ok(json(serde_json::json!({
         "status": "ok",
         "db_version": service.db_version(),

@@ -69,8 +69,14 @@ pub fn write_buffer_cap(max_message_bytes: usize) -> usize {
     WRITE_BUFFER + max_message_bytes.saturating_mul(2)
 }
 
-/// The write buffer size handed to the transport.
-pub const WRITE_BUFFER: usize = 128 * 1024;
+/// The write buffer size handed to the transport: frames are written once
+/// this much is buffered (or on flush, after each batch the session sends).
+pub const WRITE_BUFFER: usize = 8 * 1024;
+
+/// The read buffer each socket starts with: most client messages (acks,
+/// subscribes, small pushes) fit; a larger frame grows it for as long as it
+/// is being read, up to [`transport_cap`].
+pub const READ_BUFFER: usize = 8 * 1024;
 
 /// Parses one client message. The error is the protocol's answer:
 /// `bad_message` (not JSON, not an object, a missing, ill-typed or unknown
@@ -249,7 +255,17 @@ where
     }
     let mut sink = sink.lock().await;
     let _ = tokio::time::timeout(deadline, sink.close()).await;
+    if matches!(end, End::Error(ErrorCode::TooLarge, _)) {
+        // The rest of the frame is unread in the socket: closing it now
+        // would reset the connection and could destroy the close frame
+        // before the peer reads it. The socket stays open a moment first.
+        tokio::time::sleep(OVERSIZE_LINGER).await;
+    }
 }
+
+/// How long a session ended by a frame over the transport cap keeps its
+/// socket open after the close frame (see [`finish`]).
+const OVERSIZE_LINGER: Duration = Duration::from_secs(1);
 
 /// A read error of the transport: over the frame cap, or a broken
 /// connection.
@@ -385,6 +401,7 @@ where
 
     let reader = async {
         loop {
+            session.room().await;
             let frame = match tokio::time::timeout(edge.idle_timeout, stream.next()).await {
                 Err(_) => return End::Close(close_code::AWAY, "idle timeout"),
                 Ok(None) => return End::Gone,

@@ -14,6 +14,7 @@ mod commit;
 pub(crate) mod fair;
 pub(crate) mod filters;
 pub(crate) mod layout;
+mod longpoll;
 pub(crate) mod outbox;
 pub(crate) mod push_check;
 pub(crate) mod reader;
@@ -163,7 +164,10 @@ pub(crate) enum Cmd {
         done: Vec<(String, String, String, i64, Arc<PkSet>)>,
     },
     PullWait {
-        tables: Vec<String>,
+        who: Who,
+        site: SiteId,
+        /// (subscription id, its main table, every table it depends on).
+        subs: Vec<(Arc<str>, String, Vec<String>)>,
         since: i64,
         reply: oneshot::Sender<()>,
     },
@@ -194,6 +198,39 @@ pub(crate) enum Cmd {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+}
+
+/// What a shard holds, published by its engine every tick (and the
+/// version at every commit) for `/v1/admin/status`.
+#[derive(Default)]
+pub(crate) struct ShardStats {
+    pub version: std::sync::atomic::AtomicI64,
+    pub connections: std::sync::atomic::AtomicU64,
+    pub subscriptions: std::sync::atomic::AtomicU64,
+    pub views: std::sync::atomic::AtomicU64,
+    pub pull_states: std::sync::atomic::AtomicU64,
+    pub peers_in_memory: std::sync::atomic::AtomicU64,
+    pub long_polls: std::sync::atomic::AtomicU64,
+    /// Pulls read by the readers (a long-poll reads again when woken).
+    pub pull_reads: std::sync::atomic::AtomicU64,
+}
+
+impl ShardStats {
+    /// As the status endpoint shows it.
+    pub fn json(&self, shard: usize) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "shard": shard,
+            "db_version": self.version.load(std::sync::atomic::Ordering::Acquire),
+            "connections": self.connections.load(Relaxed),
+            "subscriptions": self.subscriptions.load(Relaxed),
+            "views": self.views.load(Relaxed),
+            "pull_states": self.pull_states.load(Relaxed),
+            "peers_in_memory": self.peers_in_memory.load(Relaxed),
+            "long_polls": self.long_polls.load(Relaxed),
+            "pull_reads": self.pull_reads.load(Relaxed),
+        })
+    }
 }
 
 /// Tunables of the engine loop.
@@ -235,6 +272,9 @@ struct Peer {
     tenant: Option<String>,
     claims: String,
     pushed_version: i64,
+    /// Last bound (a session opened, a push, a pull): a peer neither
+    /// connected nor used for the grace period leaves memory.
+    last_used: Instant,
 }
 
 pub(crate) struct Engine {
@@ -254,14 +294,20 @@ pub(crate) struct Engine {
     filters: filters::Filters,
     subs: subs::Subs,
     plans: write::Plans,
-    waiters: Vec<(Vec<String>, oneshot::Sender<()>)>,
+    longpolls: longpoll::LongPolls,
+    /// Per table: its tenant column when reads of it are tenant-scoped.
+    read_scope: longpoll::ReadScope,
     last_tick: Instant,
     last_heartbeat: Instant,
+    /// When idle peers, pull states and expired peers were last swept.
+    last_sweep: Instant,
+    last_retention: Option<Instant>,
     stopping: bool,
     /// Set while a service statement is prepared (the authorizer judges).
     guard: Arc<std::sync::atomic::AtomicBool>,
-    /// The committed version, for [`crate::SyncService::db_version`].
-    published: Arc<std::sync::atomic::AtomicI64>,
+    /// The committed version and what the shard holds, for
+    /// [`crate::SyncService::db_version`] and `/v1/admin/status`.
+    stats: Arc<ShardStats>,
     /// The claim (and column) naming a tenant.
     tenant_claim: Arc<str>,
     /// The tenant scoped service SQL may write (`write::install_scope_guard`).
@@ -279,7 +325,7 @@ impl Engine {
         tx: Sender<Cmd>,
         readers: Arc<Readers>,
         tuning: Tuning,
-        published: Arc<std::sync::atomic::AtomicI64>,
+        stats: Arc<ShardStats>,
         tenant_claim: Arc<str>,
     ) -> tenantsync_core::Result<Engine> {
         let mut db = db;
@@ -287,8 +333,11 @@ impl Engine {
         let guard = Arc::new(std::sync::atomic::AtomicBool::new(false));
         write::install_authorizer(&mut db, guard.clone())?;
         let scope: write::Scope = Arc::default();
+        let read_scope = longpoll::read_scope(&schema, policy.policies(), &tenant_claim);
         write::install_scope_guard(&db, &tenant_claim, scope.clone())?;
-        published.store(version, std::sync::atomic::Ordering::Release);
+        stats
+            .version
+            .store(version, std::sync::atomic::Ordering::Release);
         Ok(Engine {
             db,
             schema,
@@ -305,12 +354,15 @@ impl Engine {
             filters: filters::Filters::default(),
             subs: subs::Subs::default(),
             plans: write::Plans::default(),
-            waiters: Vec::new(),
+            longpolls: longpoll::LongPolls::new(version),
+            read_scope,
             last_tick: Instant::now(),
+            last_sweep: Instant::now(),
+            last_retention: None,
             last_heartbeat: Instant::now(),
             stopping: false,
             guard,
-            published,
+            stats,
             tenant_claim,
             scope,
         })
@@ -407,16 +459,12 @@ impl Engine {
             }
             Cmd::PullEnd { site, done } => self.pull_end(site, done),
             Cmd::PullWait {
-                tables,
+                who,
+                site,
+                subs,
                 since,
                 reply,
-            } => {
-                if self.version > since {
-                    let _ = reply.send(());
-                } else {
-                    self.waiters.push((tables, reply));
-                }
-            }
+            } => self.pull_wait(&who, site, subs, since, reply),
             Cmd::Reload { name, sql, reply } => {
                 let r = self.reload(&name, &sql);
                 let _ = reply.send(r);
@@ -444,6 +492,7 @@ impl Engine {
         if !self.peers.contains_key(&site)
             && let Some(row) = store::load_peer(self.db.conn(), &site).map_err(internal)?
         {
+            store::touch_peer(self.db.conn(), &site).map_err(internal)?;
             self.peers.insert(
                 site,
                 Peer {
@@ -451,6 +500,7 @@ impl Engine {
                     tenant: row.tenant,
                     claims: row.claims.unwrap_or_else(|| "{}".into()),
                     pushed_version: row.pushed_version,
+                    last_used: Instant::now(),
                 },
             );
         }
@@ -468,6 +518,7 @@ impl Engine {
                 ))
             }
             Some(p) => {
+                p.last_used = Instant::now();
                 if p.claims != claims {
                     p.claims = claims.clone();
                     store::upsert_peer(
@@ -482,6 +533,18 @@ impl Engine {
                 Ok(p.pushed_version)
             }
             None => {
+                let known =
+                    store::count_peers_of(self.db.conn(), tenant.as_deref()).map_err(internal)?;
+                if known >= self.limits.max_peers_per_tenant {
+                    return Err(ApiError::new(
+                        ErrorCode::LimitExceeded,
+                        format!(
+                            "this tenant has its maximum of {} peers (site ids); a peer not connected for {} days is forgotten",
+                            self.limits.max_peers_per_tenant,
+                            self.limits.peer_retention.as_secs() / (24 * 3600)
+                        ),
+                    ));
+                }
                 store::upsert_peer(
                     self.db.conn(),
                     &site,
@@ -497,6 +560,7 @@ impl Engine {
                         tenant,
                         claims,
                         pushed_version: 0,
+                        last_used: Instant::now(),
                     },
                 );
                 Ok(0)
@@ -543,12 +607,13 @@ impl Engine {
         })();
         let version = bumped.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
         self.version = version;
-        self.published
+        self.stats
+            .version
             .store(version, std::sync::atomic::Ordering::Release);
         let (changed_views, moved) = self.move_after_reload(&change, version);
-        for (_, w) in self.waiters.drain(..) {
-            let _ = w.send(());
-        }
+        self.read_scope =
+            longpoll::read_scope(&self.schema, self.policy.policies(), &self.tenant_claim);
+        self.longpolls.wake_all(version);
         tracing::info!(
             policy = name,
             changed_views,
@@ -565,6 +630,17 @@ impl Engine {
     fn tick(&mut self) {
         self.persist(false);
         self.expire();
+        if self.last_sweep.elapsed() >= SWEEP.min(self.tuning.grace) {
+            self.last_sweep = Instant::now();
+            self.sweep_idle();
+        }
+        if self
+            .last_retention
+            .is_none_or(|t| t.elapsed() >= RETENTION_SWEEP)
+        {
+            self.last_retention = Some(Instant::now());
+            self.forget_old_peers();
+        }
         self.retry_lagging();
         if self.last_heartbeat.elapsed() >= self.tuning.heartbeat {
             self.last_heartbeat = Instant::now();
@@ -595,8 +671,55 @@ impl Engine {
     }
 }
 
-pub(crate) fn tables_of(set: &FxSet<u16>, schema: &ServerSchema) -> Vec<String> {
-    set.iter()
-        .map(|t| schema.tables[*t as usize].name.to_string())
-        .collect()
+/// How often idle peers and pull states are looked for.
+const SWEEP: Duration = Duration::from_secs(5);
+/// How often peers past `limits.peer_retention` are forgotten.
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+
+impl Engine {
+    /// Memory holds what is in use: a pull state unused for the grace
+    /// period and a peer neither connected nor used for it leave memory
+    /// (their state is in the database; the next use loads it again).
+    fn sweep_idle(&mut self) {
+        let grace = self.tuning.grace;
+        let idle_pulls = self
+            .subs
+            .pulls
+            .values()
+            .any(|p| p.last_used.elapsed() >= grace);
+        if idle_pulls {
+            self.persist(true);
+            self.subs.pulls.retain(|_, p| p.last_used.elapsed() < grace);
+        }
+        let connected: FxSet<SiteId> = self.subs.conns.values().map(|c| c.site).collect();
+        let pulling: FxSet<SiteId> = self.subs.pulls.keys().map(|(s, _)| *s).collect();
+        let idle: Vec<SiteId> = self
+            .peers
+            .iter()
+            .filter(|(s, p)| {
+                p.last_used.elapsed() >= grace && !connected.contains(*s) && !pulling.contains(*s)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for site in idle {
+            if let Err(e) = store::touch_peer(self.db.conn(), &site) {
+                tracing::warn!(error = %e, %site, "recording a peer's last use failed");
+                continue;
+            }
+            self.peers.remove(&site);
+        }
+    }
+
+    /// Forgets peers not seen for `limits.peer_retention` (never a
+    /// connected one), with their subscription state.
+    fn forget_old_peers(&mut self) {
+        let connected: FxSet<SiteId> = self.subs.conns.values().map(|c| c.site).collect();
+        let peers = &self.peers;
+        let keep = |s: &SiteId| connected.contains(s) || peers.contains_key(s);
+        match store::forget_peers(self.db.conn(), self.limits.peer_retention, &keep) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(peers = n, "forgot peers past their retention"),
+            Err(e) => tracing::warn!(error = %e, "forgetting old peers failed"),
+        }
+    }
 }

@@ -128,6 +128,9 @@ struct Queue {
 pub(crate) struct OutboxShared {
     q: Mutex<Queue>,
     notify: Notify,
+    /// Signalled when the queue drops to `max_bytes` or below (the
+    /// session reads the peer's next message only then).
+    room: Notify,
     /// The peer's site (echo filtering).
     pub site: SiteId,
     pub max_message_bytes: usize,
@@ -151,6 +154,7 @@ impl OutboxShared {
                 closed: false,
             }),
             notify: Notify::new(),
+            room: Notify::new(),
             site,
             max_message_bytes,
             max_items,
@@ -168,8 +172,9 @@ impl OutboxShared {
         self.q.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a frame whatever the bounds (answers; bounded by their
-    /// senders).
+    /// Queues a frame whatever the bounds: answers to the peer's messages,
+    /// bounded because the session reads the next message only once the
+    /// queue is within `max_bytes` again ([`OutboxShared::room`]).
     pub fn push_frame(&self, f: OutFrame) {
         let n = match &f {
             OutFrame::Text(t) => t.len(),
@@ -187,6 +192,9 @@ impl OutboxShared {
             q.entries.push_back(Entry::Frame(f, n));
         }
         self.notify.notify_one();
+        if self.is_closed() {
+            self.room.notify_waiters();
+        }
     }
 
     /// Queues a text frame if the queue has room for it (sync chunks);
@@ -236,7 +244,29 @@ impl OutboxShared {
         self.lock().closed
     }
 
+    /// Waits until the queue holds at most `max_bytes` (or is closed): a
+    /// peer that sends without reading its answers (pings, bad messages,
+    /// pushes) is read no further until it reads, and the socket's write
+    /// timeout ends it if it never does.
+    pub async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let q = self.lock();
+                if q.closed || q.bytes <= self.max_bytes {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     fn after_pop(&self, bytes_left: usize) {
+        if bytes_left <= self.max_bytes {
+            self.room.notify_waiters();
+        }
         if bytes_left <= self.max_bytes / 2
             && self.lagging.swap(false, Ordering::AcqRel)
             && let Some(f) = self.drained_hook.lock().expect("outbox hook lock").as_ref()

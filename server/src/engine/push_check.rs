@@ -43,6 +43,26 @@ pub(crate) fn ill_formed(c: &Change) -> Option<String> {
     None
 }
 
+/// What a push costs its tenant's byte budget: about the size of its
+/// changes on the wire (the JSON of each change: its table, key, column and
+/// value, and the fixed fields), whichever transport carried them.
+pub(crate) fn push_bytes(changes: &[Change]) -> usize {
+    use tenantsync_types::Value;
+    changes
+        .iter()
+        .map(|c| {
+            let val = match &c.val {
+                Value::Null => 4,
+                Value::Integer(_) | Value::Real(_) => 20,
+                Value::Text(t) => t.len() + 2,
+                Value::Blob(b) => 2 * b.len() + 8,
+            };
+            // Fixed fields and their names; hex of the key.
+            120 + c.table.len() + 2 * c.pk.as_bytes().len() + c.cid.len() + val
+        })
+        .sum()
+}
+
 /// Cheap checks of a push before it reaches the engine.
 pub(crate) fn validate_push(
     schema: &ServerSchema,

@@ -5,7 +5,7 @@
 //! their site bindings, subscriptions, the policy set's epoch.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +21,9 @@ use tokio::sync::oneshot;
 use super::outbox::OutboxShared;
 use super::reader::{Job, PullItem, PullJob, Readers};
 use super::schema::{ServerSchema, apply_schema};
-use super::{Cmd, Engine, OpenOk, PolicyState, SharedPolicy, SqlCmd, Tuning, Who, Write};
+use super::{
+    Cmd, Engine, OpenOk, PolicyState, ShardStats, SharedPolicy, SqlCmd, Tuning, Who, Write,
+};
 use crate::contract::{ApiError, Limits, StartError, Synchronous};
 
 /// How to start one shard.
@@ -37,6 +39,8 @@ pub(crate) struct ShardConfig {
     pub limits: Limits,
     pub readers: usize,
     pub synchronous: Synchronous,
+    /// How long idle state stays in memory (`ServiceConfig::idle_grace`).
+    pub grace: std::time::Duration,
 }
 
 struct Inner {
@@ -45,7 +49,7 @@ struct Inner {
     policy: SharedPolicy,
     limits: Limits,
     site: SiteId,
-    version: Arc<AtomicI64>,
+    stats: Arc<ShardStats>,
     readers: Arc<Readers>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopped: AtomicBool,
@@ -123,7 +127,7 @@ impl Shard {
             tx.clone(),
             config.limits.max_message_bytes,
         )?);
-        let version = Arc::new(AtomicI64::new(0));
+        let stats = Arc::new(ShardStats::default());
         let engine = Engine::new(
             db,
             schema.clone(),
@@ -132,8 +136,11 @@ impl Shard {
             config.limits.clone(),
             tx.clone(),
             readers.clone(),
-            Tuning::default(),
-            version.clone(),
+            Tuning {
+                grace: config.grace,
+                ..Tuning::default()
+            },
+            stats.clone(),
             Arc::from(config.tenant_claim.as_str()),
         )
         .map_err(db_err)?;
@@ -148,7 +155,7 @@ impl Shard {
                 policy: shared,
                 limits: config.limits.clone(),
                 site,
-                version,
+                stats,
                 readers,
                 thread: Mutex::new(Some(thread)),
                 stopped: AtomicBool::new(false),
@@ -163,7 +170,12 @@ impl Shard {
 
     /// Its last committed version.
     pub fn db_version(&self) -> i64 {
-        self.inner.version.load(Ordering::Acquire)
+        self.inner.stats.version.load(Ordering::Acquire)
+    }
+
+    /// What it holds, as `/v1/admin/status` shows it.
+    pub fn status(&self, shard: usize) -> serde_json::Value {
+        self.inner.stats.json(shard)
     }
 
     pub fn schema(&self) -> &Arc<ServerSchema> {
@@ -228,9 +240,15 @@ impl Shard {
             .iter()
             .map(|(s, q)| (s.id.clone(), s.query.clone(), q.table.clone()))
             .collect();
-        let tables: Vec<String> = subs
+        let waits: Vec<(Arc<str>, String, Vec<String>)> = subs
             .iter()
-            .flat_map(|(_, q)| q.depends_on.clone())
+            .map(|(s, q)| {
+                (
+                    Arc::from(s.id.as_str()),
+                    q.table.clone(),
+                    q.depends_on.clone(),
+                )
+            })
             .collect();
         let items = self
             .ask(|reply| Cmd::PullBegin {
@@ -256,6 +274,7 @@ impl Shard {
                     base: i.base.clone(),
                 })
                 .collect();
+            self.inner.stats.pull_reads.fetch_add(1, Ordering::Relaxed);
             self.inner.readers.submit(
                 &who.tenant,
                 Job::Pull(PullJob {
@@ -287,7 +306,9 @@ impl Shard {
             }
             let (wtx, wrx) = oneshot::channel();
             self.send(Cmd::PullWait {
-                tables: tables.clone(),
+                who: who.clone(),
+                site,
+                subs: waits.clone(),
                 since: r.response.version,
                 reply: wtx,
             })?;

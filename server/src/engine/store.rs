@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS tenantsync_subscriptions (
   updated_at INTEGER NOT NULL,
   PRIMARY KEY (site_id, sub_id)
 );
+CREATE INDEX IF NOT EXISTS tenantsync_peers_tenant ON tenantsync_peers (tenant);
+CREATE INDEX IF NOT EXISTS tenantsync_peers_last_seen ON tenantsync_peers (last_seen);
 ";
 
 fn now() -> i64 {
@@ -76,6 +78,50 @@ pub(crate) fn upsert_peer(
     )?
     .execute(params![site.0.as_slice(), subject, tenant, claims, t])?;
     Ok(())
+}
+
+/// Records that a known peer was just active (it is loaded again after
+/// its in-memory state expired, or leaves memory now).
+pub(crate) fn touch_peer(conn: &Connection, site: &SiteId) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE tenantsync_peers SET last_seen = ?2 WHERE site_id = ?1")?
+        .execute(params![site.0.as_slice(), now()])?;
+    Ok(())
+}
+
+/// The peers a tenant has (its bound site ids).
+pub(crate) fn count_peers_of(conn: &Connection, tenant: Option<&str>) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT count(*) FROM tenantsync_peers WHERE tenant IS ?1")?
+        .query_row([tenant], |r| r.get::<_, i64>(0))
+        .map(|n| n.max(0) as u64)
+}
+
+/// Forgets the peers not seen for `retention` (except those in `keep`,
+/// the connected ones) with their subscriptions' state; returns how many.
+pub(crate) fn forget_peers(
+    conn: &Connection,
+    retention: std::time::Duration,
+    keep: &dyn Fn(&SiteId) -> bool,
+) -> rusqlite::Result<usize> {
+    let before = now().saturating_sub(retention.as_secs().min(i64::MAX as u64) as i64);
+    let old: Vec<Vec<u8>> = conn
+        .prepare_cached("SELECT site_id FROM tenantsync_peers WHERE last_seen < ?1")?
+        .query_map([before], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut n = 0;
+    for raw in old {
+        let Ok(bytes) = <[u8; 16]>::try_from(raw.as_slice()) else {
+            continue;
+        };
+        if keep(&SiteId(bytes)) {
+            continue;
+        }
+        conn.prepare_cached("DELETE FROM tenantsync_subscriptions WHERE site_id = ?1")?
+            .execute([&raw])?;
+        conn.prepare_cached("DELETE FROM tenantsync_peers WHERE site_id = ?1")?
+            .execute([&raw])?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 pub(crate) fn set_pushed_version(conn: &Connection, site: &SiteId, v: i64) -> rusqlite::Result<()> {

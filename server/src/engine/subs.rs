@@ -96,6 +96,9 @@ pub(crate) struct PullState {
     pub acked: Option<(i64, Arc<PkSet>)>,
     pub pending: Option<(i64, Arc<PkSet>)>,
     pub dirty: bool,
+    /// Last pull that named it: unused for the grace period, it leaves
+    /// memory (the acknowledged state is stored).
+    pub last_used: Instant,
 }
 
 #[derive(Default)]
@@ -916,6 +919,11 @@ impl Engine {
     /// part once, queues one item per connection.
     pub(super) fn fan_out(&mut self, rows: Vec<ChangedRow>, version: i64) {
         let started = Instant::now();
+        let mut longpolls = std::mem::take(&mut self.longpolls);
+        longpolls.commit(version, &rows, &self.read_scope, &|s, sub, t, pk| {
+            self.pull_holds(s, sub, t, pk)
+        });
+        self.longpolls = longpolls;
         let drafts = match self.filters.apply_commit(&self.db, &self.schema, &rows) {
             Ok(d) => d,
             Err(e) => {
@@ -923,11 +931,6 @@ impl Engine {
                 return;
             }
         };
-        let mut tables: FxSet<u16> = FxSet::default();
-        for r in &rows {
-            tables.insert(r.table);
-        }
-        self.wake(&tables);
         if drafts.is_empty() {
             return;
         }
@@ -1090,22 +1093,45 @@ impl Engine {
         }
     }
 
-    fn wake(&mut self, tables: &FxSet<u16>) {
-        if self.waiters.is_empty() {
-            return;
-        }
-        let names = super::tables_of(tables, &self.schema);
-        let waiters = std::mem::take(&mut self.waiters);
-        for (t, w) in waiters {
-            if t.iter()
-                .any(|x| names.iter().any(|n| n.eq_ignore_ascii_case(x)))
-                || w.is_closed()
-            {
-                let _ = w.send(());
-            } else {
-                self.waiters.push((t, w));
-            }
-        }
+    /// Whether the pull state of (site, sub) holds a row of `table`.
+    fn pull_holds(&self, site: &SiteId, sub: &Arc<str>, table: u16, pk: &PackedPk) -> bool {
+        let name = &self.schema.tables[table as usize].name;
+        self.subs
+            .pulls
+            .get(&(*site, sub.clone()))
+            .filter(|p| p.table.eq_ignore_ascii_case(name))
+            .and_then(|p| p.pending.as_ref().or(p.acked.as_ref()))
+            .is_some_and(|(_, h)| h.contains(pk))
+    }
+
+    /// A long-poll that saw the commits up to `since` waits for one that
+    /// concerns it (`longpoll`).
+    pub(super) fn pull_wait(
+        &mut self,
+        who: &Who,
+        site: SiteId,
+        subs: Vec<(Arc<str>, String, Vec<String>)>,
+        since: i64,
+        reply: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let id = |n: &str| self.schema.table(n).map(|t| t.id);
+        let main = subs.iter().filter_map(|(_, t, _)| id(t)).collect();
+        let tables = subs
+            .iter()
+            .flat_map(|(_, t, deps)| std::iter::once(t).chain(deps))
+            .filter_map(|t| id(t))
+            .collect();
+        let w = super::longpoll::Waiter {
+            tenant: who.tenant.clone(),
+            site,
+            subs: subs.into_iter().map(|(s, _, _)| s).collect(),
+            main,
+            tables,
+            reply,
+        };
+        let mut longpolls = std::mem::take(&mut self.longpolls);
+        longpolls.wait(w, since, &|s, sub, t, pk| self.pull_holds(s, sub, t, pk));
+        self.longpolls = longpolls;
     }
 
     /// After a policy reload: subscriptions whose effective query changed
@@ -1393,6 +1419,14 @@ impl Engine {
     }
 
     pub(super) fn gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = &self.stats;
+        st.connections.store(self.subs.conns.len() as u64, Relaxed);
+        st.subscriptions.store(self.subs.subs.len() as u64, Relaxed);
+        st.views.store(self.filters.views.len() as u64, Relaxed);
+        st.pull_states.store(self.subs.pulls.len() as u64, Relaxed);
+        st.peers_in_memory.store(self.peers.len() as u64, Relaxed);
+        st.long_polls.store(self.longpolls.len() as u64, Relaxed);
         metrics::gauge!("tenantsync_subscriptions").set(self.subs.subs.len() as f64);
         metrics::gauge!("tenantsync_views").set(self.filters.views.len() as f64);
         metrics::gauge!("tenantsync_membership_instances")
@@ -1449,10 +1483,12 @@ impl Engine {
                         }),
                         pending: None,
                         dirty: false,
+                        last_used: Instant::now(),
                     },
                 );
             }
             let st = self.subs.pulls.get_mut(&key).expect("inserted");
+            st.last_used = Instant::now();
             if st.query != ps.query {
                 st.query = ps.query.clone();
                 st.table = q.table.clone();
@@ -1518,8 +1554,10 @@ impl Engine {
                 acked: None,
                 pending: None,
                 dirty: false,
+                last_used: Instant::now(),
             });
             st.pending = Some((version, held));
+            st.last_used = Instant::now();
         }
     }
 
@@ -1534,6 +1572,7 @@ impl Engine {
                     tenant: row.tenant,
                     claims: row.claims.unwrap_or_else(|| "{}".into()),
                     pushed_version: row.pushed_version,
+                    last_used: Instant::now(),
                 },
             );
         }

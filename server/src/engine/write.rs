@@ -430,7 +430,8 @@ impl Engine {
             }
         };
         self.version = version;
-        self.published
+        self.stats
+            .version
             .store(version, std::sync::atomic::Ordering::Release);
         // A refusal describes the rows it touched as the server has them
         // at the committed version (after the writes of the group that came
