@@ -20,6 +20,10 @@ CREATE TABLE todos (
   priority INTEGER
 );
 CREATE INDEX todos_list ON todos (list_id);
+-- Every policy pins the tenant column: index it, or each subscription's
+-- snapshot reads every tenant's rows (the server warns at start).
+CREATE INDEX todos_tenant ON todos (tenant_id, owner);
+CREATE INDEX lists_tenant ON lists (tenant_id);
 
 -- Who may see a list besides its owner.
 CREATE TABLE members (
@@ -28,6 +32,7 @@ CREATE TABLE members (
   tenant_id TEXT,
   PRIMARY KEY (list_id, user_id)
 );
+CREATE INDEX members_tenant ON members (tenant_id, user_id);
 
 -- A local table: never synced, never subject to policies.
 CREATE TABLE local_settings (key TEXT PRIMARY KEY, value TEXT);

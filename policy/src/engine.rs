@@ -142,6 +142,10 @@ pub struct Membership {
     /// true (local membership ids); `None` when no such cover exists.
     #[serde(skip)]
     pub index_cover: Option<Vec<IndexAtom>>,
+    /// Every cover of `filter` (one per top-level AND term that has one;
+    /// `index_cover` is the shortest): any one suffices.
+    #[serde(skip)]
+    pub index_covers: Vec<Vec<IndexAtom>>,
 }
 
 fn ser_membership_id<S: serde::Serializer>(id: &MembershipId, s: S) -> Result<S::Ok, S::Error> {
@@ -295,6 +299,11 @@ pub struct EffectiveQuery {
     /// Atoms such that predicate TRUE => some atom true; `None` when no such
     /// cover exists (evaluate on every change of the table).
     pub index_cover: Option<Vec<IndexAtom>>,
+    /// Every cover of the predicate (one per top-level AND term that has
+    /// one; `index_cover` is the shortest): any one suffices, so a server
+    /// indexing many views picks the one that shares its keys with the
+    /// fewest others (`tenant_id = 'acme'` rather than `done = 0`).
+    pub index_covers: Vec<Vec<IndexAtom>>,
     /// Tables whose policies or rows the predicate reads (the table itself
     /// and every membership table): a policy change on one of them may
     /// change this view.
@@ -703,7 +712,8 @@ fn public_memberships(
                 out_global: Vec::new(),
             };
             let filter = loc.expr(&m.filter);
-            let index_cover = cover(&filter, &loc.out_params);
+            let index_covers = covers(&filter, &loc.out_params);
+            let index_cover = index_covers.iter().min_by_key(|c| c.len()).cloned();
             let printer = Printer {
                 schema,
                 memberships: &loc.out_ms,
@@ -727,9 +737,21 @@ fn public_memberships(
                 filter: Predicate { root: filter },
                 nested: loc.out_global,
                 index_cover,
+                index_covers,
             }
         })
         .collect()
+}
+
+/// Every cover of a bound predicate: one per top-level AND term that has
+/// one (see [`EffectiveQuery::index_covers`]).
+fn covers(e: &Expr, params: &[Value]) -> Vec<Vec<IndexAtom>> {
+    let mut out: Vec<Vec<IndexAtom>> = match e {
+        Expr::And(items) => items.iter().filter_map(|x| cover(x, params)).collect(),
+        _ => cover(e, params).into_iter().collect(),
+    };
+    out.dedup();
+    out
 }
 
 /// The index cover of a bound predicate (see [`EffectiveQuery::index_cover`]).
@@ -965,7 +987,8 @@ impl Engine {
             params_json
         )));
         let memberships = public_memberships(schema, &ms, &params);
-        let index_cover = cover(&root, &params);
+        let index_covers = covers(&root, &params);
+        let index_cover = index_covers.iter().min_by_key(|c| c.len()).cloned();
         let mut depends: BTreeSet<usize> = binder.depends;
         depends.insert(table_index);
         for m in &ms {
@@ -987,6 +1010,7 @@ impl Engine {
             key,
             memberships,
             index_cover,
+            index_covers,
             depends_on: depends
                 .iter()
                 .map(|&t| schema.tables[t].name.clone())

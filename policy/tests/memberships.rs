@@ -38,8 +38,8 @@ fn set_by_eval(conn: &Connection, ms: &[Membership], id: MembershipId) -> Member
     for row in &rows {
         if m.filter.eval(row, &m.params, &local).is_true() {
             values.push(row[m.column_index].clone());
-            // The cover finds the member row.
-            if let Some(cover) = &m.index_cover {
+            // Every cover finds the member row.
+            for cover in m.index_cover.iter().chain(&m.index_covers) {
                 let hit = cover.iter().any(|a| match a {
                     IndexAtom::Eq { column, value } => {
                         IndexKey::from_value(&row[*column]).as_ref() == Some(value)

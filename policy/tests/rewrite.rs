@@ -224,6 +224,34 @@ fn index_cover_follows_and_or() {
     assert_eq!(q.index_cover, None);
 }
 
+/// Every top-level AND term with a cover is an alternative: a server
+/// indexing thousands of views picks the one least shared (the tenant's
+/// `tenant_id = 't1'` rather than every tenant's `done = 0`).
+#[test]
+fn each_covered_and_term_is_an_alternative() {
+    let engine = example_engine();
+    let q = engine
+        .rewrite(&identity(ALICE), "SELECT * FROM todos WHERE done = 0")
+        .unwrap();
+    let eq = |column: usize, value: IndexKey| IndexAtom::Eq { column, value };
+    assert!(
+        q.index_covers.contains(&vec![eq(5, IndexKey::Int(0))]),
+        "{:?}",
+        q.index_covers
+    );
+    assert!(
+        q.index_covers
+            .contains(&vec![eq(1, IndexKey::Text("t1".into()))]),
+        "{:?}",
+        q.index_covers
+    );
+    assert!(q.index_covers.iter().all(|c| !c.is_empty()));
+    assert_eq!(
+        q.index_cover.as_ref().map(Vec::len),
+        q.index_covers.iter().map(Vec::len).min()
+    );
+}
+
 fn refused(query: &str) -> String {
     match example_engine().rewrite(&identity(ALICE), query) {
         Ok(q) => panic!("{query} was accepted: {}", q.snapshot_sql),

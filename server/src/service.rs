@@ -209,12 +209,7 @@ impl SyncService {
     /// What each shard holds (version, connections, subscriptions, views,
     /// pull states, peers in memory), by shard, for `/v1/admin/status`.
     pub fn shard_status(&self) -> Vec<serde_json::Value> {
-        self.inner
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(k, s)| s.status(k))
-            .collect()
+        self.inner.shards.iter().map(Shard::status).collect()
     }
 
     /// Each shard's last committed version, by shard.

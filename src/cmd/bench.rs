@@ -58,9 +58,12 @@ pub struct BenchArgs {
     /// The child server's `--synchronous` (full or normal).
     #[arg(long, default_value = "full")]
     pub synchronous: String,
-    /// The child server's reader threads.
+    /// The child server's reader threads (per shard).
     #[arg(long, default_value_t = 2)]
     pub readers: usize,
+    /// The child server's shards (databases with a writer each).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
     /// Connections opened at once during the snapshot phase.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
@@ -96,6 +99,7 @@ pub fn run(args: &BenchArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
         jwt_secret: args.jwt_secret.clone(),
         synchronous: args.synchronous.clone(),
         readers: args.readers,
+        shards: args.shards.max(1),
         connect_concurrency: args.connect_concurrency,
         progress: !args.quiet,
         seed: args.seed,

@@ -74,6 +74,8 @@ pub struct Config {
     pub synchronous: String,
     /// `--readers` of the child server.
     pub readers: usize,
+    /// `--shards` of the child server.
+    pub shards: usize,
     /// Connections opened at once.
     pub connect_concurrency: usize,
     /// Service writes in flight at most.
@@ -105,6 +107,7 @@ impl Default for Config {
             jwt_secret: "tenantsync-bench-secret-0123456789".into(),
             synchronous: "full".into(),
             readers: 2,
+            shards: 1,
             connect_concurrency: 128,
             service_concurrency: 64,
             exe: None,
@@ -167,7 +170,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             secret: cfg.jwt_secret.clone(),
             synchronous: cfg.synchronous.clone(),
             readers: cfg.readers,
-            extra: Vec::new(),
+            extra: vec!["--shards".into(), cfg.shards.to_string()],
         })?)
     } else {
         None
@@ -370,17 +373,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         );
     }
 
+    // What each shard holds, and where (the isolation check reads them).
+    let shards = shard_status(&http, &bases[0], &tokens.service(None)).await;
     // Isolation.
     let spin = mp.add(ProgressBar::new_spinner().with_message("isolation check"));
     spin.enable_steady_tick(Duration::from_millis(200));
-    let mut isolation = isolation(
-        &ctx,
-        child
-            .as_ref()
-            .map(|c| c.db.clone())
-            .or(cfg.server_db.clone()),
-    )
-    .await?;
+    let dbs: Vec<PathBuf> = match (&child, &cfg.server_db) {
+        (Some(_), _) => shards
+            .iter()
+            .filter_map(|s| s["db"].as_str().map(PathBuf::from))
+            .collect(),
+        (None, Some(db)) => vec![db.clone()],
+        (None, None) => Vec::new(),
+    };
+    let mut isolation = isolation(&ctx, dbs).await?;
     isolation.quiescent = quiet;
     spin.finish_and_clear();
 
@@ -462,6 +468,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             connections,
             samples: mem_samples,
         },
+        shards,
         isolation,
         errors,
     })
@@ -511,6 +518,25 @@ async fn memory_sampler(
 }
 
 /// The server's gauges from `/metrics` (name without labels -> value).
+/// `GET /v1/admin/status`'s shards (empty when it cannot be read).
+async fn shard_status(
+    http: &reqwest::Client,
+    base: &str,
+    service_token: &str,
+) -> Vec<serde_json::Value> {
+    let r = http
+        .get(format!("{base}/v1/admin/status"))
+        .bearer_auth(service_token)
+        .send()
+        .await;
+    let Ok(r) = r else { return Vec::new() };
+    r.json::<serde_json::Value>()
+        .await
+        .ok()
+        .and_then(|v| v["shards"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 async fn server_metrics(
     http: &reqwest::Client,
     base: &str,
@@ -816,13 +842,13 @@ async fn settle(ctx: &Ctx) -> bool {
 }
 
 /// Every client's held rows against the server database.
-async fn isolation(ctx: &Ctx, db: Option<PathBuf>) -> anyhow::Result<verify::Isolation> {
-    let Some(db) = db else {
+async fn isolation(ctx: &Ctx, dbs: Vec<PathBuf>) -> anyhow::Result<verify::Isolation> {
+    if dbs.is_empty() {
         return Ok(verify::Isolation {
             samples: vec!["not checked: no server database (give --server-db)".into()],
             ..Default::default()
         });
-    };
+    }
     let mut held = Vec::with_capacity(ctx.clients.len());
     for c in &ctx.clients {
         let (tx, rx) = oneshot::channel();
@@ -838,7 +864,7 @@ async fn isolation(ctx: &Ctx, db: Option<PathBuf>) -> anyhow::Result<verify::Iso
         .map(|c| (c.tenant, c.user, c.index))
         .collect();
     tokio::task::spawn_blocking(move || {
-        let mut truth = verify::Truth::open(&db, server::POLICY_SQL)?;
+        let mut truth = verify::Truth::open(&dbs, server::POLICY_SQL)?;
         let mut out = verify::Isolation::default();
         for ((t, u, i), h) in who.into_iter().zip(held) {
             let name = format!(

@@ -19,6 +19,10 @@ pub struct Report {
     pub phases: Phases,
     /// Server memory.
     pub memory: Memory,
+    /// What each shard of the server held at the end (`GET
+    /// /v1/admin/status`: db_version, connections, subscriptions, views,
+    /// pull_states, peers_in_memory, long_polls, pull_reads, db).
+    pub shards: Vec<serde_json::Value>,
     /// The isolation check at quiescence.
     pub isolation: Isolation,
     /// Error messages seen (the first few).
@@ -239,6 +243,18 @@ impl Report {
             f(m.subscriptions, 0),
             f(m.views, 0),
         );
+        for sh in &self.shards {
+            let n = |k: &str| sh[k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "shard {}: {} commits (db_version), {} connections, {} subscriptions, {} views",
+                n("shard"),
+                n("db_version"),
+                n("connections"),
+                n("subscriptions"),
+                n("views"),
+            );
+        }
         let i = &self.isolation;
         let _ = writeln!(
             s,

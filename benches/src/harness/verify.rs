@@ -17,9 +17,10 @@ use anyhow::Context;
 use tenantsync_core::{CrrConnection, Options};
 use tenantsync_policy::{Engine, Identity, PolicySet};
 
-/// The truth on the server database.
+/// The truth on the server's databases (one per shard; a tenant's rows
+/// are in exactly one).
 pub struct Truth {
-    db: CrrConnection,
+    dbs: Vec<CrrConnection>,
     engine: Engine,
     /// Effective query (canonical key) -> visible ids.
     cache: HashMap<String, HashSet<i64>>,
@@ -47,21 +48,29 @@ pub struct Isolation {
 }
 
 impl Truth {
-    /// Opens the server database read-only with the policy file's text.
-    pub fn open(db: &Path, policy_sql: &str) -> anyhow::Result<Truth> {
-        let db = CrrConnection::open_with(
-            db,
-            Options {
-                read_only: true,
-                ..Options::default()
-            },
-        )
-        .with_context(|| format!("cannot open {} read-only", db.display()))?;
-        let schema = tenantsync_client::verify::policy_schema(&db)?;
+    /// Opens the server's databases (every shard's) read-only with the
+    /// policy file's text.
+    pub fn open(dbs: &[impl AsRef<Path>], policy_sql: &str) -> anyhow::Result<Truth> {
+        let dbs = dbs
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                CrrConnection::open_with(
+                    p,
+                    Options {
+                        read_only: true,
+                        ..Options::default()
+                    },
+                )
+                .with_context(|| format!("cannot open {} read-only", p.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let first = dbs.first().context("no server database")?;
+        let schema = tenantsync_client::verify::policy_schema(first)?;
         let set = PolicySet::parse("policy.sql", policy_sql, &schema)
             .map_err(|d| anyhow::anyhow!("the bench policy does not parse: {d}"))?;
         Ok(Truth {
-            db,
+            dbs,
             engine: Engine::new(set),
             cache: HashMap::new(),
         })
@@ -83,12 +92,15 @@ impl Truth {
                 "SELECT \"{}\".rowid FROM \"{}\" WHERE {}",
                 q.table, q.table, q.where_sql
             );
-            let mut stmt = self.db.conn().prepare(&sql).with_context(|| sql.clone())?;
-            let ids = stmt
-                .query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
+            let mut ids = HashSet::new();
+            for db in &self.dbs {
+                let mut stmt = db.conn().prepare(&sql).with_context(|| sql.clone())?;
+                for id in stmt.query_map(rusqlite::params_from_iter(q.params.iter()), |r| {
                     r.get::<_, i64>(0)
-                })?
-                .collect::<rusqlite::Result<HashSet<i64>>>()?;
+                })? {
+                    ids.insert(id?);
+                }
+            }
             self.cache.insert(key.clone(), ids);
         }
         Ok(&self.cache[&key])

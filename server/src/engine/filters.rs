@@ -167,7 +167,10 @@ pub(crate) struct Filter {
     ms: MembershipResults,
     /// (local id, instance) for each membership it reads.
     deps: Vec<(u32, FilterId)>,
+    /// The cover it is indexed under (chosen among `covers` when linked).
     atoms: Option<Vec<IndexAtom>>,
+    /// The alternative covers of its predicate.
+    covers: Vec<Vec<IndexAtom>>,
     pub level: u32,
     pub rows: FxSet<RowId>,
     pub kind: Kind,
@@ -336,6 +339,7 @@ impl Filters {
             ms: MembershipResults::new(),
             deps,
             atoms: m.index_cover.clone(),
+            covers: m.index_covers.clone(),
             level,
             rows: FxSet::default(),
             kind: Kind::Instance(InstanceData {
@@ -392,6 +396,7 @@ impl Filters {
             ms: MembershipResults::new(),
             deps,
             atoms: q.index_cover.clone(),
+            covers: q.index_covers.clone(),
             level: u32::MAX,
             rows: FxSet::default(),
             kind: Kind::View(ViewData {
@@ -422,10 +427,15 @@ impl Filters {
                 i.dependents.push(id);
             }
         }
-        let (table, atoms) = {
-            let f = self.get(id);
-            (f.table, f.atoms.clone())
-        };
+        let table = self.get(id).table;
+        let covers = std::mem::take(&mut self.get_mut(id).covers);
+        if let Some(best) = covers
+            .into_iter()
+            .min_by_key(|c| self.cover_cost(table, &deps, c))
+        {
+            self.get_mut(id).atoms = Some(best);
+        }
+        let atoms = self.get(id).atoms.clone();
         match atoms {
             None => self.uncovered.entry(table).or_default().push(id),
             Some(atoms) => {
@@ -455,6 +465,35 @@ impl Filters {
                 }
             }
         }
+    }
+
+    /// What indexing a filter under `cover` costs each changed row: the
+    /// filters already under its keys (each becomes a candidate with it)
+    /// and its keys. The least shared cover wins: a tenant's
+    /// `tenant_id = 'acme'` over every tenant's `done = 0`.
+    fn cover_cost(&self, table: u16, deps: &[(u32, FilterId)], cover: &[IndexAtom]) -> usize {
+        let bucket = |dim: IndexDim, key: &IndexKey| {
+            self.eq
+                .get(&dim)
+                .and_then(|m| m.get(key))
+                .map_or(0, |v| v.len())
+        };
+        cover
+            .iter()
+            .map(|a| match a {
+                IndexAtom::Eq { column, value } => 1 + bucket((table, *column, None), value),
+                IndexAtom::InMembership { column, membership } => deps
+                    .iter()
+                    .find(|(l, _)| *l == membership.0)
+                    .map_or(usize::MAX / 4, |(_, inst)| {
+                        let i = self.instance(*inst);
+                        i.set
+                            .index_keys()
+                            .map(|k| 1 + bucket((table, *column, i.aff), &k))
+                            .sum()
+                    }),
+            })
+            .sum()
     }
 
     fn index_add(&mut self, dim: IndexDim, key: IndexKey, f: FilterId) {

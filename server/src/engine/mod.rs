@@ -204,6 +204,8 @@ pub(crate) enum Cmd {
 /// version at every commit) for `/v1/admin/status`.
 #[derive(Default)]
 pub(crate) struct ShardStats {
+    /// The shard's index (the `shard` label of its gauges).
+    pub index: usize,
     pub version: std::sync::atomic::AtomicI64,
     pub connections: std::sync::atomic::AtomicU64,
     pub subscriptions: std::sync::atomic::AtomicU64,
@@ -217,10 +219,10 @@ pub(crate) struct ShardStats {
 
 impl ShardStats {
     /// As the status endpoint shows it.
-    pub fn json(&self, shard: usize) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         use std::sync::atomic::Ordering::Relaxed;
         serde_json::json!({
-            "shard": shard,
+            "shard": self.index,
             "db_version": self.version.load(std::sync::atomic::Ordering::Acquire),
             "connections": self.connections.load(Relaxed),
             "subscriptions": self.subscriptions.load(Relaxed),

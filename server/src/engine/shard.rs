@@ -50,6 +50,7 @@ struct Inner {
     limits: Limits,
     site: SiteId,
     stats: Arc<ShardStats>,
+    db_path: PathBuf,
     readers: Arc<Readers>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopped: AtomicBool,
@@ -112,6 +113,14 @@ impl Shard {
             })?;
         if config.index == 0 {
             warn_cross_tenant(&set, &config.tenant_claim);
+            for table in unindexed_tenant_tables(&db, &schema, &config.tenant_claim) {
+                tracing::warn!(
+                    table = %table,
+                    "table {table} has the tenant column {} but no index starting with it: every subscription's snapshot and every membership reads all tenants' rows of it (CREATE INDEX ... ON {table} ({}))",
+                    config.tenant_claim,
+                    config.tenant_claim
+                );
+            }
         }
         let policy = PolicyEngine::new(set);
         let shared: SharedPolicy = Arc::new(RwLock::new(PolicyState {
@@ -127,7 +136,10 @@ impl Shard {
             tx.clone(),
             config.limits.max_message_bytes,
         )?);
-        let stats = Arc::new(ShardStats::default());
+        let stats = Arc::new(ShardStats {
+            index: config.index,
+            ..ShardStats::default()
+        });
         let engine = Engine::new(
             db,
             schema.clone(),
@@ -156,6 +168,7 @@ impl Shard {
                 limits: config.limits.clone(),
                 site,
                 stats,
+                db_path: config.db_path.clone(),
                 readers,
                 thread: Mutex::new(Some(thread)),
                 stopped: AtomicBool::new(false),
@@ -174,8 +187,10 @@ impl Shard {
     }
 
     /// What it holds, as `/v1/admin/status` shows it.
-    pub fn status(&self, shard: usize) -> serde_json::Value {
-        self.inner.stats.json(shard)
+    pub fn status(&self) -> serde_json::Value {
+        let mut v = self.inner.stats.json();
+        v["db"] = self.inner.db_path.display().to_string().into();
+        v
     }
 
     pub fn schema(&self) -> &Arc<ServerSchema> {
@@ -371,10 +386,76 @@ impl Shard {
 
 /// Logs the policies that do not constrain the tenant column (named as the
 /// tenant claim): `tenantsync policy check` shows the same warnings.
+/// The CRRs with the tenant column where no index (nor the primary key)
+/// starts with it.
+pub(crate) fn unindexed_tenant_tables(
+    db: &tenantsync_core::CrrConnection,
+    schema: &ServerSchema,
+    tenant_column: &str,
+) -> Vec<String> {
+    let first_columns = |table: &str| -> rusqlite::Result<Vec<String>> {
+        db.conn()
+            .prepare(
+                "SELECT ii.name FROM pragma_index_list(?1) AS il, pragma_index_info(il.name) AS ii WHERE ii.seqno = 0",
+            )?
+            .query_map([table], |r| r.get(0))?
+            .collect()
+    };
+    schema
+        .tables
+        .iter()
+        .filter(|t| {
+            let Some(col) = t
+                .columns
+                .iter()
+                .position(|c| c.eq_ignore_ascii_case(tenant_column))
+            else {
+                return false;
+            };
+            if t.pk.first() == Some(&col) {
+                return false;
+            }
+            match first_columns(&t.name) {
+                Ok(firsts) => !firsts.iter().any(|c| c.eq_ignore_ascii_case(tenant_column)),
+                Err(_) => false,
+            }
+        })
+        .map(|t| t.name.to_string())
+        .collect()
+}
+
 pub(crate) fn warn_cross_tenant(set: &PolicySet, tenant_claim: &str) {
     if let Some(w) = set.tenant_warnings(tenant_claim, tenant_claim) {
         for d in &w.items {
             tracing::warn!(file = %w.file, line = d.line, column = d.column, "{}", d.message);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant column is indexed when an index (or the primary key)
+    /// starts with it; a later column of an index does not count.
+    #[test]
+    fn tables_whose_tenant_column_no_index_starts_with() {
+        let db = tenantsync_core::CrrConnection::open_in_memory().unwrap();
+        let sql = "
+            CREATE TABLE a (id INTEGER PRIMARY KEY NOT NULL, tenant_id TEXT);
+            CREATE TABLE b (id INTEGER PRIMARY KEY NOT NULL, tenant_id TEXT);
+            CREATE INDEX b_t ON b (tenant_id, id);
+            CREATE TABLE c (id INTEGER PRIMARY KEY NOT NULL, tenant_id TEXT);
+            CREATE INDEX c_t ON c (id, tenant_id);
+            CREATE TABLE d (tenant_id TEXT NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (tenant_id, id));
+            CREATE TABLE e (id INTEGER PRIMARY KEY NOT NULL, other TEXT);
+            SELECT crsql_as_crr('a'); SELECT crsql_as_crr('b'); SELECT crsql_as_crr('c');
+            SELECT crsql_as_crr('d'); SELECT crsql_as_crr('e');";
+        apply_schema(&db, sql).unwrap();
+        let schema = ServerSchema::read(&db, sql).unwrap();
+        assert_eq!(
+            unindexed_tenant_tables(&db, &schema, "tenant_id"),
+            ["a", "c"]
+        );
     }
 }

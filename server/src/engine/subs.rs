@@ -299,7 +299,8 @@ impl Engine {
                 span,
             },
         );
-        metrics::gauge!("tenantsync_connections").set(self.subs.conns.len() as f64);
+        metrics::gauge!("tenantsync_connections", "shard" => self.stats.index.to_string())
+            .set(self.subs.conns.len() as f64);
         Ok(OpenOk {
             conn: id,
             pushed_version,
@@ -329,7 +330,8 @@ impl Engine {
                 sub.held_dirty = true;
             }
         }
-        metrics::gauge!("tenantsync_connections").set(self.subs.conns.len() as f64);
+        metrics::gauge!("tenantsync_connections", "shard" => self.stats.index.to_string())
+            .set(self.subs.conns.len() as f64);
     }
 
     pub(super) fn close_all(&mut self) {
@@ -1427,9 +1429,11 @@ impl Engine {
         st.pull_states.store(self.subs.pulls.len() as u64, Relaxed);
         st.peers_in_memory.store(self.peers.len() as u64, Relaxed);
         st.long_polls.store(self.longpolls.len() as u64, Relaxed);
-        metrics::gauge!("tenantsync_subscriptions").set(self.subs.subs.len() as f64);
-        metrics::gauge!("tenantsync_views").set(self.filters.views.len() as f64);
-        metrics::gauge!("tenantsync_membership_instances")
+        metrics::gauge!("tenantsync_subscriptions", "shard" => self.stats.index.to_string())
+            .set(self.subs.subs.len() as f64);
+        metrics::gauge!("tenantsync_views", "shard" => self.stats.index.to_string())
+            .set(self.filters.views.len() as f64);
+        metrics::gauge!("tenantsync_membership_instances", "shard" => self.stats.index.to_string())
             .set(self.filters.instance_count() as f64);
         let lag = self
             .subs
@@ -1438,7 +1442,8 @@ impl Engine {
             .map(|s| self.version - s.acked.unwrap_or(0))
             .max()
             .unwrap_or(0);
-        metrics::gauge!("tenantsync_cursor_lag").set(lag as f64);
+        metrics::gauge!("tenantsync_cursor_lag", "shard" => self.stats.index.to_string())
+            .set(lag as f64);
     }
 
     pub(super) fn pull_begin(
