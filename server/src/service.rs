@@ -82,7 +82,8 @@ impl PushRates {
             e.retry_after_ms = Some(wait);
             e
         };
-        let now = governor::clock::DefaultClock::default().now();
+        // The limiter's own clock: a new DefaultClock calibrates itself.
+        let now = self.kib.clock().now();
         let kib = NonZeroU32::new(bytes.div_ceil(1024).max(1) as u32).unwrap_or(NonZeroU32::MIN);
         match self.kib.check_key_n(tenant, kib) {
             Ok(Ok(())) => {}

@@ -69,14 +69,15 @@ pub fn write_buffer_cap(max_message_bytes: usize) -> usize {
     WRITE_BUFFER + max_message_bytes.saturating_mul(2)
 }
 
-/// The write buffer size handed to the transport: frames are written once
-/// this much is buffered (or on flush, after each batch the session sends).
-pub const WRITE_BUFFER: usize = 8 * 1024;
+/// The write buffer size handed to the transport: 0, each frame is written
+/// as it is sent (the session flushes every frame anyway), so the buffer
+/// holds one frame at a time and keeps the capacity of the largest.
+pub const WRITE_BUFFER: usize = 0;
 
 /// The read buffer each socket starts with: most client messages (acks,
-/// subscribes, small pushes) fit; a larger frame grows it for as long as it
-/// is being read, up to [`transport_cap`].
-pub const READ_BUFFER: usize = 8 * 1024;
+/// subscribes, pings) fit; a larger frame grows it for as long as it is
+/// being read, up to [`transport_cap`].
+pub const READ_BUFFER: usize = 4 * 1024;
 
 /// Parses one client message. The error is the protocol's answer:
 /// `bad_message` (not JSON, not an object, a missing, ill-typed or unknown

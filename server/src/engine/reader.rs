@@ -25,6 +25,10 @@ use crate::engine::schema::ServerSchema;
 use crate::engine::{Cmd, PkSet, SubKey};
 use tenantsync_protocol::ErrorCode;
 
+/// The size an initial sync's chunks aim at (rows are never split, so a
+/// larger row makes a larger chunk).
+const SYNC_CHUNK_BYTES: usize = 8 * 1024;
+
 /// Where an initial sync starts from.
 #[derive(Debug, Clone)]
 pub(crate) struct SyncBase {
@@ -367,8 +371,9 @@ impl Reader {
             }
         };
         // Chunks: rows are never split across chunks; evictions ride in the
-        // last one.
-        let budget = (self.max / 2).max(1024);
+        // last one. Small chunks keep each socket's write buffer small (it
+        // keeps the capacity of the largest frame it wrote).
+        let budget = (self.max / 2).clamp(1024, SYNC_CHUNK_BYTES);
         let mut chunks: Vec<Vec<Change>> = Vec::new();
         let mut cur: Vec<Change> = Vec::new();
         let mut size = 0usize;
