@@ -52,7 +52,7 @@ fn a_tiny_run_keeps_the_json_contract_with_no_leaks_and_no_misses() {
     let j: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(has(&j, "config.tenants"), 3);
     assert_eq!(has(&j, "config.clients_per_tenant"), 2);
-    for phase in ["steady", "noisy", "reconnect"] {
+    for phase in ["steady", "noisy", "reconnect", "reload"] {
         for k in ["writes_per_s", "deliveries_per_s"] {
             assert!(
                 has(&j, &format!("phases.{phase}.{k}")).is_number(),
@@ -67,6 +67,16 @@ fn a_tiny_run_keeps_the_json_contract_with_no_leaks_and_no_misses() {
         assert!(has(&j, &format!("phases.noisy.quiet_tenants_latency_ms.{q}")).is_number());
     }
     assert!(has(&j, "phases.snapshot.seconds").is_number());
+    // The reload rewrote the views of `todos` and answered.
+    assert!(has(&j, "phases.reload.reload_ms").as_f64().unwrap() > 0.0);
+    assert!(
+        has(&j, "phases.reload.answer.changed_views").is_number(),
+        "{:#}",
+        j["phases"]["reload"]["answer"]
+    );
+    // Each shard's figures, with its database.
+    assert_eq!(j["shards"].as_array().map(Vec::len), Some(1));
+    assert!(j["shards"][0]["db"].is_string(), "{:#}", j["shards"]);
     // 3 tenants x 2 clients x 3 subscriptions, every one synced.
     assert_eq!(has(&j, "phases.snapshot.subscriptions"), 18);
     assert!(has(&j, "phases.snapshot.rows").as_u64().unwrap() > 0);

@@ -662,6 +662,9 @@ fn rows_of(changes: &[Change]) -> Result<Vec<(i64, bool)>, String> {
 impl Phase {
     /// Whether writes are being offered in this phase.
     pub fn loaded(self) -> bool {
-        matches!(self, Phase::Steady | Phase::Noisy | Phase::Reconnect)
+        matches!(
+            self,
+            Phase::Steady | Phase::Noisy | Phase::Reconnect | Phase::Reload
+        )
     }
 }

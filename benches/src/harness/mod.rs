@@ -36,7 +36,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub use report::Report;
 use report::{
-    LoadPhase, Memory, Modes, NoisyPhase, NoisyTenant, Phases, ReconnectPhase, SnapshotPhase,
+    LoadPhase, Memory, Modes, NoisyPhase, NoisyTenant, Phases, ReconnectPhase, ReloadPhase,
+    SnapshotPhase,
 };
 use server::{ChildOptions, ChildServer, ProcSample};
 use stats::{Phase, Stats};
@@ -360,6 +361,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     })
     .await;
     let modes1 = modes(&stats);
+    // A policy reload halfway through a steady phase.
+    let reload_answer: Arc<std::sync::Mutex<(f64, serde_json::Value)>> = Arc::default();
+    let reload = load_phase(&ctx, &mp, Phase::Reload, dur, pid, |ctx| {
+        let (ctx, out, token) = (ctx.clone(), reload_answer.clone(), tokens.service(None));
+        tokio::spawn(async move {
+            tokio::time::sleep(dur / 2).await;
+            let r = post_reload(&ctx, &token).await;
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        });
+    })
+    .await;
+    let (reload_ms, reload_answer) = reload_answer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
 
     // Settle: writes stopped, wait for quiescence.
     stats.set_phase(Phase::Settle);
@@ -455,6 +471,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                     - rows0,
                 load: reconnect,
             },
+            reload: ReloadPhase {
+                load: reload,
+                reload_ms,
+                answer: reload_answer,
+            },
         },
         memory: Memory {
             rss_mb: after.map(|s| mb(Some(s.rss))),
@@ -518,6 +539,32 @@ async fn memory_sampler(
 }
 
 /// The server's gauges from `/metrics` (name without labels -> value).
+/// The reload of the reload phase: the bench policy plus a SELECT policy
+/// on `todos` that grants nothing, so every `todos` view is rewritten.
+/// Returns (milliseconds, the answer or the error).
+async fn post_reload(ctx: &Ctx, service_token: &str) -> (f64, serde_json::Value) {
+    let policy = format!(
+        "{}\nCREATE POLICY bench_reload ON todos FOR SELECT TO authenticated USING (false);\n",
+        server::POLICY_SQL
+    );
+    let started = Instant::now();
+    let r = ctx
+        .http
+        .post(format!("{}/v1/admin/policy", ctx.base))
+        .bearer_auth(service_token)
+        .json(&tenantsync_protocol::http::PolicyReloadRequest { policy_sql: policy })
+        .send()
+        .await;
+    let answer = match r {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    (started.elapsed().as_secs_f64() * 1000.0, answer)
+}
+
 /// `GET /v1/admin/status`'s shards (empty when it cannot be read).
 async fn shard_status(
     http: &reqwest::Client,

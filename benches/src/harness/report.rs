@@ -40,6 +40,23 @@ pub struct Phases {
     pub noisy: NoisyPhase,
     /// A share of clients drop and resume under the steady load.
     pub reconnect: ReconnectPhase,
+    /// A policy reload under the steady load.
+    pub reload: ReloadPhase,
+}
+
+/// The reload phase: the policy file with one more SELECT policy on
+/// `todos` (granting nothing) is posted halfway through, so every `todos`
+/// view is rewritten and compared; what it cost the deliveries is the
+/// phase's latency.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadPhase {
+    /// The load figures.
+    #[serde(flatten)]
+    pub load: LoadPhase,
+    /// How long `POST /v1/admin/policy` took to answer.
+    pub reload_ms: f64,
+    /// The answer (`changed_views`, `moved_subscriptions`), or the error.
+    pub answer: serde_json::Value,
 }
 
 /// The snapshot phase.
@@ -194,6 +211,7 @@ impl Report {
         row("steady", &p.steady);
         row("noisy", &p.noisy.load);
         row("reconnect", &p.reconnect.load);
+        row("reload", &p.reload.load);
         let q = |x: &Percentiles| format!("p50 {:.1} / p99 {:.1} ms", x.p50, x.p99);
         let _ = writeln!(
             s,
@@ -228,6 +246,14 @@ impl Report {
             p.reconnect.modes.refetch,
             p.reconnect.modes.snapshot,
             p.reconnect.rows_resent
+        );
+        let _ = writeln!(
+            s,
+            "reload: POST /v1/admin/policy answered in {:.0} ms ({}); deliveries meanwhile p99 {:.1} / max {:.1} ms",
+            p.reload.reload_ms,
+            p.reload.answer,
+            p.reload.load.latency_ms.p99,
+            p.reload.load.latency_ms.max
         );
         let m = &self.memory;
         let f = |x: Option<f64>, d: usize| x.map_or("-".into(), |v| format!("{v:.d$}"));

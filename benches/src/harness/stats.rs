@@ -21,12 +21,14 @@ pub enum Phase {
     /// A share of the clients drop and resume from their cursors, under
     /// the steady load.
     Reconnect = 3,
+    /// A policy reload (`POST /v1/admin/policy`) under the steady load.
+    Reload = 4,
     /// Writes stopped; waiting for quiescence.
-    Settle = 4,
+    Settle = 5,
 }
 
 /// Number of phases with their own counters.
-pub const PHASES: usize = 5;
+pub const PHASES: usize = 6;
 
 /// Latency percentiles, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -159,6 +161,7 @@ impl Stats {
             1 => Phase::Steady,
             2 => Phase::Noisy,
             3 => Phase::Reconnect,
+            4 => Phase::Reload,
             _ => Phase::Settle,
         }
     }

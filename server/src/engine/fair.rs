@@ -67,21 +67,30 @@ impl<T> FairQueue<T> {
         }
     }
 
-    /// Takes up to `max` items, `quantum` per tenant per round.
+    /// One round: up to `quantum` items of each tenant with work, in
+    /// turn, at most `max` in all. A tenant with a backlog gets no more
+    /// than `quantum` of a group however idle the others are, so a write
+    /// of another tenant never waits behind more than one such share.
     pub fn take(&mut self, quantum: usize, max: usize) -> Vec<T> {
         let mut out = Vec::new();
-        while out.len() < max && !self.is_empty() {
-            let before = out.len();
+        let tenants = self.ring.len();
+        for _ in 0..tenants {
+            if out.len() >= max {
+                break;
+            }
             let room = quantum.min(max - out.len());
             self.take_turn(room, &mut out);
-            debug_assert!(out.len() > before);
         }
         out
     }
 
     /// Every queued item, in fair order.
     pub fn drain_all(&mut self) -> Vec<T> {
-        self.take(usize::MAX, usize::MAX)
+        let mut out = Vec::with_capacity(self.len);
+        while !self.is_empty() {
+            out.extend(self.take(usize::MAX, usize::MAX));
+        }
+        out
     }
 }
 
@@ -98,13 +107,16 @@ mod tests {
         }
         q.push(&b, ("b", 0));
         q.push(&b, ("b", 1));
+        // One round: two of each, however many `a` has queued.
         let got = q.take(2, 6);
-        assert_eq!(
-            got,
-            vec![("a", 0), ("a", 1), ("b", 0), ("b", 1), ("a", 2), ("a", 3)]
-        );
-        assert_eq!(q.len(), 6);
-        assert_eq!(q.drain_all().len(), 6);
+        assert_eq!(got, vec![("a", 0), ("a", 1), ("b", 0), ("b", 1)]);
+        assert_eq!(q.len(), 8);
+        // A tenant alone still gets only its quantum per take.
+        assert_eq!(q.take(2, 6), vec![("a", 2), ("a", 3)]);
+        // `max` bounds the round.
+        q.push(&b, ("b", 2));
+        assert_eq!(q.take(4, 5).len(), 5);
+        assert_eq!(q.drain_all().len(), 2);
         assert!(q.is_empty());
     }
 }
