@@ -151,18 +151,8 @@ fn apply_sql(db: &CrrConnection, changes: &[Change]) {
             .prepare("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .unwrap();
         for c in changes {
-            ins.execute(params![
-                c.table,
-                c.pk.0,
-                c.cid,
-                c.val,
-                c.col_version,
-                c.db_version,
-                c.site_id.0.as_slice(),
-                c.cl,
-                c.seq
-            ])
-            .unwrap();
+            ins.execute(rusqlite::params_from_iter(c.sql_params()))
+                .unwrap();
         }
     }
     db.conn().execute_batch("COMMIT").unwrap();

@@ -1476,25 +1476,21 @@ impl Replica {
                   tbl, pk, cid, val, col_version, db_version, site_id, cl, seq)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?
-            .execute(params![
-                now,
-                tag.reason.as_str(),
-                tag.code,
-                refused.map(|r| r.command.as_str()),
-                refused.and_then(|r| r.policy.as_deref()),
-                tag.detail,
-                tag.push_range.map(|r| r.0),
-                tag.push_range.map(|r| r.1),
-                c.table,
-                c.pk.0,
-                c.cid,
-                c.val,
-                c.col_version,
-                c.db_version,
-                c.site_id.0.as_slice(),
-                c.cl,
-                c.seq,
-            ])?;
+            .execute(rusqlite::params_from_iter(
+                params![
+                    now,
+                    tag.reason.as_str(),
+                    tag.code,
+                    refused.map(|r| r.command.as_str()),
+                    refused.and_then(|r| r.policy.as_deref()),
+                    tag.detail,
+                    tag.push_range.map(|r| r.0),
+                    tag.push_range.map(|r| r.1),
+                ]
+                .iter()
+                .copied()
+                .chain(c.sql_params().iter().map(|v| v as &dyn rusqlite::ToSql)),
+            ))?;
         Ok(())
     }
 

@@ -404,17 +404,7 @@ impl ApplyShared for CrrConnection {
             .prepare("INSERT INTO crsql_changes VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
         self.conn().execute_batch("BEGIN")?;
         for c in changes {
-            stmt.execute(rusqlite::params![
-                c.table,
-                c.pk.0,
-                c.cid,
-                c.val,
-                c.col_version,
-                c.db_version,
-                c.site_id.0.as_slice(),
-                c.cl,
-                c.seq
-            ])?;
+            stmt.execute(rusqlite::params_from_iter(c.sql_params()))?;
         }
         self.conn().execute_batch("COMMIT")?;
         Ok(())

@@ -39,6 +39,34 @@ impl Change {
     pub fn is_sentinel(&self) -> bool {
         self.cid == Self::SENTINEL
     }
+
+    /// Its nine `crsql_changes` values in column order (`table, pk, cid,
+    /// val, col_version, db_version, site_id, cl, seq`), borrowed: what
+    /// `INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)` binds
+    /// (`rusqlite::params_from_iter(c.sql_params())`). The one way a change
+    /// becomes SQL parameters.
+    pub fn sql_params(&self) -> [rusqlite::types::ToSqlOutput<'_>; 9] {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        let val = match &self.val {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(t) => ValueRef::Text(t.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        };
+        [
+            ValueRef::Text(self.table.as_bytes()),
+            ValueRef::Blob(&self.pk.0),
+            ValueRef::Text(self.cid.as_bytes()),
+            val,
+            ValueRef::Integer(self.col_version),
+            ValueRef::Integer(self.db_version),
+            ValueRef::Blob(&self.site_id.0),
+            ValueRef::Integer(self.cl),
+            ValueRef::Integer(self.seq),
+        ]
+        .map(ToSqlOutput::Borrowed)
+    }
 }
 
 /// Which authors a change read keeps.

@@ -22,6 +22,7 @@
 //! - [`change`]: the change types [`Change`], [`ChangesQuery`], [`RowRef`].
 //! - [`site`]: the [`SiteId`] type.
 //! - [`error`]: the [`Error`] type.
+//! - [`script`]: SQL scripts split into statements by SQLite's parser.
 //!
 //! See docs/arch/core.md for the storage layout and the invariants.
 
@@ -36,6 +37,7 @@ pub mod pack;
 mod raw;
 mod read;
 pub mod schema;
+pub mod script;
 pub mod site;
 mod state;
 mod tracking;

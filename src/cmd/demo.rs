@@ -298,26 +298,20 @@ async fn service_sql(
     Ok(r.results.into_iter().map(|r| r.rows).collect())
 }
 
-/// The statements of a script without comments (the seed has no `;` in
-/// strings).
-fn statements(script: &str) -> Vec<String> {
-    let text: String = script
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    text.split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// The statements of a script (each with the comments before it).
+fn statements(script: &str) -> anyhow::Result<Vec<String>> {
+    // SQLite's parser splits it, on a scratch database with the schema the
+    // statements name.
+    let scratch = tenantsync_core::CrrConnection::open_in_memory()?;
+    scratch.conn().execute_batch(SCHEMA)?;
+    Ok(tenantsync_core::script::split(scratch.conn(), script)?)
 }
 
 /// examples/seed.sql, then for every user without a list a list of their
 /// own shared with the next user of the tenant and a few todos, and tenant
 /// 0's vault row. Returns the lists per tenant and the rows written.
 async fn seed(service: &SyncService, args: &DemoArgs) -> anyhow::Result<(Lists, usize)> {
-    let mut stmts = statements(SEED);
+    let mut stmts = statements(SEED)?;
     let existing = service_sql(
         service,
         vec!["SELECT id, tenant_id, owner FROM lists".into()],
@@ -414,11 +408,7 @@ fn claims(user: &str, tenant: &str) -> Map<String, Json> {
 }
 
 fn token(secret: &[u8], claims: &Map<String, Json>) -> anyhow::Result<String> {
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )?)
+    Ok(tenantsync_server::auth::mint_hs256(secret, claims)?)
 }
 
 // ---------------------------------------------------------------------------
@@ -1430,9 +1420,19 @@ mod tests {
     }
 
     #[test]
-    fn seed_statements_skip_comments() {
-        let s = statements(SEED);
-        assert!(s.iter().all(|x| x.starts_with("INSERT INTO")), "{s:?}");
+    fn seed_statements_are_its_inserts() {
+        let s = statements(SEED).unwrap();
+        let code = |x: &String| {
+            x.lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert!(
+            s.iter()
+                .all(|x| code(x).trim_start().starts_with("INSERT INTO")),
+            "{s:?}"
+        );
         assert_eq!(s.len(), 6);
     }
 }

@@ -220,15 +220,17 @@ pub fn run_script(conn: &Connection, sql: &str) -> Result<Vec<Vec<Value>>, SqlEr
     loop {
         let rest = &sql[pos..];
         let was_open = !conn.is_autocommit();
-        let prepared = first_statement_end(conn, rest).and_then(|end| match end {
+        let prepared = match tenantsync_core::script::next_statement(conn, rest) {
             None => Ok(None),
-            Some(end) => match conn.prepare(&rest[..end]) {
-                Ok(stmt) => Ok(Some((end, Some(stmt)))),
-                // Only comments and whitespace up to a `;`.
-                Err(rusqlite::Error::Empty) => Ok(Some((end, None))),
-                Err(e) => Err(e),
-            },
-        });
+            Some(n) => n
+                .prepared
+                .and_then(|()| match conn.prepare(&rest[..n.end]) {
+                    Ok(stmt) => Ok(Some((n.end, Some(stmt)))),
+                    // Only comments and whitespace up to a `;`.
+                    Err(rusqlite::Error::Empty) => Ok(Some((n.end, None))),
+                    Err(e) => Err(e),
+                }),
+        };
         let (end, mut stmt) = match prepared {
             Ok(None) => break,
             Ok(Some((end, None))) => {
@@ -332,51 +334,6 @@ fn describe(e: &rusqlite::Error) -> String {
         rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
         other => other.to_string(),
     }
-}
-
-/// Where the first statement of `sql` ends, by SQLite's own parser (its tail
-/// pointer): `Ok(None)` when `sql` holds no more statement text. A statement
-/// that SQLite refuses (syntax, unknown table, ...) is the error.
-fn first_statement_end(conn: &Connection, sql: &str) -> rusqlite::Result<Option<usize>> {
-    use std::ffi::{c_char, c_int};
-    if sql.trim().is_empty() {
-        return Ok(None);
-    }
-    let len = c_int::try_from(sql.len()).map_err(|_| rusqlite::Error::InvalidQuery)?;
-    let mut stmt = std::ptr::null_mut();
-    let mut tail: *const c_char = std::ptr::null();
-    // SAFETY: the handle is valid while `conn` is borrowed and is used on
-    // this thread only; `sql` outlives the call and `len` is its exact length
-    // (no NUL terminator needed); the statement (possibly NULL, which
-    // sqlite3_finalize accepts) is finalized right away.
-    let rc = unsafe {
-        let rc = rusqlite::ffi::sqlite3_prepare_v2(
-            conn.handle(),
-            sql.as_ptr().cast(),
-            len,
-            &mut stmt,
-            &mut tail,
-        );
-        rusqlite::ffi::sqlite3_finalize(stmt);
-        rc
-    };
-    if rc != rusqlite::ffi::SQLITE_OK {
-        // The same prepare through rusqlite gives the error with its message.
-        return match conn.prepare(sql) {
-            Err(e) => Err(e),
-            Ok(_) => Err(rusqlite::Error::InvalidQuery),
-        };
-    }
-    let end = if tail.is_null() {
-        sql.len()
-    } else {
-        // SAFETY: on success SQLite sets `tail` to a point inside `sql` or
-        // one past its end, so both pointers are in the same allocation.
-        let end = unsafe { tail.offset_from(sql.as_ptr().cast::<c_char>()) };
-        usize::try_from(end).unwrap_or(sql.len()).min(sql.len())
-    };
-    // `sql` holds non-blank text, so SQLite consumed at least one byte.
-    Ok(Some(end.max(1)))
 }
 
 /// 1-based (line, column) of byte `at` of `script`.

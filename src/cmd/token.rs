@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Map, Value};
 
 /// Arguments of `tenantsync token`.
@@ -85,12 +84,8 @@ pub fn mint(args: &TokenArgs, now: SystemTime) -> Result<String, String> {
         }
         claims.insert(name.to_owned(), value);
     }
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(args.secret.as_bytes()),
-    )
-    .map_err(|e| format!("cannot sign the token: {e}"))
+    tenantsync_server::auth::mint_hs256(args.secret.as_bytes(), &claims)
+        .map_err(|e| format!("cannot sign the token: {e}"))
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -130,7 +125,7 @@ mod tests {
     }
 
     fn decode(token: &str) -> Map<String, Value> {
-        let mut v = jsonwebtoken::Validation::new(Algorithm::HS256);
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         v.validate_exp = false;
         v.required_spec_claims.clear();
         jsonwebtoken::decode::<Map<String, Value>>(
@@ -159,7 +154,7 @@ mod tests {
         assert_eq!(c["iat"], 1_000_000);
         assert_eq!(c["exp"], 1_003_600);
         let header = jsonwebtoken::decode_header(&t).unwrap();
-        assert_eq!(header.alg, Algorithm::HS256);
+        assert_eq!(header.alg, jsonwebtoken::Algorithm::HS256);
     }
 
     #[track_caller]

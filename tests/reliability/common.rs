@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value as Json, json};
 use tenantsync_client::verify::{ReplicaState, Truth, crr_rows};
 use tenantsync_client::{ClientConfig, Replica, SyncClient};
@@ -145,12 +144,7 @@ pub fn token(claims: &serde_json::Map<String, Json>) -> String {
         .unwrap()
         .as_secs();
     c.insert("exp".into(), json!(now + 3600));
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &c,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    tenantsync_server::auth::mint_hs256(SECRET.as_bytes(), &c).unwrap()
 }
 
 pub fn service_token() -> String {

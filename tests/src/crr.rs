@@ -120,18 +120,8 @@ pub fn apply_sql(to: &CrrConnection, changes: &[tenantsync_core::Change]) {
             .prepare_cached("INSERT INTO crsql_changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
             .expect("prepare insert");
         for c in changes {
-            ins.execute(rusqlite::params![
-                c.table,
-                c.pk.0,
-                c.cid,
-                c.val,
-                c.col_version,
-                c.db_version,
-                c.site_id.0.as_slice(),
-                c.cl,
-                c.seq
-            ])
-            .expect("insert into crsql_changes");
+            ins.execute(rusqlite::params_from_iter(c.sql_params()))
+                .expect("insert into crsql_changes");
         }
     }
     to.conn().execute_batch("COMMIT").expect("commit");

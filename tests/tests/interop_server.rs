@@ -44,12 +44,9 @@ const SECRET: &[u8] = b"interop server test secret, 32 B";
 const TODOS: &str = "SELECT * FROM todos";
 
 fn token(sub: &str, tenant: &str) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": sub, "role": "authenticated", "tenant_id": tenant, "exp": 4_000_000_000u64}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET),
-    )
-    .unwrap()
+    let claims =
+        json!({"sub": sub, "role": "authenticated", "tenant_id": tenant, "exp": 4_000_000_000u64});
+    tenantsync_server::auth::mint_hs256(SECRET, claims.as_object().unwrap()).unwrap()
 }
 
 /// The cr-sqlite peer's side of the protocol: its database in the Node

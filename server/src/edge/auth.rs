@@ -384,6 +384,20 @@ pub fn claim_time(
     ))
 }
 
+/// An HS256 token with these claims: the one minter of the project (the
+/// `token` command, the demo, the bench, the tests), so what is signed is
+/// what [`Authenticator`] verifies. `secret` is the shared key.
+pub fn mint_hs256(
+    secret: &[u8],
+    claims: &Map<String, Json>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+}
+
 /// The token of an `Authorization: Bearer <token>` header value (the scheme
 /// is case-insensitive).
 pub fn bearer_token(header: &str) -> Option<&str> {

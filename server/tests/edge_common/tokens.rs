@@ -76,12 +76,7 @@ pub fn service_claims(exp_in: i64) -> Map<String, Json> {
 }
 
 pub fn hs256(secret: &str, claims: &Map<String, Json>) -> String {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("encode")
+    tenantsync_server::auth::mint_hs256(secret.as_bytes(), claims).expect("encode")
 }
 
 pub fn rs256(claims: &Map<String, Json>) -> String {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message};
 use futures_channel::mpsc;
 use futures_util::StreamExt;
-use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value as Json, json};
 use tenantsync_protocol::{ErrorCode, ServerMsg};
 use tokio::sync::Mutex;
@@ -37,12 +36,8 @@ fn token(sub: &str, exp_in: i64) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    jsonwebtoken::encode(
-        &Header::default(),
-        &json!({"sub": sub, "tenant_id": "acme", "exp": now + exp_in}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    let claims = json!({"sub": sub, "tenant_id": "acme", "exp": now + exp_in});
+    crate::auth::mint_hs256(SECRET.as_bytes(), claims.as_object().unwrap()).unwrap()
 }
 
 fn edge() -> EdgeSettings {
