@@ -989,6 +989,7 @@ fn pushed_rows_settle_at_the_next_pull_and_survive_a_restart() -> Result<()> {
     let v1 = server.version();
     let report = r.apply_pull(&PullResponse {
         version: v1,
+        pushed_version: 0,
         subs: BTreeMap::from([(
             "list1".to_owned(),
             PullPart {
@@ -1237,6 +1238,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     };
     let resp = PullResponse {
         version: v0,
+        pushed_version: 0,
         subs: BTreeMap::from([
             ("list1".to_owned(), snapshot(server.rows(&[1, 2]))),
             ("list2".to_owned(), snapshot(server.rows(&[3]))),
@@ -1260,6 +1262,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     };
     let resp = PullResponse {
         version: v1,
+        pushed_version: 0,
         subs: BTreeMap::from([
             ("list1".to_owned(), resume(vec![], vec![key(2)])),
             ("list2".to_owned(), resume(server.rows(&[2]), vec![])),
@@ -1279,6 +1282,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     // changes that subscription.
     let resp = PullResponse {
         version: v1 + 5,
+        pushed_version: 0,
         subs: BTreeMap::from([(
             "list1".to_owned(),
             PullPart {

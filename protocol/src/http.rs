@@ -85,6 +85,10 @@ pub struct PullPart {
 pub struct PullResponse {
     /// Server version every part reaches.
     pub version: i64,
+    /// The peer's `pushed_version` when the pull began (it only grows): an
+    /// HTTP-only peer pushes from there (docs/PROTOCOL.md §8).
+    #[serde(default)]
+    pub pushed_version: i64,
     /// Subscription id -> its part.
     pub subs: BTreeMap<String, PullPart>,
 }

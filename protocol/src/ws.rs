@@ -138,7 +138,9 @@ pub struct RefusedRow {
 /// A refused push: nothing of it was applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PushRefusal {
-    /// Request id.
+    /// Request id (the `push` message's; an HTTP push has none, and its
+    /// refusal body has no `id`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
     /// `policy_refused` (or another push error code).
     pub code: ErrorCode,

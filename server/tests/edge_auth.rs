@@ -168,6 +168,21 @@ fn required_claims() {
             Expect::Err(ErrorCode::Unauthorized, "`sub`"),
         );
     }
+    // Without a role no `TO authenticated` policy would match: every sync
+    // would be silently empty, so the token is refused and the message
+    // names the claim.
+    for bad_role in [None, Some(json!("")), Some(json!(1)), Some(json!(null))] {
+        let mut c = claims("u1", "acme", 300);
+        match bad_role {
+            None => c.remove("role"),
+            Some(v) => c.insert("role".into(), v),
+        };
+        check(
+            &server,
+            &tokens::hs256(SECRET, &c),
+            Expect::Err(ErrorCode::Unauthorized, "`role`"),
+        );
+    }
 }
 
 #[test]

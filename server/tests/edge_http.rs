@@ -558,10 +558,22 @@ async fn push_and_pull_and_a_refusal() {
         (403, Some("policy_refused")),
         "{body}"
     );
+    // The body is the `push_refused` message without `type`, and without
+    // `id`: an HTTP push has none (PROTOCOL.md §8).
     assert!(body.get("type").is_none(), "{body}");
+    assert!(body.get("id").is_none(), "{body}");
     assert_eq!(body["rows"][0]["table"], "todos");
     // A refusal does not move the peer's pushed version (PROTOCOL.md §7).
     assert_eq!(body["pushed_version"], 0);
+    // Every row of the push is in `state` or `invisible`: a row the server
+    // does not have is invisible.
+    assert_eq!(body["state"], json!([]), "{body}");
+    assert_eq!(
+        body["invisible"].as_array().map(Vec::len),
+        Some(1),
+        "{body}"
+    );
+    assert_eq!(body["invisible"][0]["table"], "todos");
 
     // Pull sees the accepted row and not the refused one.
     let (st, body) = call(
@@ -583,6 +595,26 @@ async fn push_and_pull_and_a_refusal() {
         .map(|c| &c[3])
         .collect();
     assert_eq!(titles, vec![&json!("ok")]);
+    // An HTTP-only peer learns where to push from in every pull answer.
+    assert_eq!(body["pushed_version"], to, "{body}");
+
+    // A part with nothing in it omits `changes` and `evict` (both mean
+    // empty): a resume from the version just pulled.
+    let v = body["version"].as_i64().unwrap();
+    let (st, body) = call(
+        &s,
+        Method::POST,
+        "/v1/pull",
+        Some(&token),
+        Some(json!({"site_id": me.to_string(), "subscriptions": [{"id": "all", "query": "SELECT * FROM todos", "cursor": v}]}).to_string()),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        body["subs"]["all"],
+        json!({"mode": "resume", "from": v, "reset": false}),
+        "{body}"
+    );
     s.stop().await;
 }
 
@@ -645,4 +677,108 @@ async fn nothing_listens_after_a_shutdown() {
         .unwrap()
         .unwrap();
     assert!(Client::new().get(&url).send().await.is_err());
+}
+
+/// PROTOCOL.md §7: a change that changes nothing is not judged. Real
+/// cr-sqlite records the merge of a row the peer wrote (sent back whole
+/// when it re-enters) as new local versions under the peer's own site id;
+/// pushing them again is a duplicate, answered like any push, even where
+/// the policies would refuse a real write of that row. A real write of the
+/// same row is still judged and refused.
+#[tokio::test]
+async fn pushing_back_what_the_server_holds_is_not_judged() {
+    let s = TestServer::start().await;
+    let me = site(6);
+    let token = user_token("u6", "acme");
+    let (to, changes) = local_changes(
+        me,
+        "INSERT INTO lists (id, tenant_id, owner, name) VALUES (20, 'acme', 'u6', 'mine')",
+    );
+    let push = |from: i64, to: i64, changes: &[tenantsync_core::Change]| {
+        json!({"site_id": me.to_string(), "from": from, "to": to, "changes": changes_json(changes)})
+            .to_string()
+    };
+    let (st, body) = call(
+        &s,
+        Method::POST,
+        "/v1/push",
+        Some(&token),
+        Some(push(0, to, &changes)),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    // The list changes hands: u6 may still read it, no longer write it.
+    let (st, body) = call(
+        &s,
+        Method::POST,
+        "/v1/sql",
+        Some(&service_token()),
+        Some(
+            json!({"statements": [{"sql": "UPDATE lists SET owner = 'u7' WHERE id = 20"}]})
+                .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let row = || async {
+        let (_, body) = call(
+            &s,
+            Method::POST,
+            "/v1/sql",
+            Some(&service_token()),
+            Some(
+                json!({"statements": [{"sql": "SELECT owner, name FROM lists WHERE id = 20"}]})
+                    .to_string(),
+            ),
+        )
+        .await;
+        body["results"][0]["rows"].clone()
+    };
+
+    // The same clocks again, as new local versions: a duplicate.
+    let again: Vec<_> = changes
+        .iter()
+        .map(|c| tenantsync_core::Change {
+            db_version: to + 1,
+            ..c.clone()
+        })
+        .collect();
+    let (st, body) = call(
+        &s,
+        Method::POST,
+        "/v1/push",
+        Some(&token),
+        Some(push(to, to + 1, &again)),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["pushed_version"], to + 1);
+    assert_eq!(row().await, json!([["u7", "mine"]]));
+
+    // A real write of the row (a newer clock) is judged, and refused.
+    let newer: Vec<_> = changes
+        .iter()
+        .filter(|c| c.cid == "name")
+        .map(|c| tenantsync_core::Change {
+            db_version: to + 2,
+            col_version: c.col_version + 5,
+            val: tenantsync_types::Value::Text("taken back".into()),
+            ..c.clone()
+        })
+        .collect();
+    let (st, body) = call(
+        &s,
+        Method::POST,
+        "/v1/push",
+        Some(&token),
+        Some(push(to + 1, to + 2, &newer)),
+    )
+    .await;
+    assert_eq!(
+        (st.as_u16(), body["code"].as_str()),
+        (403, Some("policy_refused")),
+        "{body}"
+    );
+    assert_eq!(row().await, json!([["u7", "mine"]]));
+    s.stop().await;
 }

@@ -11,6 +11,7 @@
 //!   not in the future (`token_not_yet_valid`), both give or take the
 //!   configured leeway;
 //! - its `sub` is a non-empty string (`unauthorized`);
+//! - its `role` is a non-empty string (`unauthorized`: policies match it);
 //! - `aud` / `iss` match when an audience / issuer is configured.
 //!
 //! The claims of a verified token become a [`Principal`].
@@ -269,6 +270,17 @@ impl Authenticator {
                 return Err(ApiError::new(
                     ErrorCode::Unauthorized,
                     "the token's `sub` claim must be a non-empty string",
+                ));
+            }
+        }
+        // Policies match the role (`TO authenticated`): a token without one
+        // would match none, and every sync would be silently empty.
+        match claims.get("role") {
+            Some(Json::String(s)) if !s.is_empty() => {}
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "the token's `role` claim must be a non-empty string (policies match it: `TO authenticated`)",
                 ));
             }
         }

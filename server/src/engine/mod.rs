@@ -157,7 +157,7 @@ pub(crate) enum Cmd {
         subs: Vec<(PullSub, Arc<EffectiveQuery>)>,
         unsubscribe: Vec<String>,
         epoch: u64,
-        reply: oneshot::Sender<Result<Vec<PullItem>, ApiError>>,
+        reply: oneshot::Sender<Result<(Vec<PullItem>, i64), ApiError>>,
     },
     PullEnd {
         site: SiteId,

@@ -479,7 +479,11 @@ impl Reader {
                 held.push((it.id.clone(), Arc::new(c.held)));
             }
             Ok(PullResult {
-                response: PullResponse { version, subs },
+                response: PullResponse {
+                    version,
+                    pushed_version: 0,
+                    subs,
+                },
                 held,
                 any,
             })

@@ -265,7 +265,7 @@ impl Shard {
                 )
             })
             .collect();
-        let items = self
+        let (items, pushed_version) = self
             .ask(|reply| Cmd::PullBegin {
                 who: who.clone(),
                 site,
@@ -299,7 +299,8 @@ impl Shard {
                     reply: tx,
                 }),
             );
-            let r = rx.await.map_err(|_| stopped())??;
+            let mut r = rx.await.map_err(|_| stopped())??;
+            r.response.pushed_version = pushed_version;
             let now = Instant::now();
             if r.any || now >= deadline || items.is_empty() {
                 let done = r

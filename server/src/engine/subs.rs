@@ -1453,8 +1453,8 @@ impl Engine {
         subs: Vec<(PullSub, Arc<EffectiveQuery>)>,
         unsubscribe: Vec<String>,
         epoch: u64,
-    ) -> Result<Vec<PullItem>, ApiError> {
-        self.bind_peer(who, site)?;
+    ) -> Result<(Vec<PullItem>, i64), ApiError> {
+        let pushed_version = self.bind_peer(who, site)?;
         for id in unsubscribe {
             self.subs.pulls.remove(&(site, Arc::from(id.as_str())));
             let _ = store::delete_sub(self.db.conn(), &site, &id);
@@ -1543,7 +1543,7 @@ impl Engine {
                 base,
             });
         }
-        Ok(out)
+        Ok((out, pushed_version))
     }
 
     pub(super) fn pull_end(

@@ -36,7 +36,8 @@ fn token(sub: &str, exp_in: i64) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let claims = json!({"sub": sub, "tenant_id": "acme", "exp": now + exp_in});
+    let claims =
+        json!({"sub": sub, "role": "authenticated", "tenant_id": "acme", "exp": now + exp_in});
     crate::auth::mint_hs256(SECRET.as_bytes(), claims.as_object().unwrap()).unwrap()
 }
 
