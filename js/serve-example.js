@@ -34,7 +34,7 @@ function file(urlPath) {
   for (const [prefix, dir] of MOUNTS) {
     if (!urlPath.startsWith(prefix)) continue;
     let p = path.join(dir, decodeURIComponent(urlPath.slice(prefix.length)) || "index.html");
-    if (!p.startsWith(dir)) return null;
+    if (p !== dir && !p.startsWith(dir + path.sep)) return null;
     if (fs.existsSync(p) && fs.statSync(p).isDirectory()) p = path.join(p, "index.html");
     if (!fs.existsSync(p) && fs.existsSync(`${p}.js`)) p = `${p}.js`;
     return fs.existsSync(p) ? p : null;

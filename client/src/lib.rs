@@ -14,9 +14,6 @@
 //! - [`http`]: [`HttpClient`] (schema, one push, one pull over HTTP) and
 //!   [`sync_round`], one whole round as `tenantsync replica sync` runs it.
 //! - [`subid`]: stable subscription ids derived from query text.
-//! - [`verify`]: isolation checks: a replica against its identity's policy
-//!   and subscriptions evaluated directly on the server database
-//!   ([`verify::Truth`], [`verify::Check`]).
 //! - [`error`]: the error type, [`ReplicaError`].
 
 pub mod error;
@@ -25,7 +22,6 @@ pub mod http;
 pub mod replica;
 mod store;
 pub mod subid;
-pub mod verify;
 pub mod ws;
 
 pub use error::{ReplicaError, Result};

@@ -10,7 +10,7 @@
 //! offline and come back, one tries to write into another tenant's rows;
 //! then waits for quiescence and checks every replica against its policies
 //! and subscriptions evaluated directly on the server database
-//! ([`tenantsync_client::verify`]). Exit 0 when every replica matches.
+//! ([`tenantsync_verify`]). Exit 0 when every replica matches.
 //!
 //! The scenario is a pure function of the options and the seed
 //! ([`plan`]); what each client picks to update depends on what it holds
@@ -30,7 +30,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Map, Value as Json, json};
-use tenantsync_client::verify::{Check, ReplicaState, Truth};
 use tenantsync_client::{ClientConfig, Event, Replica, SyncClient};
 use tenantsync_policy::Identity;
 use tenantsync_protocol::http::{SqlRequest, SqlStatement};
@@ -39,6 +38,7 @@ use tenantsync_server::auth::{Authenticator, JwtKey, JwtSettings};
 use tenantsync_server::config::EdgeSettings;
 use tenantsync_server::{Principal, ServiceConfig, SyncService, Synchronous};
 use tenantsync_types::Value;
+use tenantsync_verify::{Check, ReplicaState, Truth};
 
 const SCHEMA: &str = include_str!("../../examples/schema.sql");
 const POLICY: &str = include_str!("../../examples/policy.sql");
@@ -909,7 +909,7 @@ impl Report {
 
     fn json(&self) -> Json {
         let (held, expected, leaks, misses, stale) = self.totals();
-        let diffs = |v: &[tenantsync_client::verify::RowDiff]| -> Vec<String> {
+        let diffs = |v: &[tenantsync_verify::RowDiff]| -> Vec<String> {
             v.iter().take(20).map(|d| d.to_string()).collect()
         };
         json!({

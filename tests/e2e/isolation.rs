@@ -1,6 +1,6 @@
 //! Isolation over real sockets, checked against the truth: every replica
 //! against its policy and subscriptions evaluated on the server database
-//! (`tenantsync_client::verify`), after moves by the filter column and by
+//! (`tenantsync_verify`), after moves by the filter column and by
 //! the tenant, reconnects mid-stream, a policy reload by SIGHUP, and a
 //! crash (SIGKILL) between pushes.
 
@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tenantsync_client::SyncClient;
-use tenantsync_client::verify::{Check, Truth};
 use tenantsync_policy::Identity;
+use tenantsync_verify::{Check, Truth};
 
 use super::{Serve, client, examples, rows, settled, token, write};
 
@@ -31,7 +31,7 @@ async fn verified(db: &Path, policy: &str, clients: &[(&SyncClient, Identity)]) 
         for (c, id) in clients {
             settled(c).await;
             let state = c
-                .read(|r| Ok(tenantsync_client::verify::ReplicaState::read(r)))
+                .read(|r| Ok(tenantsync_verify::ReplicaState::read(r)))
                 .await
                 .unwrap()
                 .unwrap();

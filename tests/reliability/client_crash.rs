@@ -88,7 +88,7 @@ fn sync_through_kills(
 fn check_oracle(db: &Path, server_db: &Path, who: &Identity) {
     let policy_sql = std::fs::read_to_string(examples("policy.sql")).unwrap();
     let replica = Replica::open(db).unwrap();
-    let st = tenantsync_client::verify::ReplicaState::read(&replica).unwrap();
+    let st = tenantsync_verify::ReplicaState::read(&replica).unwrap();
     if let Some(d) = diff(&truth(server_db, &policy_sql), who, &st) {
         panic!("the replica differs from the oracle: {d}");
     }

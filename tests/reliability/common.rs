@@ -10,11 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
-use tenantsync_client::verify::{ReplicaState, Truth, crr_rows};
 use tenantsync_client::{ClientConfig, Replica, SyncClient};
 use tenantsync_core::{CrrConnection, Options};
 use tenantsync_policy::Identity;
 use tenantsync_types::Value;
+use tenantsync_verify::{ReplicaState, Truth, crr_rows};
 
 pub const SECRET: &str = "reliability-secret-32-bytes-long!";
 
@@ -192,7 +192,7 @@ pub async fn live(c: &SyncClient) {
     .unwrap_or_else(|s| panic!("never live: {s:?}"));
 }
 
-/// The oracle: `tenantsync_client::verify` on the server database (each
+/// The oracle: `tenantsync_verify` on the server database (each
 /// subscription's query rewritten for the identity and run there as SQL),
 /// compared with whole replicas: nothing it may not see, nothing missing,
 /// every value equal, and each subscription's held keys its visible rows.

@@ -23,7 +23,6 @@
 use std::net::SocketAddr;
 
 use serde_json::json;
-use tenantsync_client::verify::Truth;
 use tenantsync_client::{HttpClient, PushAnswer, Replica};
 use tenantsync_core::{Change, SiteId, Value};
 use tenantsync_policy::Identity;
@@ -36,6 +35,7 @@ use tenantsync_server::auth::{Authenticator, JwtKey, JwtSettings};
 use tenantsync_server::config::EdgeSettings;
 use tenantsync_server::{Principal, ServiceConfig, SyncService, Synchronous};
 use tenantsync_tests::{RealCrsqlite, RealPeer};
+use tenantsync_verify::Truth;
 use tokio_util::sync::CancellationToken;
 
 const SCHEMA: &str = include_str!("../../examples/schema.sql");

@@ -4,11 +4,11 @@
 //! server database opened read-only. Leaks are held rows it must not have,
 //! misses rows it should have and lacks.
 //!
-//! Not `tenantsync_client::verify`: that one compares whole rows of real
+//! Not `tenantsync_verify`: that one compares whole rows of real
 //! replicas, one query per subscription. The load clients hold only ids,
 //! and 30,000 subscriptions share 1,500 views, so this one runs each view's
 //! query once (cached by its canonical key) and compares ids. Both take
-//! their schema from `client::verify::policy_schema`.
+//! their schema from `tenantsync_verify::policy_schema`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -66,7 +66,7 @@ impl Truth {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let first = dbs.first().context("no server database")?;
-        let schema = tenantsync_client::verify::policy_schema(first)?;
+        let schema = tenantsync_verify::policy_schema(first)?;
         let set = PolicySet::parse("policy.sql", policy_sql, &schema)
             .map_err(|d| anyhow::anyhow!("the bench policy does not parse: {d}"))?;
         Ok(Truth {

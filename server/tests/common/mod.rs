@@ -620,14 +620,14 @@ pub fn ids(pks: impl IntoIterator<Item = PackedPk>) -> BTreeSet<i64> {
 }
 
 /// The truth, evaluated directly on the server database: what a query and
-/// the policies give an identity (`tenantsync_client::verify`, the checker
+/// the policies give an identity (`tenantsync_verify`, the checker
 /// every suite shares).
-pub struct Truth(tenantsync_client::verify::Truth);
+pub struct Truth(tenantsync_verify::Truth);
 
 impl Truth {
     pub fn open(path: &std::path::Path, policy: &str) -> Truth {
         Truth(
-            tenantsync_client::verify::Truth::open(path, "policy.sql", policy)
+            tenantsync_verify::Truth::open(path, "policy.sql", policy)
                 .unwrap_or_else(|e| panic!("the truth: {e}")),
         )
     }

@@ -1,3 +1,5 @@
+//! tenantsync-verify: the isolation oracle.
+//!
 //! Isolation checks: a replica against what its identity may see, evaluated
 //! directly on the server database.
 //!
@@ -22,7 +24,7 @@ use std::path::Path;
 use tenantsync_core::{CrrConnection, Options, PackedPk, Value};
 use tenantsync_policy::{Engine, Identity, PolicySet, Schema};
 
-use crate::replica::Replica;
+use tenantsync_client::{Replica, ReplicaError};
 
 /// Rows keyed by (table, packed primary key), every column in table order.
 pub type Rows = BTreeMap<(String, PackedPk), Vec<Value>>;
@@ -68,7 +70,7 @@ pub enum VerifyError {
     },
     /// The replica could not be read.
     #[error("cannot read the replica: {0}")]
-    Replica(#[from] crate::ReplicaError),
+    Replica(#[from] ReplicaError),
 }
 
 /// The policy engine's schema of a database: its user tables (not the
@@ -314,7 +316,7 @@ impl Truth {
     }
 
     /// [`Truth::check`] on a [`ReplicaState`] read earlier (e.g. on the
-    /// replica's own thread, [`crate::ReplicaHandle`]).
+    /// replica's own thread, [`tenantsync_client::ReplicaHandle`]).
     pub fn check_state(
         &self,
         identity: &Identity,
