@@ -11,7 +11,7 @@
 //!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
 //!   protocol docs/PROTOCOL.md); [`cmd::bench`] is `tenantsync bench`, the
 //!   load benchmark (contract: docs/BENCH.md; the harness is
-//!   `tenantsync_benches::harness`).
+//!   `tenantsync_loadtest`).
 
 use std::process::ExitCode;
 

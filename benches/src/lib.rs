@@ -2,19 +2,11 @@
 //! `benches/benches/` and the profiling example in `benches/examples/`
 //! (seeded rows, the table shapes, and the tracking configurations the
 //! core's insert cost is measured against: docs/arch/core.md, "Write
-//! tracking"), and the tenant-isolation load harness behind `tenantsync
-//! bench` (docs/BENCH.md).
+//! tracking"). The load harness behind `tenantsync bench` is the crate
+//! `tenantsync-loadtest` (`loadtest/`).
 //!
-//! Module map:
-//! - this root: the criterion fixtures ([`text`], [`Shape`], [`SHAPES`],
-//!   [`insert_rows`], [`Tracking`], [`Db`]).
-//! - [`harness`]: the load harness: [`harness::Config`], [`harness::run`]
-//!   (a server child process or external servers, seeded tenants,
-//!   thousands of WebSocket load clients, the phases, the isolation check)
-//!   and its [`harness::Report`] (terminal table, `--json`, `--report` with
-//!   SVG plots).
-
-pub mod harness;
+//! Module map: one module, this root: [`text`], [`Shape`], [`SHAPES`],
+//! [`insert_rows`], [`Tracking`], [`Db`].
 
 use rusqlite::{Connection, params};
 use tenantsync_core::CrrConnection;

@@ -1,11 +1,11 @@
 //! `tenantsync bench`: the tenant-isolation load benchmark (contract:
-//! docs/BENCH.md). The harness is `tenantsync_benches::harness`; this is
+//! docs/BENCH.md). The harness is `tenantsync_loadtest`; this is
 //! its command line: flags, the runtime, the table, `--json`, `--report`.
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use tenantsync_benches::harness::{self, Config};
+use tenantsync_loadtest::{self as harness, Config};
 
 /// Arguments of `tenantsync bench`.
 #[derive(clap::Args, Debug)]

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 /// The example schema the bench's server runs.
-pub const SCHEMA_SQL: &str = include_str!("../../../examples/schema.sql");
+pub const SCHEMA_SQL: &str = include_str!("../../examples/schema.sql");
 /// The example policy the bench's server runs.
-pub const POLICY_SQL: &str = include_str!("../../../examples/policy.sql");
+pub const POLICY_SQL: &str = include_str!("../../examples/policy.sql");
 
 /// A `tenantsync serve` child process.
 pub struct ChildServer {

@@ -1,4 +1,4 @@
-//! The tenant-isolation load harness behind `tenantsync bench`
+//! tenantsync-loadtest: the tenant-isolation load harness behind `tenantsync bench`
 //! (docs/BENCH.md): a real server (a `tenantsync serve` child process on a
 //! temp database, or external servers), seeded tenants, thousands of load
 //! clients over real WebSockets, the phases (snapshot, steady, noisy
