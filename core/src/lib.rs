@@ -18,9 +18,11 @@
 //!   clock-record IO and the merge's base-row writes, on held statements.
 //! - `raw`: directly held prepared statements for the hot paths.
 //! - `clock`: the per-row clock record encoding.
-//! - [`pack`]: cr-sqlite's packed primary keys, [`PackedPk`].
-//! - [`change`]: the change types [`Change`], [`ChangesQuery`], [`RowRef`].
-//! - [`site`]: the [`SiteId`] type.
+//! - [`pack`], [`site`]: re-exported from `tenantsync-types` (cr-sqlite's
+//!   packed primary keys [`PackedPk`], the [`SiteId`] type), where the wire
+//!   crate reads them without SQLite.
+//! - [`change`]: the change types [`Change`] (from `tenantsync-types`),
+//!   [`ChangesQuery`], [`RowRef`].
 //! - [`error`]: the [`Error`] type.
 //! - [`script`]: SQL scripts split into statements by SQLite's parser.
 //!
@@ -33,12 +35,12 @@ mod crr;
 pub mod error;
 mod functions;
 mod merge;
-pub mod pack;
+pub use tenantsync_types::pack;
 mod raw;
 mod read;
 pub mod schema;
 pub mod script;
-pub mod site;
+pub use tenantsync_types::site;
 mod state;
 mod tracking;
 mod vtab;

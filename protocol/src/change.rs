@@ -17,8 +17,8 @@ use std::fmt::Write as _;
 use serde::de::{self, SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tenantsync_core::{Change, PackedPk, SiteId};
 use tenantsync_types::Value;
+use tenantsync_types::{Change, PackedPk, SiteId};
 
 /// A row named by table and packed pk: what an eviction or a refused-row
 /// report names.

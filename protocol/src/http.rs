@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tenantsync_core::{Change, SiteId};
 use tenantsync_types::Value;
+use tenantsync_types::{Change, SiteId};
 
 use crate::change::{RowKey, array_list};
 use crate::error::ErrorCode;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tenantsync_core::{Change, SiteId};
+use tenantsync_types::{Change, SiteId};
 
 use crate::change::{RowKey, array_list};
 use crate::error::ErrorCode;
@@ -124,7 +124,7 @@ pub struct RefusedRow {
     /// The CRR.
     pub table: String,
     /// Packed pk (hex).
-    pub pk: tenantsync_core::PackedPk,
+    pub pk: tenantsync_types::PackedPk,
     /// `INSERT`, `UPDATE` or `DELETE`.
     pub command: String,
     /// The policy that decided (a restrictive policy that failed, or the
@@ -370,7 +370,7 @@ impl ChangesMessageBuilder {
 mod tests {
     use super::*;
     use crate::change::encode_change;
-    use tenantsync_core::PackedPk;
+    use tenantsync_types::PackedPk;
     use tenantsync_types::Value;
 
     fn change(cid: &str, val: Value) -> Change {

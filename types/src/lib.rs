@@ -12,6 +12,10 @@
 //!   policy engine takes them.
 //! - [`num`]: SQLite's own number <-> text conversions (`sqlite3AtoF`,
 //!   `sqlite3Atoi64`, the `%!.17g` rendering of a REAL), ported exactly.
+//! - [`pack`]: cr-sqlite's packed primary keys, [`PackedPk`]; [`site`]:
+//!   [`SiteId`]; [`change`]: [`Change`], a row of `crsql_changes`. The wire
+//!   identities, shared by the protocol (which needs no SQLite) and the core.
+//! - [`ValueRef`]: a borrowed value (rusqlite's with the `rusqlite` feature).
 //!
 //! # The JSON encoding
 //!
@@ -31,10 +35,65 @@
 use std::fmt;
 
 pub mod affinity;
+pub mod change;
 pub mod num;
+pub mod pack;
 pub mod schema;
+pub mod site;
 
 pub use affinity::Affinity;
+pub use change::Change;
+pub use pack::{PackedPk, PkError};
+pub use site::{SiteId, SiteIdParseError};
+
+/// A borrowed SQLite value: rusqlite's `ValueRef` with the `rusqlite`
+/// feature, the same five variants without it (so the wire types need no
+/// SQLite).
+#[cfg(feature = "rusqlite")]
+pub use rusqlite::types::ValueRef;
+
+/// A borrowed SQLite value: the same five variants as rusqlite's
+/// `ValueRef` (which this is, with the `rusqlite` feature).
+#[cfg(not(feature = "rusqlite"))]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    /// NULL.
+    Null,
+    /// INTEGER.
+    Integer(i64),
+    /// REAL.
+    Real(f64),
+    /// TEXT (its UTF-8 bytes).
+    Text(&'a [u8]),
+    /// BLOB.
+    Blob(&'a [u8]),
+}
+
+impl Value {
+    /// Borrows the value as a [`ValueRef`].
+    pub fn as_value_ref(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(t) => ValueRef::Text(t.as_bytes()),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }
+    }
+
+    /// An owned value; fails only on TEXT that is not valid UTF-8 (SQLite
+    /// lets `CAST(blob AS TEXT)` make such values): refusing is better than
+    /// a silent lossy copy.
+    pub fn from_value_ref(v: ValueRef<'_>) -> Result<Value, std::string::FromUtf8Error> {
+        Ok(match v {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => Value::Integer(i),
+            ValueRef::Real(r) => Value::Real(r),
+            ValueRef::Text(t) => Value::Text(String::from_utf8(t.to_vec())?),
+            ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+        })
+    }
+}
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -264,34 +323,12 @@ mod sql {
         }
     }
 
-    impl Value {
-        /// Borrows the value as rusqlite's `ValueRef`.
-        pub fn as_value_ref(&self) -> ValueRef<'_> {
-            match self {
-                Value::Null => ValueRef::Null,
-                Value::Integer(i) => ValueRef::Integer(*i),
-                Value::Real(r) => ValueRef::Real(*r),
-                Value::Text(t) => ValueRef::Text(t.as_bytes()),
-                Value::Blob(b) => ValueRef::Blob(b),
-            }
-        }
-    }
-
-    /// Fails only on TEXT that is not valid UTF-8 (SQLite lets `CAST(blob AS
-    /// TEXT)` make such values): refusing is better than a silent lossy copy.
+    /// Fails only on TEXT that is not valid UTF-8 ([`Value::from_value_ref`]).
     impl TryFrom<ValueRef<'_>> for Value {
         type Error = FromSqlError;
 
         fn try_from(v: ValueRef<'_>) -> FromSqlResult<Self> {
-            Ok(match v {
-                ValueRef::Null => Value::Null,
-                ValueRef::Integer(i) => Value::Integer(i),
-                ValueRef::Real(r) => Value::Real(r),
-                ValueRef::Text(t) => Value::Text(
-                    String::from_utf8(t.to_vec()).map_err(|e| FromSqlError::Other(Box::new(e)))?,
-                ),
-                ValueRef::Blob(b) => Value::Blob(b.to_vec()),
-            })
+            Value::from_value_ref(v).map_err(|e| FromSqlError::Other(Box::new(e)))
         }
     }
 }

@@ -16,9 +16,9 @@
 
 use std::fmt;
 
-use rusqlite::types::ValueRef;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tenantsync_types::Value;
+
+use crate::{Value, ValueRef};
 
 const T_INTEGER: u8 = 1;
 const T_REAL: u8 = 2;
@@ -169,7 +169,7 @@ fn width(v: u64) -> usize {
 }
 
 /// Appends the packed form of `count` values to `out`.
-pub(crate) fn pack_into<'a>(
+pub fn pack_into<'a>(
     values: impl IntoIterator<Item = ValueRef<'a>>,
     count: usize,
     out: &mut Vec<u8>,
@@ -242,7 +242,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes a packed key into borrowed values (TEXT checked for UTF-8).
-pub(crate) fn unpack_refs(data: &[u8]) -> Result<Vec<ValueRef<'_>>, PkError> {
+pub fn unpack_refs(data: &[u8]) -> Result<Vec<ValueRef<'_>>, PkError> {
     let (&count, _) = data.split_first().ok_or(PkError::Empty)?;
     let mut out = Vec::with_capacity(count as usize);
     let mut r = Reader {
@@ -283,7 +283,7 @@ pub(crate) fn unpack_refs(data: &[u8]) -> Result<Vec<ValueRef<'_>>, PkError> {
 }
 
 /// The packed form of one integer.
-pub(crate) fn pack_int(i: i64) -> Vec<u8> {
+pub fn pack_int(i: i64) -> Vec<u8> {
     let w = width(i as u64);
     let mut out = Vec::with_capacity(2 + w);
     out.push(1);
@@ -293,7 +293,7 @@ pub(crate) fn pack_int(i: i64) -> Vec<u8> {
 }
 
 /// The integer of a canonical one-integer packed key.
-pub(crate) fn single_int(pk: &[u8]) -> Option<i64> {
+pub fn single_int(pk: &[u8]) -> Option<i64> {
     match pk {
         [1, tag, rest @ ..]
             if tag & 0x07 == T_INTEGER && rest.len() == (tag >> 3) as usize && rest.len() <= 8 =>
@@ -305,16 +305,16 @@ pub(crate) fn single_int(pk: &[u8]) -> Option<i64> {
 }
 
 /// Decodes a packed key into owned values.
-pub(crate) fn unpack(data: &[u8]) -> Result<Vec<Value>, PkError> {
+pub fn unpack(data: &[u8]) -> Result<Vec<Value>, PkError> {
     Ok(unpack_refs(data)?
         .into_iter()
-        .map(|v| Value::try_from(v).expect("unpack_refs checked UTF-8"))
+        .map(|v| Value::from_value_ref(v).expect("unpack_refs checked UTF-8"))
         .collect())
 }
 
 /// Re-encodes a (possibly non-minimal) packed key minimally; returns the
 /// number of values too.
-pub(crate) fn canonicalize(data: &[u8]) -> Result<(Vec<u8>, usize), PkError> {
+pub fn canonicalize(data: &[u8]) -> Result<(Vec<u8>, usize), PkError> {
     let vals = unpack_refs(data)?;
     let mut out = Vec::with_capacity(data.len());
     pack_into(vals.iter().copied(), vals.len(), &mut out)?;
