@@ -388,3 +388,69 @@ async fn long_polls_wake_only_for_their_tenant() {
     );
     s.stop().await;
 }
+
+/// A tenant that opens hundreds of subscriptions, each a new view whose
+/// query reads thousands of its rows, gets them one per turn within the
+/// engine's session budget: another tenant's subscription, sent after the
+/// burst, is answered while most of the burst still waits (without the
+/// turn it waited for every one of them: the shard's view count was the
+/// whole burst when it was answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_subscriptions_waits_its_turn() {
+    const BURST: usize = 400;
+    let s = TestServer::start_with(edge(), |c| {
+        c.limits.max_subscriptions_per_connection = BURST;
+    })
+    .await;
+    s.sql(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
+         INSERT INTO todos (id, tenant_id, owner, title, priority) \
+         SELECT 100000 + i, 'evil', 'mallory', 'row ' || i, i % 1000 FROM n",
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let views = || async {
+        let r: serde_json::Value = http
+            .get(s.url("/v1/admin/status"))
+            .bearer_auth(edge_common::server::service_token())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["shards"][0]["views"].as_u64().unwrap()
+    };
+
+    let mut flood = s.ws(Some(&user_token("mallory", "evil"))).await;
+    flood.open(site(1), None).await;
+    for i in 0..BURST {
+        flood
+            .send(json!({"type": "subscribe", "id": format!("s{i}"), "query": format!("SELECT * FROM todos WHERE priority = {i}")}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut victim = s.ws(Some(&user_token("alice", "acme"))).await;
+    victim.open(site(2), None).await;
+    victim
+        .send(json!({"type": "subscribe", "id": "mine", "query": "SELECT * FROM todos"}))
+        .await;
+    let subscribed = victim.expect("subscribed").await;
+    assert_eq!(subscribed["id"], "mine");
+    // The gauges are refreshed every 250 ms: wait for one refresh.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = views().await as usize;
+    assert!(
+        held < BURST / 2,
+        "{held} views existed when the other tenant's subscription was answered"
+    );
+    // The burst completes all the same.
+    let mut answered = 0;
+    while answered < BURST {
+        let m = flood.msg().await;
+        if m["type"] == "subscribed" {
+            answered += 1;
+        }
+    }
+    s.stop().await;
+}

@@ -253,6 +253,9 @@ pub(crate) struct Tuning {
     pub pending_parts: usize,
     /// How often quiet subscriptions get an empty part.
     pub heartbeat: Duration,
+    /// The engine time subscriptions (their view creation) may take
+    /// between two group commits.
+    pub session_budget: Duration,
 }
 
 impl Default for Tuning {
@@ -265,6 +268,7 @@ impl Default for Tuning {
             persist_batch: 2000,
             pending_parts: 4096,
             heartbeat: Duration::from_secs(10),
+            session_budget: Duration::from_millis(10),
         }
     }
 }
@@ -292,6 +296,11 @@ pub(crate) struct Engine {
     tx: Sender<Cmd>,
     readers: Arc<Readers>,
     writes: FairQueue<Write>,
+    /// Subscriptions waiting for their turn, per tenant, with the later
+    /// commands of their connections (kept in order behind them).
+    sessions: FairQueue<Cmd>,
+    /// Connections with commands in `sessions`, and how many.
+    deferred: FxMap<ConnId, usize>,
     peers: FxMap<SiteId, Peer>,
     filters: filters::Filters,
     subs: subs::Subs,
@@ -352,6 +361,8 @@ impl Engine {
             tx,
             readers,
             writes: FairQueue::default(),
+            sessions: FairQueue::default(),
+            deferred: FxMap::default(),
             peers: FxMap::default(),
             filters: filters::Filters::default(),
             subs: subs::Subs::default(),
@@ -374,7 +385,7 @@ impl Engine {
     pub fn run(mut self, rx: Receiver<Cmd>) {
         let tick = Duration::from_millis(250);
         loop {
-            let wait = if self.writes.is_empty() {
+            let wait = if self.writes.is_empty() && self.sessions.is_empty() {
                 tick.saturating_sub(self.last_tick.elapsed())
             } else {
                 Duration::ZERO
@@ -405,7 +416,7 @@ impl Engine {
                         };
                         self.writes.push(&tenant, w);
                     }
-                    other => self.handle(other),
+                    other => self.admit(other),
                 }
             }
             if let Some(reply) = shutdown {
@@ -413,6 +424,7 @@ impl Engine {
                 let _ = reply.send(());
                 return;
             }
+            self.run_sessions();
             if !self.writes.is_empty() {
                 let group = self.writes.take(self.tuning.quantum, self.tuning.max_group);
                 self.run_group(group);
@@ -420,6 +432,62 @@ impl Engine {
             if self.last_tick.elapsed() >= tick {
                 self.last_tick = Instant::now();
                 self.tick();
+            }
+        }
+    }
+
+    /// Handles a command now, or queues it for its tenant's turn: a
+    /// subscription (its view may need a query over the tenant's rows), and
+    /// any later command of a connection that has one queued, so each
+    /// connection's commands keep their order.
+    fn admit(&mut self, c: Cmd) {
+        let (conn, subscribe) = match &c {
+            Cmd::Subscribe { conn, .. } => (*conn, true),
+            Cmd::Unsubscribe { conn, .. }
+            | Cmd::Resync { conn, .. }
+            | Cmd::Ack { conn, .. }
+            | Cmd::Close { conn } => (*conn, false),
+            _ => return self.handle(c),
+        };
+        if !subscribe && !self.deferred.contains_key(&conn) {
+            return self.handle(c);
+        }
+        let tenant = self
+            .subs
+            .conns
+            .get(&conn)
+            .map(|k| k.who.tenant.clone())
+            .unwrap_or_else(|| Arc::from(""));
+        *self.deferred.entry(conn).or_default() += 1;
+        self.sessions.push(&tenant, c);
+    }
+
+    /// Runs queued subscriptions, one per tenant in turn, for at most the
+    /// session budget: a tenant's burst of subscriptions (and their view
+    /// queries) never holds the next group commit for longer than that
+    /// and one subscription, nor another tenant's subscription for more
+    /// than one turn.
+    fn run_sessions(&mut self) {
+        let started = Instant::now();
+        let mut one = Vec::with_capacity(1);
+        while !self.sessions.is_empty() && started.elapsed() < self.tuning.session_budget {
+            self.sessions.take_turn(1, &mut one);
+            for c in one.drain(..) {
+                let conn = match &c {
+                    Cmd::Subscribe { conn, .. }
+                    | Cmd::Unsubscribe { conn, .. }
+                    | Cmd::Resync { conn, .. }
+                    | Cmd::Ack { conn, .. }
+                    | Cmd::Close { conn } => *conn,
+                    _ => unreachable!("only session commands are queued"),
+                };
+                if let Some(n) = self.deferred.get_mut(&conn) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.deferred.remove(&conn);
+                    }
+                }
+                self.handle(c);
             }
         }
     }
