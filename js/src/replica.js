@@ -71,8 +71,20 @@ export class Replica {
     await this.sql.all("DELETE FROM tenantsync_merged WHERE hi <= ?", [BigInt(v)]);
   }
 
+  /** The last committed version (inside a transaction, not what it wrote). */
   async dbVersion() {
     return int(await this.sql.one("SELECT crsql_db_version()"));
+  }
+
+  /**
+   * The greatest version this transaction stamped after `before`, or
+   * `before`: cr-sqlite 0.16 stamps merged rows max(local + 1, pending, the
+   * change's db_version), and `crsql_db_version()` moves only at commit.
+   * (No local write shares the transaction: it holds the database.)
+   */
+  async stampedSince(before) {
+    const v = await this.sql.one("SELECT max(db_version) FROM crsql_changes WHERE db_version > ?", [BigInt(before)]);
+    return v === null || v === undefined ? before : int(v);
   }
 
   async siteId() {
@@ -177,7 +189,7 @@ export class Replica {
     await this.sql.all("SELECT crsql_internal_sync_bit(1)");
     try {
       await this.sql.all(
-        "INSERT OR REPLACE INTO crsql_master (key, value) VALUES ('pre_compact_dbversion', crsql_db_version())",
+        "INSERT OR REPLACE INTO crsql_master (key, value) VALUES ('pre_compact_dbversion', crsql_next_db_version())",
       );
       await this.sql.all(`DELETE FROM ${t} WHERE crsql_pack_columns(${cols}) = ?`, [pk]);
       await this.sql.all(
@@ -234,7 +246,6 @@ export class Replica {
   async applyParts(version, parts, inflightTo) {
     const before = await this.dbVersion();
     for (const p of parts) await this.merge(p.changes);
-    await this.recordMerged(before, await this.dbVersion());
     const candidates = new Set();
     for (const p of parts) {
       const heldBefore = p.reset ? await this.heldKeys(p.sub) : null;
@@ -259,7 +270,9 @@ export class Replica {
       }
       await this.setCursor(p.sub, version);
     }
-    return this.removeUnheld([...candidates], inflightTo);
+    const removed = await this.removeUnheld([...candidates], inflightTo);
+    await this.recordMerged(before, await this.stampedSince(before));
+    return removed;
   }
 
   /**
@@ -390,11 +403,11 @@ export class Replica {
       await this.merge(changes);
       if (changes.reduce((m, c) => Math.max(m, int(c[7])), 0) % 2 === 0) await this.dropEverywhere(key);
     }
-    await this.recordMerged(before, await this.dbVersion());
     for (const key of rows) {
       if (!state.has(key)) await this.dropEverywhere(key);
       if (!(await this.heldByAny(key))) await this.forget(key);
     }
+    await this.recordMerged(before, await this.stampedSince(before));
     await this.setPushedVersion(int(refusal.pushed_version));
     return quarantined;
   }
