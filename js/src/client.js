@@ -108,6 +108,21 @@ export class TenantSyncClient {
     if (changed) this.#setStatus({ state: this.#welcomed ? "syncing" : this.#status.state });
   }
 
+  /**
+   * Ends a subscription: the server forgets it, and rows no other
+   * subscription holds leave the replica (without a delete; unpushed
+   * changes of theirs go to the quarantine).
+   */
+  async unsubscribe(id) {
+    const inflightTo = this.#inflight ? this.#inflight.batch.to : null;
+    await this.#tx((r) => r.unsubscribe(id, inflightTo));
+    this.#staged.delete(id);
+    this.modes.delete(id);
+    if (this.#welcomed) this.#send({ type: "unsubscribe", id });
+    await this.#refreshQuarantine();
+    this.#maybeLive();
+  }
+
   /** The subscriptions with their cursors. */
   subscriptions() {
     return this.#tx((r) => r.subscriptions());

@@ -58,6 +58,8 @@ export class TenantSyncClient {
   onStatus(cb: (s: Status) => void): () => void;
   until(pred: (s: Status) => boolean): Promise<Status>;
   subscribe(id: string, query: string): Promise<void>;
+  /** Ends a subscription; rows no other subscription holds leave the replica. */
+  unsubscribe(id: string): Promise<void>;
   subscriptions(): Promise<{ id: string; query: string; cursor: number | null }[]>;
   liveQuery<T = Record<string, unknown>>(sql: string, params: unknown[], cb: (rows: T[]) => void): () => void;
   quarantine(): Promise<Quarantined[]>;

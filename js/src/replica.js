@@ -106,6 +106,17 @@ export class Replica {
     return true;
   }
 
+  /**
+   * Drops a subscription and its held keys; rows no other subscription
+   * holds leave the replica (their unpushed changes to the quarantine).
+   */
+  async unsubscribe(id, inflightTo) {
+    const keys = await this.heldKeys(id);
+    await this.sql.all("DELETE FROM tenantsync_held WHERE sub = ?", [id]);
+    await this.sql.all("DELETE FROM tenantsync_subs WHERE id = ?", [id]);
+    return this.removeUnheld([...keys], inflightTo);
+  }
+
   async setCursor(sub, version) {
     await this.sql.all("UPDATE tenantsync_subs SET cursor = ? WHERE id = ?", [BigInt(version), sub]);
   }

@@ -163,3 +163,23 @@ test("a token without a role is refused, and the status says why", async () => {
   const s = await within(c.until((st) => st.error && st.error.includes("role")), "the refusal");
   assert.notEqual(s.state, "live");
 });
+
+test("unsubscribing removes the rows no other subscription holds, and nothing more arrives", async () => {
+  const kai = await client("kai", "acme", { lists: "SELECT * FROM lists", mine: "SELECT * FROM todos" });
+  await live(kai);
+  await serviceSql(server, ["INSERT INTO lists (id, tenant_id, owner, name) VALUES (800, 'acme', 'kai', 'kai''s')"]);
+  const lists = () => kai.db.execA("SELECT name FROM lists WHERE id >= 800").then((r) => r.map((x) => x[0]));
+  await eventually(async () => (await lists()).length === 1, "the list");
+  await kai.unsubscribe("lists");
+  assert.deepEqual(await lists(), []);
+  assert.deepEqual((await kai.subscriptions()).map((s) => s.id), ["mine"]);
+  // Forgotten, not deleted: the server keeps the list ...
+  assert.equal((await serviceSql(server, ["SELECT count(*) FROM lists WHERE id = 800"]))[0][0][0], 1);
+  // ... and a new list no longer arrives, while todos still do.
+  await serviceSql(server, [
+    "INSERT INTO lists (id, tenant_id, owner, name) VALUES (801, 'acme', 'kai', 'later')",
+    "INSERT INTO todos (id, tenant_id, owner, title) VALUES (802, 'acme', 'kai', 'still here')",
+  ]);
+  await eventually(async () => (await titles(kai)).includes("still here"), "the todo");
+  assert.deepEqual(await lists(), []);
+});
