@@ -251,12 +251,20 @@ async fn idle_pull_state_and_peers_leave_memory() {
         assert_eq!(second["subs"]["todos"]["mode"], "resume", "{second}");
         cursors.push(second["version"].as_i64().unwrap());
     }
+    // Puller 21's last answer moves past what it acknowledged: a commit of
+    // its own row lies between its two pulls.
+    let first = pull(21, None).await;
+    s.sql("INSERT INTO todos (id, tenant_id, owner, title) VALUES (2, 'acme', 'u21', 'new')")
+        .await;
+    let second = pull(21, Some(first["version"].as_i64().unwrap())).await;
+    let delivered = second["version"].as_i64().unwrap();
+    assert!(delivered > first["version"].as_i64().unwrap(), "{second}");
     // Published every tick (250 ms).
     let mut held = (0, 0);
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         held = status().await;
-        if held == (20, 20) {
+        if held == (21, 21) {
             break;
         }
     }
@@ -277,6 +285,10 @@ async fn idle_pull_state_and_peers_leave_memory() {
         .expect("idle pull states and peers leave memory");
     // Coming back with the acknowledged cursor resumes.
     let back = pull(1, Some(cursors[0])).await;
+    assert_eq!(back["subs"]["todos"]["mode"], "resume", "{back}");
+    // So does coming back with the cursor of the last answer, never
+    // acknowledged: the server kept it when the state left memory.
+    let back = pull(21, Some(delivered)).await;
     assert_eq!(back["subs"]["todos"]["mode"], "resume", "{back}");
     s.stop().await;
 }

@@ -815,3 +815,38 @@ async fn a_refusal_describes_its_rows_as_of_its_groups_commit() {
         BTreeSet::from([10])
     );
 }
+
+/// An HTTP puller's last answer, not acknowledged yet, survives a clean
+/// restart: a pull with its cursor resumes (PROTOCOL.md §8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulls_last_answer_resumes_after_a_restart() {
+    use tenantsync_protocol::http::{PullRequest, PullSub};
+    let pull = |s: &Server, cursor: Option<i64>| {
+        let req = PullRequest {
+            site_id: site(40),
+            subscriptions: vec![PullSub {
+                id: "todos".into(),
+                query: "SELECT * FROM todos".into(),
+                cursor,
+            }],
+            wait_ms: 0,
+            unsubscribe: vec![],
+        };
+        let p = principal("u40", "acme");
+        let service = s.service.clone();
+        async move { service.pull(&p, req).await.unwrap() }
+    };
+    let s = Server::start();
+    let first = pull(&s, None).await;
+    s.sql("INSERT INTO todos (id, tenant_id, owner, title) VALUES (1, 'acme', 'u40', 'x')")
+        .await;
+    let second = pull(&s, Some(first.version)).await;
+    assert!(second.version > first.version);
+    let s = s.restart().await;
+    let back = pull(&s, Some(second.version)).await;
+    assert_eq!(
+        back.subs["todos"].mode,
+        tenantsync_protocol::SubscribeMode::Resume
+    );
+    assert!(back.subs["todos"].changes.is_empty());
+}

@@ -729,6 +729,7 @@ impl Engine {
         }
         self.close_all();
         self.persist(true);
+        self.keep_deliveries(None);
         if let Err(e) = self
             .db
             .conn()
@@ -750,6 +751,22 @@ impl Engine {
     /// Memory holds what is in use: a pull state unused for the grace
     /// period and a peer neither connected nor used for it leave memory
     /// (their state is in the database; the next use loads it again).
+    /// Stores the unacknowledged last answer of each pull state leaving
+    /// memory (idle for `idle`, or all of them), so its next pull resumes.
+    fn keep_deliveries(&mut self, idle: Option<Duration>) {
+        for ((site, sub), p) in &self.subs.pulls {
+            if idle.is_some_and(|g| p.last_used.elapsed() < g) {
+                continue;
+            }
+            if let Some((cursor, held)) = &p.pending
+                && let Err(e) =
+                    store::save_delivered(self.db.conn(), site, sub, &p.query, *cursor, held)
+            {
+                tracing::warn!(error = %e, "keeping a pull's last answer failed");
+            }
+        }
+    }
+
     fn sweep_idle(&mut self) {
         let grace = self.tuning.grace;
         let idle_pulls = self
@@ -759,6 +776,7 @@ impl Engine {
             .any(|p| p.last_used.elapsed() >= grace);
         if idle_pulls {
             self.persist(true);
+            self.keep_deliveries(Some(grace));
             self.subs.pulls.retain(|_, p| p.last_used.elapsed() < grace);
         }
         let connected: FxSet<SiteId> = self.subs.conns.values().map(|c| c.site).collect();

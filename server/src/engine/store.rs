@@ -1,6 +1,7 @@
 //! The server's own tables in the server database (local tables, never
-//! synced): peers (site binding, `pushed_version`) and acknowledged
-//! subscription state (cursor and held rows). Only the engine thread calls
+//! synced): peers (site binding, `pushed_version`), acknowledged
+//! subscription state (cursor and held rows), and the last answer
+//! delivered to each HTTP puller. Only the engine thread calls
 //! these, on its connection.
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -26,6 +27,17 @@ CREATE TABLE IF NOT EXISTS tenantsync_subscriptions (
   cursor INTEGER NOT NULL,
   held BLOB NOT NULL,
   updated_at INTEGER NOT NULL,
+  PRIMARY KEY (site_id, sub_id)
+);
+-- The last answer delivered to an HTTP puller and not acknowledged yet
+-- (its next pull's cursor does that), kept when its state leaves memory
+-- (idle, or a shutdown) so that pull can still resume.
+CREATE TABLE IF NOT EXISTS tenantsync_pull_delivered (
+  site_id BLOB NOT NULL,
+  sub_id TEXT NOT NULL,
+  query TEXT NOT NULL,
+  cursor INTEGER NOT NULL,
+  held BLOB NOT NULL,
   PRIMARY KEY (site_id, sub_id)
 );
 CREATE INDEX IF NOT EXISTS tenantsync_peers_tenant ON tenantsync_peers (tenant);
@@ -116,6 +128,8 @@ pub(crate) fn forget_peers(
             continue;
         }
         conn.prepare_cached("DELETE FROM tenantsync_subscriptions WHERE site_id = ?1")?
+            .execute([&raw])?;
+        conn.prepare_cached("DELETE FROM tenantsync_pull_delivered WHERE site_id = ?1")?
             .execute([&raw])?;
         conn.prepare_cached("DELETE FROM tenantsync_peers WHERE site_id = ?1")?
             .execute([&raw])?;
@@ -215,7 +229,51 @@ pub(crate) fn save_sub(
 pub(crate) fn delete_sub(conn: &Connection, site: &SiteId, sub: &str) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM tenantsync_subscriptions WHERE site_id = ?1 AND sub_id = ?2")?
         .execute(params![site.0.as_slice(), sub])?;
+    conn.prepare_cached(
+        "DELETE FROM tenantsync_pull_delivered WHERE site_id = ?1 AND sub_id = ?2",
+    )?
+    .execute(params![site.0.as_slice(), sub])?;
     Ok(())
+}
+
+/// Keeps the last answer delivered to a puller (not acknowledged yet).
+pub(crate) fn save_delivered(
+    conn: &Connection,
+    site: &SiteId,
+    sub: &str,
+    query: &str,
+    cursor: i64,
+    held: &PkSet,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO tenantsync_pull_delivered (site_id, sub_id, query, cursor, held)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        site.0.as_slice(),
+        sub,
+        query,
+        cursor,
+        encode_held(held)
+    ])?;
+    Ok(())
+}
+
+/// The last answer delivered to a puller for `query`, if kept.
+pub(crate) fn load_delivered(
+    conn: &Connection,
+    site: &SiteId,
+    sub: &str,
+    query: &str,
+) -> rusqlite::Result<Option<(i64, PkSet)>> {
+    conn.prepare_cached(
+        "SELECT cursor, held FROM tenantsync_pull_delivered WHERE site_id = ?1 AND sub_id = ?2 AND query = ?3",
+    )?
+    .query_row(params![site.0.as_slice(), sub, query], |r| {
+        let blob: Vec<u8> = r.get(1)?;
+        Ok((r.get(0)?, decode_held(&blob).unwrap_or_default()))
+    })
+    .optional()
 }
 
 /// The sorted, length-prefixed (unsigned LEB128) list of packed pks.

@@ -98,6 +98,10 @@ impl Engine {
                 let stored = store::load_sub(self.db.conn(), &site, &ps.id)
                     .ok()
                     .flatten();
+                // The last answer it was given, if it left memory unacknowledged.
+                let delivered = store::load_delivered(self.db.conn(), &site, &ps.id, &ps.query)
+                    .ok()
+                    .flatten();
                 self.subs.pulls.insert(
                     key.clone(),
                     PullState {
@@ -106,7 +110,7 @@ impl Engine {
                         acked: stored.and_then(|r| {
                             (r.query == ps.query).then(|| (r.cursor, Arc::new(r.held)))
                         }),
-                        pending: None,
+                        pending: delivered.map(|(c, h)| (c, Arc::new(h))),
                         dirty: false,
                         last_used: Instant::now(),
                     },
