@@ -751,22 +751,6 @@ impl Engine {
     /// Memory holds what is in use: a pull state unused for the grace
     /// period and a peer neither connected nor used for it leave memory
     /// (their state is in the database; the next use loads it again).
-    /// Stores the unacknowledged last answer of each pull state leaving
-    /// memory (idle for `idle`, or all of them), so its next pull resumes.
-    fn keep_deliveries(&mut self, idle: Option<Duration>) {
-        for ((site, sub), p) in &self.subs.pulls {
-            if idle.is_some_and(|g| p.last_used.elapsed() < g) {
-                continue;
-            }
-            if let Some((cursor, held)) = &p.pending
-                && let Err(e) =
-                    store::save_delivered(self.db.conn(), site, sub, &p.query, *cursor, held)
-            {
-                tracing::warn!(error = %e, "keeping a pull's last answer failed");
-            }
-        }
-    }
-
     fn sweep_idle(&mut self) {
         let grace = self.tuning.grace;
         let idle_pulls = self

@@ -1,5 +1,8 @@
-//! Upkeep: acknowledged cursors and held rows persisted in batches,
-//! expiry of idle subscriptions' views, and the gauges.
+//! Upkeep: acknowledged cursors and held rows persisted in batches, the
+//! last answers of pulls leaving memory kept, expiry of idle
+//! subscriptions' views, and the gauges.
+
+use std::time::Duration;
 
 use super::*;
 use crate::engine::filters::FilterId;
@@ -89,6 +92,34 @@ impl Engine {
         if let Err(e) = r {
             let _ = self.db.conn().execute_batch("ROLLBACK");
             tracing::error!(error = %e, "persisting subscriptions failed");
+        }
+    }
+
+    /// Stores the unacknowledged last answer of each pull state leaving
+    /// memory (idle for `idle`, or all of them), in one transaction, so
+    /// its next pull resumes.
+    pub(in crate::engine) fn keep_deliveries(&mut self, idle: Option<Duration>) {
+        let leaving: Vec<_> = self
+            .subs
+            .pulls
+            .iter()
+            .filter(|(_, p)| idle.is_none_or(|g| p.last_used.elapsed() >= g))
+            .filter_map(|(key, p)| p.pending.as_ref().map(|(c, h)| (key, &p.query, *c, h)))
+            .collect();
+        if leaving.is_empty() {
+            return;
+        }
+        let conn = self.db.conn();
+        let r = (|| {
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            for ((site, sub), query, cursor, held) in &leaving {
+                store::save_delivered(conn, site, sub, query, *cursor, held)?;
+            }
+            conn.execute_batch("COMMIT")
+        })();
+        if let Err(e) = r {
+            let _ = conn.execute_batch("ROLLBACK");
+            tracing::warn!(error = %e, "keeping pulls' last answers failed");
         }
     }
 
