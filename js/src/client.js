@@ -114,11 +114,16 @@ export class TenantSyncClient {
    * changes of theirs go to the quarantine).
    */
   async unsubscribe(id) {
+    await this.#drop(id);
+    if (this.#welcomed) this.#send({ type: "unsubscribe", id });
+  }
+
+  /** Drops a subscription from the replica (its rows as `unsubscribe` says). */
+  async #drop(id) {
     const inflightTo = this.#inflight ? this.#inflight.batch.to : null;
     await this.#tx((r) => r.unsubscribe(id, inflightTo));
     this.#staged.delete(id);
     this.modes.delete(id);
-    if (this.#welcomed) this.#send({ type: "unsubscribe", id });
     await this.#refreshQuarantine();
     this.#maybeLive();
   }
@@ -459,8 +464,12 @@ export class TenantSyncClient {
       }
       return;
     }
-    if (m.ref !== undefined && this.#staged.has(m.ref)) this.#staged.delete(m.ref);
+    if (m.ref !== undefined && this.#staged.has(m.ref)) {
+      // The server refused the subscription (query_refused, limit_exceeded):
+      // it leaves the replica, or its missing cursor would hold back
+      // settling pushed rows for good. The status keeps the reason.
+      await this.#drop(m.ref);
+    }
     this.#setStatus({ error: `${m.code}: ${m.message}` });
-    this.#maybeLive();
   }
 }

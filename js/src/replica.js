@@ -35,6 +35,14 @@ const quote = (name) => `"${String(name).replaceAll('"', '""')}"`;
 const rowKey = (table, pkHex) => `${table}\u0000${pkHex}`;
 const splitKey = (key) => key.split("\u0000");
 
+/**
+ * A value's SQL placeholder and its bound parameters: an empty BLOB is
+ * written `X''` (wa-sqlite would bind it as NULL), anything else `?`.
+ */
+function valueSql(val) {
+  return val instanceof Uint8Array && val.byteLength === 0 ? ["X''", []] : ["?", [val]];
+}
+
 /** A change read from crsql_changes, as the 9-value protocol array. */
 function wireChange(r) {
   return [r[0], toHex(r[1]), r[2], r[3], r[4], r[5], toHex(r[6]), r[7], r[8]];
@@ -159,14 +167,18 @@ export class Replica {
   /** Merges protocol changes into crsql_changes, each value bound exactly. */
   async merge(changes) {
     for (const c of changes) {
-      const val = sqlValue(c[3]);
-      const emptyBlob = val instanceof Uint8Array && val.byteLength === 0;
-      const params = [c[0], fromHex(c[1]), c[2], val, c[4], c[5], fromHex(c[6]), c[7], c[8]];
-      if (emptyBlob) params.splice(3, 1);
-      await this.sql.all(
-        `INSERT INTO crsql_changes VALUES (?, ?, ?, ${emptyBlob ? "X''" : "?"}, ?, ?, ?, ?, ?)`,
-        params,
-      );
+      const [v, bound] = valueSql(sqlValue(c[3]));
+      await this.sql.all(`INSERT INTO crsql_changes VALUES (?, ?, ?, ${v}, ?, ?, ?, ?, ?)`, [
+        c[0],
+        fromHex(c[1]),
+        c[2],
+        ...bound,
+        c[4],
+        c[5],
+        fromHex(c[6]),
+        c[7],
+        c[8],
+      ]);
     }
   }
 
@@ -293,13 +305,25 @@ export class Replica {
    * pending, a row with this site's clocks stays and settles after it.
    */
   async removeUnheld(keys, inflightTo) {
-    const pushed = await this.pushedVersion();
+    const gone = [];
+    for (const key of keys) if (!(await this.heldByAny(key))) gone.push(key);
+    if (!gone.length) return 0;
+    const byRow = (changes) => {
+      const m = new Map();
+      for (const c of changes) {
+        const key = rowKey(c[0], c[1]);
+        if (!m.has(key)) m.set(key, []);
+        m.get(key).push(c);
+      }
+      return m;
+    };
+    const unpushed = byRow(await this.ownChanges(await this.pushedVersion(), null, gone));
+    const withClocks = (await this.syncPending()) ? byRow(await this.ownChanges(0, null, gone)) : new Map();
     let removed = 0;
-    for (const key of keys) {
-      if (await this.heldByAny(key)) continue;
-      const own = await this.ownChanges(pushed, null, [key]);
+    for (const key of gone) {
+      const own = unpushed.get(key) ?? [];
       if (inflightTo !== null && own.some((c) => int(c[5]) <= inflightTo)) continue;
-      if ((await this.syncPending()) && (await this.ownChanges(0, null, [key])).length) {
+      if (withClocks.has(key)) {
         await this.recordSettle(key, 0);
         continue;
       }
@@ -426,15 +450,15 @@ export class Replica {
   // ---- quarantine -----------------------------------------------------------
 
   async quarantine(c, reason, code, detail, policy = null) {
-    const val = sqlValue(c[3]);
+    const [v, bound] = valueSql(sqlValue(c[3]));
     await this.sql.all(
       `INSERT INTO tenantsync_quarantine (tbl, pk, cid, val, col_version, db_version, site_id, cl, seq, reason, code, detail, at)
-       VALUES (?, ?, ?, ${val instanceof Uint8Array && !val.byteLength ? "X''" : "?"}, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+       VALUES (?, ?, ?, ${v}, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
       [
         c[0],
         fromHex(c[1]),
         c[2],
-        ...(val instanceof Uint8Array && !val.byteLength ? [] : [val]),
+        ...bound,
         c[4],
         c[5],
         fromHex(c[6]),

@@ -183,3 +183,16 @@ test("unsubscribing removes the rows no other subscription holds, and nothing mo
   await eventually(async () => (await titles(kai)).includes("still here"), "the todo");
   assert.deepEqual(await lists(), []);
 });
+
+test("a subscription the server refuses leaves the replica, the reason in the status, and the others go on", async () => {
+  const lou = await client("lou", "acme", { todos: "SELECT * FROM todos" });
+  await live(lou);
+  await lou.subscribe("bad", "SELECT * FROM no_such_table");
+  const s = await within(lou.until((st) => st.error?.startsWith("query_refused")), "the refusal");
+  assert.equal(s.state, "live");
+  assert.deepEqual((await lou.subscriptions()).map((x) => x.id), ["todos"]);
+  // Pushed rows no subscription holds still settle (nothing waits for "bad").
+  await lou.db.exec("INSERT INTO lists (id, tenant_id, owner, name) VALUES (900, 'acme', 'lou', 'unheld')");
+  await eventually(async () => (await serviceSql(server, ["SELECT 1 FROM lists WHERE id = 900"]))[0].length, "the push");
+  await eventually(async () => (await lou.db.execA("SELECT 1 FROM lists WHERE id = 900")).length === 0, "the pushed row to settle");
+});
