@@ -235,6 +235,21 @@ impl ShardStats {
     }
 }
 
+impl Cmd {
+    /// The connection of a session command (one whose order on its
+    /// connection matters: subscribe, unsubscribe, resync, ack, close).
+    fn session_conn(&self) -> Option<ConnId> {
+        match self {
+            Cmd::Subscribe { conn, .. }
+            | Cmd::Unsubscribe { conn, .. }
+            | Cmd::Resync { conn, .. }
+            | Cmd::Ack { conn, .. }
+            | Cmd::Close { conn } => Some(*conn),
+            _ => None,
+        }
+    }
+}
+
 /// Tunables of the engine loop.
 #[derive(Debug, Clone)]
 pub(crate) struct Tuning {
@@ -441,15 +456,10 @@ impl Engine {
     /// any later command of a connection that has one queued, so each
     /// connection's commands keep their order.
     fn admit(&mut self, c: Cmd) {
-        let (conn, subscribe) = match &c {
-            Cmd::Subscribe { conn, .. } => (*conn, true),
-            Cmd::Unsubscribe { conn, .. }
-            | Cmd::Resync { conn, .. }
-            | Cmd::Ack { conn, .. }
-            | Cmd::Close { conn } => (*conn, false),
-            _ => return self.handle(c),
+        let Some(conn) = c.session_conn() else {
+            return self.handle(c);
         };
-        if !subscribe && !self.deferred.contains_key(&conn) {
+        if !matches!(c, Cmd::Subscribe { .. }) && !self.deferred.contains_key(&conn) {
             return self.handle(c);
         }
         let tenant = self
@@ -473,14 +483,7 @@ impl Engine {
         while !self.sessions.is_empty() && started.elapsed() < self.tuning.session_budget {
             self.sessions.take_turn(1, &mut one);
             for c in one.drain(..) {
-                let conn = match &c {
-                    Cmd::Subscribe { conn, .. }
-                    | Cmd::Unsubscribe { conn, .. }
-                    | Cmd::Resync { conn, .. }
-                    | Cmd::Ack { conn, .. }
-                    | Cmd::Close { conn } => *conn,
-                    _ => unreachable!("only session commands are queued"),
-                };
+                let conn = c.session_conn().expect("only session commands are queued");
                 if let Some(n) = self.deferred.get_mut(&conn) {
                     *n -= 1;
                     if *n == 0 {
