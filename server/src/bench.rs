@@ -92,7 +92,7 @@ impl Matching {
     /// returns the number of views it touched.
     pub fn match_one(&mut self) -> usize {
         self.filters
-            .apply_commit(&self.db, &self.schema, &self.rows)
+            .apply_commit(&self.db, &self.schema, &self.rows, 0)
             .expect("apply")
             .len()
     }

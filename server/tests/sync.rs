@@ -850,3 +850,75 @@ async fn a_pulls_last_answer_resumes_after_a_restart() {
     );
     assert!(back.subs["todos"].changes.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_built_off_the_writer_miss_no_write_and_keep_each_connections_order() {
+    let (s, truth) = seeded().await;
+    // Writes that move rows between the views below and grant and revoke
+    // alice's membership of carol's list while the views are built.
+    let writer = {
+        let service = s.service.clone();
+        tokio::spawn(async move {
+            for i in 0..120 {
+                let sql = match i % 3 {
+                    0 => format!(
+                        "INSERT OR REPLACE INTO todos VALUES ({}, 't1', {}, 'carol', 'w{i}', 0, {})",
+                        300 + i % 17,
+                        1 + i % 3,
+                        i % 6
+                    ),
+                    1 => "INSERT OR IGNORE INTO members VALUES (3, 'alice', 't1')".to_owned(),
+                    _ => "DELETE FROM members WHERE list_id = 3 AND user_id = 'alice'".to_owned(),
+                };
+                service
+                    .sql(
+                        &service_principal(),
+                        tenantsync_protocol::http::SqlRequest {
+                            statements: vec![tenantsync_protocol::http::SqlStatement {
+                                sql,
+                                params: vec![],
+                            }],
+                            tenant: None,
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut r = Replica::new(principal("alice", "t1"), site(30));
+    r.connect(&s.service).await;
+    // Each query a view of its own, sent back to back: each waits for a
+    // reader's build, and the commands behind it wait with it.
+    let mut sent = vec!["all".to_owned()];
+    r.subscribe("all", "SELECT * FROM todos").await;
+    for k in 0..6 {
+        let id = format!("p{k}");
+        r.subscribe(&id, &format!("SELECT * FROM todos WHERE priority = {k}"))
+            .await;
+        sent.push(id.clone());
+        if k % 2 == 1 {
+            r.send(ClientMsg::Unsubscribe { id: id.clone() }).await;
+            sent.push(format!("-{id}"));
+        }
+    }
+    r.subscribe("lists", "SELECT * FROM lists WHERE owner = 'carol'")
+        .await;
+    sent.push("lists".to_owned());
+    writer.await.unwrap();
+    r.pump().await;
+    let answered: Vec<String> = r
+        .log
+        .iter()
+        .filter_map(|m| match m {
+            ServerMsg::Subscribed { id, .. } => Some(id.clone()),
+            ServerMsg::Unsubscribed { id } => Some(format!("-{id}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, sent, "answers out of the order sent");
+    for k in [1, 3, 5] {
+        r.subs.remove(&format!("p{k}"));
+    }
+    check_replica(&truth, &r);
+}

@@ -14,7 +14,13 @@
 //! filter one of whose memberships changed in this commit is re-evaluated
 //! whole with its SQL on the engine connection (exact at the version);
 //! every other candidate is evaluated on the changed row's after-image.
+//!
+//! A new filter's rows come from its query on the engine connection, or,
+//! off the writer thread, from a [`Prebuilt`] a reader computed at a version
+//! of its own; [`Filters::catch_up`] then brings the new filters to the
+//! engine's version with the rows the commits after it changed.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +46,7 @@ pub(crate) type FilterId = u32;
 pub(crate) type RowId = u32;
 
 /// One row changed by a commit.
+#[derive(Clone)]
 pub(crate) struct ChangedRow {
     pub table: u16,
     pub pk: PackedPk,
@@ -141,6 +148,9 @@ pub(crate) struct InstanceData {
     atom_users: Vec<(FilterId, u16, usize)>,
     /// Tables its set depends on (its own and nested ones').
     pub tables: Vec<u16>,
+    /// The last version its set changed at (for a prebuilt instance: the
+    /// version it was computed at, since what happened before is unknown).
+    changed_at: i64,
 }
 
 pub(crate) struct ViewData {
@@ -221,6 +231,119 @@ pub(crate) struct Filters {
     pub views: FxMap<ViewKey, FilterId>,
     instances: FxMap<String, FilterId>,
     max_level: u32,
+    /// The version of the commit being applied (or of a creation).
+    at: i64,
+}
+
+/// The rows of new filters, computed at one version by a reader
+/// (`SELECT * FROM t WHERE <filter>` for each membership instance and
+/// view of the queries), for [`Filters::install`].
+#[derive(Default)]
+pub(crate) struct Prebuilt {
+    /// The version of the read transaction they were computed in.
+    pub version: i64,
+    instances: FxMap<String, Vec<(PackedPk, Vec<Value>)>>,
+    views: FxMap<ViewKey, Vec<PackedPk>>,
+}
+
+impl Prebuilt {
+    /// Computes the filters of `queries` on `db` (inside the caller's read
+    /// transaction, at `version`).
+    pub fn compute(
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        queries: &[Arc<EffectiveQuery>],
+        version: i64,
+    ) -> Result<Prebuilt, FilterError> {
+        let mut out = Prebuilt {
+            version,
+            ..Prebuilt::default()
+        };
+        for q in queries {
+            for m in &q.memberships {
+                if let Entry::Vacant(e) = out.instances.entry(instance_key(m)) {
+                    e.insert(select(db, schema, &m.table, &m.where_sql, &m.params)?);
+                }
+            }
+            if let Entry::Vacant(e) = out.views.entry(q.key.clone()) {
+                let rows = select(db, schema, &q.table, &q.where_sql, &q.params)?;
+                e.insert(rows.into_iter().map(|(pk, _)| pk).collect());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The number of rows it carries (for logs and metrics).
+    pub fn rows(&self) -> usize {
+        self.instances.values().map(Vec::len).sum::<usize>()
+            + self.views.values().map(Vec::len).sum::<usize>()
+    }
+}
+
+/// The rows changed by a run of commits (oldest first), each once, with its
+/// latest after-image: what [`Filters::catch_up`] takes.
+pub(crate) fn latest_images<'a>(
+    commits: impl Iterator<Item = &'a [ChangedRow]>,
+) -> Vec<ChangedRow> {
+    let mut at: FxMap<(u16, PackedPk), usize> = FxMap::default();
+    let mut out: Vec<ChangedRow> = Vec::new();
+    for r in commits.flatten() {
+        match at.entry((r.table, r.pk.clone())) {
+            Entry::Occupied(e) => out[*e.get()] = r.clone(),
+            Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(r.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Where a new filter's rows come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// Its query on the engine connection, at the engine's version.
+    Engine(i64),
+    /// A reader's result.
+    Built(&'a Prebuilt),
+}
+
+/// `SELECT * FROM t WHERE <filter>`: every selected row with its pk.
+fn select(
+    db: &CrrConnection,
+    schema: &ServerSchema,
+    table: &str,
+    where_sql: &str,
+    params: &[Value],
+) -> Result<Vec<(PackedPk, Vec<Value>)>, FilterError> {
+    let t = schema
+        .table(table)
+        .ok_or_else(|| FilterError::Table(table.to_owned()))?;
+    let sql = format!(
+        "SELECT * FROM \"{}\" WHERE {}",
+        t.name.replace('"', "\"\""),
+        where_sql
+    );
+    let mut stmt = db.conn().prepare_cached(&sql)?;
+    let n = stmt.column_count();
+    let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+        (0..n)
+            .map(|i| r.get::<_, Value>(i))
+            .collect::<rusqlite::Result<Vec<Value>>>()
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row?;
+        let pkv: Vec<Value> = t.pk.iter().map(|&i| row[i].clone()).collect();
+        let pk = PackedPk::pack(&pkv).map_err(|e| {
+            FilterError::Core(tenantsync_core::Error::Invalid(format!(
+                "cannot pack the primary key of a {} row: {e}",
+                t.name
+            )))
+        })?;
+        out.push((pk, row));
+    }
+    Ok(out)
 }
 
 fn instance_key(m: &Membership) -> String {
@@ -298,13 +421,26 @@ impl Filters {
     }
 
     /// The instance of membership `id` of `ms` (creating it, and its nested
-    /// ones, at the engine's version); takes a reference.
+    /// ones, at the engine's version `version`); takes a reference.
     pub fn instance_for(
         &mut self,
         db: &CrrConnection,
         schema: &ServerSchema,
         ms: &[Membership],
         id: MembershipId,
+        version: i64,
+    ) -> Result<FilterId, FilterError> {
+        self.instance_from(db, schema, ms, id, Source::Engine(version), &mut Vec::new())
+    }
+
+    fn instance_from(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        ms: &[Membership],
+        id: MembershipId,
+        src: Source<'_>,
+        created: &mut Vec<FilterId>,
     ) -> Result<FilterId, FilterError> {
         let m = &ms[id.0 as usize];
         let key = instance_key(m);
@@ -322,7 +458,7 @@ impl Filters {
         let mut level = 0;
         let mut tables = vec![table];
         for (local, g) in m.nested.iter().enumerate() {
-            let n = self.instance_for(db, schema, ms, *g)?;
+            let n = self.instance_from(db, schema, ms, *g, src, created)?;
             level = level.max(self.get(n).level + 1);
             if let Kind::Instance(i) = &self.get(n).kind {
                 tables.extend(i.tables.iter().copied());
@@ -331,6 +467,13 @@ impl Filters {
         }
         tables.sort_unstable();
         tables.dedup();
+        let (rows, at) = match src {
+            Source::Built(p) => match p.instances.get(&key) {
+                Some(rows) => (Some(rows), p.version),
+                None => (None, self.at),
+            },
+            Source::Engine(v) => (None, v),
+        };
         let f = Filter {
             table,
             pred: m.filter.clone(),
@@ -354,21 +497,34 @@ impl Filters {
                 dependents: Vec::new(),
                 atom_users: Vec::new(),
                 tables,
+                changed_at: at,
             }),
         };
         self.max_level = self.max_level.max(level);
         let id = self.alloc(f);
+        created.push(id);
         self.instances.insert(key, id);
         self.link(id);
-        let rows = self.select(db, schema, id)?;
+        let selected;
+        let rows = match rows {
+            Some(r) => r,
+            None => {
+                selected = self.select(db, schema, id)?;
+                &selected
+            }
+        };
         for (pk, row) in rows {
-            self.set_member(id, &pk, Some(&row));
+            self.set_member(id, pk, Some(row));
         }
         self.refresh_set(id);
+        if let Kind::Instance(i) = &mut self.get_mut(id).kind {
+            i.changed_at = at;
+        }
         Ok(id)
     }
 
-    /// The view of `q` (creating it at the engine's version).
+    /// The view of `q` (creating it, with its queries on the engine
+    /// connection, at the engine's version `version`).
     pub fn view_for(
         &mut self,
         db: &CrrConnection,
@@ -376,16 +532,53 @@ impl Filters {
         q: &Arc<EffectiveQuery>,
         version: i64,
     ) -> Result<FilterId, FilterError> {
+        self.view_from(
+            db,
+            schema,
+            q,
+            version,
+            Source::Engine(version),
+            &mut Vec::new(),
+        )
+    }
+
+    /// Creates the view of `q` and the instances it needs from `pre` (rows
+    /// at `pre.version`), unless it exists; returns the view and the
+    /// filters created, which [`Filters::catch_up`] must bring to the
+    /// engine's version `version`.
+    pub fn install(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        q: &Arc<EffectiveQuery>,
+        version: i64,
+        pre: &Prebuilt,
+    ) -> Result<(FilterId, Vec<FilterId>), FilterError> {
+        let mut created = Vec::new();
+        let v = self.view_from(db, schema, q, version, Source::Built(pre), &mut created)?;
+        Ok((v, created))
+    }
+
+    fn view_from(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        q: &Arc<EffectiveQuery>,
+        version: i64,
+        src: Source<'_>,
+        created: &mut Vec<FilterId>,
+    ) -> Result<FilterId, FilterError> {
         if let Some(&f) = self.views.get(&q.key) {
             return Ok(f);
         }
+        self.at = version;
         let table = schema
             .table(&q.table)
             .ok_or_else(|| FilterError::Table(q.table.clone()))?
             .id;
         let mut deps = Vec::new();
         for m in q.memberships.iter().filter(|m| m.direct) {
-            let n = self.instance_for(db, schema, &q.memberships, m.id)?;
+            let n = self.instance_from(db, schema, &q.memberships, m.id, src, created)?;
             deps.push((m.id.0, n));
         }
         let f = Filter {
@@ -407,14 +600,56 @@ impl Filters {
             }),
         };
         let id = self.alloc(f);
+        created.push(id);
         self.views.insert(q.key.clone(), id);
         self.link(id);
-        let rows = self.select(db, schema, id)?;
-        for (pk, _) in rows {
+        let pks: Vec<PackedPk> = match src {
+            Source::Built(p) if p.views.contains_key(&q.key) => p.views[&q.key].clone(),
+            _ => self
+                .select(db, schema, id)?
+                .into_iter()
+                .map(|(pk, _)| pk)
+                .collect(),
+        };
+        for pk in pks {
             let r = self.rows.hold(table, &pk, id);
             self.get_mut(id).rows.insert(r);
         }
         Ok(id)
+    }
+
+    /// Brings filters created from a [`Prebuilt`] (at `built_at`) to the
+    /// engine's version `version`: `rows` are the rows changed by every
+    /// commit after `built_at`, each with its latest after-image. Only the
+    /// new filters move (the others are at the version already); a new
+    /// filter reading an older instance whose set changed after
+    /// `built_at` is re-evaluated whole.
+    pub fn catch_up(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        created: &[FilterId],
+        built_at: i64,
+        rows: &[ChangedRow],
+        version: i64,
+    ) -> Result<(), FilterError> {
+        let only: FxSet<FilterId> = created
+            .iter()
+            .copied()
+            .filter(|f| self.list[*f as usize].is_some())
+            .collect();
+        let reeval: FxSet<FilterId> = only
+            .iter()
+            .copied()
+            .filter(|f| {
+                self.get(*f)
+                    .deps
+                    .iter()
+                    .any(|(_, i)| !only.contains(i) && self.instance(*i).changed_at > built_at)
+            })
+            .collect();
+        self.apply(db, schema, rows, version, Some(&only), reeval)?;
+        Ok(())
     }
 
     /// Registers a filter with its instances and the index.
@@ -604,8 +839,7 @@ impl Filters {
         }
     }
 
-    /// `SELECT * FROM t WHERE <filter>` on the engine connection: every
-    /// selected row with its pk.
+    /// A filter's rows on the engine connection, at the engine's version.
     fn select(
         &self,
         db: &CrrConnection,
@@ -614,31 +848,7 @@ impl Filters {
     ) -> Result<Vec<(PackedPk, Vec<Value>)>, FilterError> {
         let f = self.get(id);
         let t = &schema.tables[f.table as usize];
-        let sql = format!(
-            "SELECT * FROM \"{}\" WHERE {}",
-            t.name.replace('"', "\"\""),
-            f.where_sql
-        );
-        let mut stmt = db.conn().prepare_cached(&sql)?;
-        let n = stmt.column_count();
-        let rows = stmt.query_map(rusqlite::params_from_iter(f.params.iter()), |r| {
-            (0..n)
-                .map(|i| r.get::<_, Value>(i))
-                .collect::<rusqlite::Result<Vec<Value>>>()
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let row = row?;
-            let pkv: Vec<Value> = t.pk.iter().map(|&i| row[i].clone()).collect();
-            let pk = PackedPk::pack(&pkv).map_err(|e| {
-                FilterError::Core(tenantsync_core::Error::Invalid(format!(
-                    "cannot pack the primary key of a {} row: {e}",
-                    t.name
-                )))
-            })?;
-            out.push((pk, row));
-        }
-        Ok(out)
+        select(db, schema, &t.name, &f.where_sql, &f.params)
     }
 
     /// Sets whether a row is a member of instance `id` (with its row
@@ -720,8 +930,10 @@ impl Filters {
                 self.get_mut(*d).ms.insert(MembershipId(l), new_set.clone());
             }
         }
+        let at = self.at;
         if let Kind::Instance(i) = &mut self.get_mut(id).kind {
             i.set = new_set;
+            i.changed_at = at;
         }
         true
     }
@@ -755,18 +967,37 @@ impl Filters {
         out.dedup();
     }
 
-    /// Applies one commit: updates every instance and view it touches and
-    /// returns what each touched view gets.
+    /// Applies one commit (at `version`): updates every instance and view
+    /// it touches and returns what each touched view gets.
     pub fn apply_commit(
         &mut self,
         db: &CrrConnection,
         schema: &ServerSchema,
         rows: &[ChangedRow],
+        version: i64,
     ) -> Result<Vec<(FilterId, Draft)>, FilterError> {
+        self.apply(db, schema, rows, version, None, FxSet::default())
+    }
+
+    /// [`Filters::apply_commit`] for the filters in `only` (all when
+    /// `None`), with `reeval` re-evaluated whole from the start.
+    fn apply(
+        &mut self,
+        db: &CrrConnection,
+        schema: &ServerSchema,
+        rows: &[ChangedRow],
+        version: i64,
+        only: Option<&FxSet<FilterId>>,
+        mut reeval: FxSet<FilterId>,
+    ) -> Result<Vec<(FilterId, Draft)>, FilterError> {
+        self.at = version;
         let mut cands: Vec<Vec<FilterId>> = Vec::with_capacity(rows.len());
         let mut buf = Vec::new();
         for r in rows {
             self.candidates(r, &mut buf);
+            if let Some(only) = only {
+                buf.retain(|f| only.contains(f));
+            }
             cands.push(buf.clone());
         }
         let by_key: FxMap<(u16, &PackedPk), usize> = rows
@@ -774,7 +1005,6 @@ impl Filters {
             .enumerate()
             .map(|(i, r)| ((r.table, &r.pk), i))
             .collect();
-        let mut reeval: FxSet<FilterId> = FxSet::default();
         let mut drafts: FxMap<FilterId, Draft> = FxMap::default();
         let mut levels: Vec<u32> = (0..=self.max_level).collect();
         levels.push(u32::MAX);
@@ -900,7 +1130,10 @@ impl Filters {
             }
             for inst in changed_sets {
                 let deps = self.instance(inst).dependents.clone();
-                reeval.extend(deps);
+                reeval.extend(
+                    deps.into_iter()
+                        .filter(|d| only.is_none_or(|o| o.contains(d))),
+                );
             }
         }
         let mut out: Vec<(FilterId, Draft)> =
@@ -944,3 +1177,6 @@ fn count_remove(i: &mut InstanceData, v: &Value) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

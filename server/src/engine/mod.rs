@@ -3,6 +3,9 @@
 //! (docs/arch/server.md, "The engine loop").
 //!
 //! - [`Cmd`]: what the async side and the readers send it.
+//! - `build`: views built by a reader, installed and caught up by the
+//!   engine; what waits on them (a subscription and its connection's later
+//!   commands, a policy reload) parked in order.
 //! - `filters`: views, membership instances, the equality index, `holders`.
 //! - `commit`: the CommitBatch (changes of a commit, encoded once).
 //! - `subs`: subscriptions (pending, live, lagging, detached) and their
@@ -10,6 +13,7 @@
 //! - `write`: pushes (policy checks before/after, refusals with state) and
 //!   service SQL (under an authorizer), in fair group commits.
 
+mod build;
 mod commit;
 pub(crate) mod fair;
 pub(crate) mod filters;
@@ -195,6 +199,11 @@ pub(crate) enum Cmd {
     Drained {
         conn: ConnId,
     },
+    /// A reader's view build (`build`).
+    Built {
+        id: u64,
+        result: Result<filters::Prebuilt, String>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -210,6 +219,8 @@ pub(crate) struct ShardStats {
     pub connections: std::sync::atomic::AtomicU64,
     pub subscriptions: std::sync::atomic::AtomicU64,
     pub views: std::sync::atomic::AtomicU64,
+    /// View builds out on the readers.
+    pub views_building: std::sync::atomic::AtomicU64,
     pub pull_states: std::sync::atomic::AtomicU64,
     pub peers_in_memory: std::sync::atomic::AtomicU64,
     pub long_polls: std::sync::atomic::AtomicU64,
@@ -227,6 +238,7 @@ impl ShardStats {
             "connections": self.connections.load(Relaxed),
             "subscriptions": self.subscriptions.load(Relaxed),
             "views": self.views.load(Relaxed),
+            "views_building": self.views_building.load(Relaxed),
             "pull_states": self.pull_states.load(Relaxed),
             "peers_in_memory": self.peers_in_memory.load(Relaxed),
             "long_polls": self.long_polls.load(Relaxed),
@@ -314,8 +326,10 @@ pub(crate) struct Engine {
     /// Subscriptions waiting for their turn, per tenant, with the later
     /// commands of their connections (kept in order behind them).
     sessions: FairQueue<Cmd>,
-    /// Connections with commands in `sessions`, and how many.
+    /// Connections with commands in `sessions` or parked behind a build,
+    /// and how many.
     deferred: FxMap<ConnId, usize>,
+    builds: build::Builds,
     peers: FxMap<SiteId, Peer>,
     filters: filters::Filters,
     subs: subs::Subs,
@@ -378,6 +392,7 @@ impl Engine {
             writes: FairQueue::default(),
             sessions: FairQueue::default(),
             deferred: FxMap::default(),
+            builds: build::Builds::default(),
             peers: FxMap::default(),
             filters: filters::Filters::default(),
             subs: subs::Subs::default(),
@@ -473,24 +488,18 @@ impl Engine {
     }
 
     /// Runs queued subscriptions, one per tenant in turn, for at most the
-    /// session budget: a tenant's burst of subscriptions (and their view
-    /// queries) never holds the next group commit for longer than that
-    /// and one subscription, nor another tenant's subscription for more
-    /// than one turn.
+    /// session budget: a tenant's burst of subscriptions never holds the
+    /// next group commit for longer than that and one subscription, nor
+    /// another tenant's subscription for more than one turn. A
+    /// subscription whose view must be built waits for a reader (`build`)
+    /// without holding anyone.
     fn run_sessions(&mut self) {
         let started = Instant::now();
         let mut one = Vec::with_capacity(1);
         while !self.sessions.is_empty() && started.elapsed() < self.tuning.session_budget {
             self.sessions.take_turn(1, &mut one);
             for c in one.drain(..) {
-                let conn = c.session_conn().expect("only session commands are queued");
-                if let Some(n) = self.deferred.get_mut(&conn) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.deferred.remove(&conn);
-                    }
-                }
-                self.handle(c);
+                self.run_session(c);
             }
         }
     }
@@ -538,10 +547,8 @@ impl Engine {
                 since,
                 reply,
             } => self.pull_wait(&who, site, subs, since, reply),
-            Cmd::Reload { name, sql, reply } => {
-                let r = self.reload(&name, &sql);
-                let _ = reply.send(r);
-            }
+            Cmd::Reload { name, sql, reply } => self.reload_request(name, sql, reply),
+            Cmd::Built { id, result } => self.built(id, result),
             Cmd::Report { site, reply } => {
                 let r = self.report(site);
                 let _ = reply.send(r);
@@ -641,15 +648,22 @@ impl Engine {
         }
     }
 
-    fn reload(&mut self, name: &str, sql: &str) -> Result<PolicyReloadResponse, ApiError> {
-        let set = PolicySet::parse(name, sql, &self.schema.policy).map_err(|d| {
+    /// A policy file read against the schema, or the error a reload answers.
+    fn parse_policies(&self, name: &str, sql: &str) -> Result<PolicySet, ApiError> {
+        PolicySet::parse(name, sql, &self.schema.policy).map_err(|d| {
             let mut e = ApiError::new(
                 ErrorCode::PolicyInvalid,
                 format!("the policy file {name} is invalid; the old policies stay"),
             );
             e.diagnostics = d.to_string().lines().map(str::to_owned).collect();
             e
-        })?;
+        })
+    }
+
+    /// Replaces the policies now (their new views are built, see
+    /// `build::reload_request`; any other is created here).
+    fn reload(&mut self, name: &str, sql: &str) -> Result<PolicyReloadResponse, ApiError> {
+        let set = self.parse_policies(name, sql)?;
         shard::warn_cross_tenant(&set, &self.tenant_claim);
         let change = self.policy.replace_policies(set);
         self.policy_gen += 1;
@@ -730,6 +744,7 @@ impl Engine {
         for w in self.writes.drain_all() {
             write::refuse_shutting_down(w);
         }
+        self.refuse_parked_reloads();
         self.close_all();
         self.persist(true);
         self.keep_deliveries(None);

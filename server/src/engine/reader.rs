@@ -1,5 +1,5 @@
 //! The reader pool: OS threads with read-only connections (WAL) that serve
-//! initial syncs (snapshot, resume, refetch) and pulls, each job inside one
+//! initial syncs (snapshot, resume, refetch), pulls and view builds, each job inside one
 //! read transaction whose version is carried with the result. Jobs queue
 //! per tenant and are taken round robin.
 
@@ -19,7 +19,9 @@ use tenantsync_types::Value;
 use tokio::sync::oneshot;
 
 use crate::contract::ApiError;
+use crate::engine::build::BuildJob;
 use crate::engine::fair::FairQueue;
+use crate::engine::filters::Prebuilt;
 use crate::engine::outbox::OutboxShared;
 use crate::engine::schema::ServerSchema;
 use crate::engine::{Cmd, PkSet, SubKey};
@@ -86,6 +88,7 @@ pub(crate) struct PullResult {
 pub(crate) enum Job {
     Sync(SyncJob),
     Pull(PullJob),
+    Build(BuildJob),
 }
 
 struct Shared {
@@ -215,6 +218,10 @@ impl Reader {
                     let r = self.pull(&j);
                     let _ = j.reply.send(r);
                 }
+                Job::Build(j) => {
+                    let result = self.build(&j);
+                    let _ = self.engine.send(Cmd::Built { id: j.id, result });
+                }
             }
         }
     }
@@ -230,6 +237,19 @@ impl Reader {
 
     fn end(&self) {
         let _ = self.db.conn().execute_batch("COMMIT");
+    }
+
+    /// A view build: the filters of its queries at this transaction's
+    /// version.
+    fn build(&self, j: &BuildJob) -> Result<Prebuilt, String> {
+        self.begin().map_err(|e| e.to_string())?;
+        let r = (|| {
+            let version = self.db.db_version().map_err(|e| e.to_string())?;
+            Prebuilt::compute(&self.db, &self.schema, &j.queries, version)
+                .map_err(|e| e.to_string())
+        })();
+        self.end();
+        r
     }
 
     fn visible(&self, q: &EffectiveQuery) -> Result<PkSet, String> {

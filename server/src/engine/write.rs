@@ -317,7 +317,13 @@ impl Engine {
         for m in plan.memberships.iter().filter(|m| m.direct) {
             let f = self
                 .filters
-                .instance_for(&self.db, &self.schema, &plan.memberships, m.id)
+                .instance_for(
+                    &self.db,
+                    &self.schema,
+                    &plan.memberships,
+                    m.id,
+                    self.version,
+                )
                 .map_err(internal)?;
             let tables = self.filters.instance(f).tables.clone();
             direct.push((m.id, f, tables));

@@ -24,7 +24,11 @@ impl Engine {
             self.pull_holds(s, sub, t, pk)
         });
         self.longpolls = longpolls;
-        let drafts = match self.filters.apply_commit(&self.db, &self.schema, &rows) {
+        self.builds.log(version, &rows);
+        let drafts = match self
+            .filters
+            .apply_commit(&self.db, &self.schema, &rows, version)
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, version, "fan-out failed");

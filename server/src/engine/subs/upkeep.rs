@@ -164,6 +164,7 @@ impl Engine {
         st.connections.store(self.subs.conns.len() as u64, Relaxed);
         st.subscriptions.store(self.subs.subs.len() as u64, Relaxed);
         st.views.store(self.filters.views.len() as u64, Relaxed);
+        st.views_building.store(self.builds.out() as u64, Relaxed);
         st.pull_states.store(self.subs.pulls.len() as u64, Relaxed);
         st.peers_in_memory.store(self.peers.len() as u64, Relaxed);
         st.long_polls.store(self.longpolls.len() as u64, Relaxed);

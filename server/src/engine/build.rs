@@ -1,0 +1,342 @@
+//! View builds off the writer thread. A subscription whose view does not
+//! exist yet, and a policy reload that moves subscriptions to new views,
+//! do not run the views' queries on the engine connection: a reader
+//! computes them ([`Prebuilt`]) at the version of its own read transaction
+//! while the engine keeps committing, and the engine then installs the new
+//! filters and catches them up with the rows its commits changed since
+//! that version (kept here while a build is out).
+//!
+//! What waits on a build keeps its order: the subscription and every later
+//! command of its connection are parked until the view is installed; a
+//! reload is answered once its views are installed and it has run, and the
+//! reloads after it wait their turn.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tenantsync_policy::{EffectiveQuery, ViewKey};
+use tenantsync_protocol::ErrorCode;
+use tenantsync_protocol::http::PolicyReloadResponse;
+use tokio::sync::oneshot;
+
+use crate::contract::ApiError;
+use crate::engine::filters::{ChangedRow, FilterId, FxMap, Prebuilt, latest_images};
+use crate::engine::reader::Job;
+use crate::engine::{Cmd, ConnId, Engine};
+
+/// A build a reader runs.
+pub(crate) struct BuildJob {
+    pub id: u64,
+    pub queries: Vec<Arc<EffectiveQuery>>,
+}
+
+type ReloadReply = oneshot::Sender<Result<PolicyReloadResponse, ApiError>>;
+
+/// A policy reload waiting for its views.
+pub(crate) struct ParkedReload {
+    name: String,
+    sql: String,
+    reply: ReloadReply,
+}
+
+struct Pending {
+    queries: Vec<Arc<EffectiveQuery>>,
+    /// The engine's version when it was asked for: the reader's is at
+    /// least this.
+    requested_at: i64,
+    started: Instant,
+    /// Connections whose first parked command waits for it.
+    conns: Vec<ConnId>,
+    reload: Option<ParkedReload>,
+}
+
+/// The builds out and what waits on them.
+#[derive(Default)]
+pub(crate) struct Builds {
+    next: u64,
+    out: FxMap<u64, Pending>,
+    /// View keys being built, to their build.
+    keys: FxMap<ViewKey, u64>,
+    /// The rows each commit changed since the oldest build out was asked
+    /// for, by commit version.
+    log: VecDeque<(i64, Vec<ChangedRow>)>,
+    /// Per connection: its commands held behind a build, in order.
+    parked: FxMap<ConnId, VecDeque<Cmd>>,
+    /// Whether a reload waits for views; later reloads queue behind it.
+    reloading: bool,
+    reloads: VecDeque<ParkedReload>,
+}
+
+impl Builds {
+    /// Whether commits must be kept for a build.
+    pub fn logging(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Keeps a commit's rows for the builds out.
+    pub fn log(&mut self, version: i64, rows: &[ChangedRow]) {
+        if self.logging() {
+            self.log.push_back((version, rows.to_vec()));
+        }
+    }
+
+    /// The rows changed after `since`, each once with its latest after-image.
+    fn changed_after(&self, since: i64) -> Vec<ChangedRow> {
+        latest_images(
+            self.log
+                .iter()
+                .filter(|(v, _)| *v > since)
+                .map(|(_, rows)| rows.as_slice()),
+        )
+    }
+
+    /// Drops the commits no build out needs.
+    fn prune(&mut self) {
+        match self.out.values().map(|p| p.requested_at).min() {
+            None => self.log.clear(),
+            Some(oldest) => {
+                while self.log.front().is_some_and(|(v, _)| *v <= oldest) {
+                    self.log.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Number of builds out (for the gauges).
+    pub fn out(&self) -> usize {
+        self.out.len()
+    }
+}
+
+impl Engine {
+    /// Runs a session command taken from the queue: parked behind its
+    /// connection's build if one is out, parked for a build if it is a
+    /// subscription whose view does not exist, handled otherwise.
+    pub(in crate::engine) fn run_session(&mut self, c: Cmd) {
+        let conn = c.session_conn().expect("only session commands are queued");
+        if let Some(q) = self.builds.parked.get_mut(&conn) {
+            q.push_back(c);
+            return;
+        }
+        self.resume_conn(conn, VecDeque::from([c]), false);
+    }
+
+    /// Handles a connection's commands in order until one needs a build
+    /// (it and the rest are parked); `direct` handles the first as it is.
+    fn resume_conn(&mut self, conn: ConnId, mut cmds: VecDeque<Cmd>, mut direct: bool) {
+        while let Some(mut c) = cmds.pop_front() {
+            if !direct && let Some(q) = self.needs_build(&mut c) {
+                cmds.push_front(c);
+                self.builds.parked.insert(conn, cmds);
+                let tenant = self.subs.conns.get(&conn).map(|k| k.who.tenant.clone());
+                self.request_build(vec![q], tenant.unwrap_or_else(|| Arc::from("")), |p| {
+                    p.conns.push(conn)
+                });
+                return;
+            }
+            direct = false;
+            if let Some(n) = self.deferred.get_mut(&conn) {
+                *n -= 1;
+                if *n == 0 {
+                    self.deferred.remove(&conn);
+                }
+            }
+            self.handle(c);
+        }
+    }
+
+    /// The query a subscription needs a view built for, if it needs one.
+    /// A subscription rewritten under older policies is rewritten now
+    /// (its command carries the result); a refused one needs nothing.
+    fn needs_build(&mut self, c: &mut Cmd) -> Option<Arc<EffectiveQuery>> {
+        let Cmd::Subscribe {
+            conn,
+            query,
+            q,
+            epoch,
+            ..
+        } = c
+        else {
+            return None;
+        };
+        let who = &self.subs.conns.get(conn)?.who;
+        if *epoch != self.policy_gen {
+            *q = Arc::new(self.policy.rewrite(&who.principal.identity, query).ok()?);
+            *epoch = self.policy_gen;
+        }
+        if self.filters.views.contains_key(&q.key) {
+            return None;
+        }
+        Some(q.clone())
+    }
+
+    /// Asks a reader for the views of `queries` (joining a build out for
+    /// the same view), with `wait` registering what waits on it.
+    fn request_build(
+        &mut self,
+        queries: Vec<Arc<EffectiveQuery>>,
+        tenant: Arc<str>,
+        wait: impl FnOnce(&mut Pending),
+    ) {
+        if let [q] = queries.as_slice()
+            && let Some(id) = self.builds.keys.get(&q.key)
+            && let Some(p) = self.builds.out.get_mut(id)
+        {
+            return wait(p);
+        }
+        let id = self.builds.next;
+        self.builds.next += 1;
+        for q in &queries {
+            self.builds.keys.insert(q.key.clone(), id);
+        }
+        let mut p = Pending {
+            queries: queries.clone(),
+            requested_at: self.version,
+            started: Instant::now(),
+            conns: Vec::new(),
+            reload: None,
+        };
+        wait(&mut p);
+        self.builds.out.insert(id, p);
+        self.readers
+            .submit(&tenant, Job::Build(BuildJob { id, queries }));
+    }
+
+    /// A reader's build came back: installs its views, caught up to the
+    /// engine's version, then lets what waited on it run.
+    pub(in crate::engine) fn built(&mut self, id: u64, result: Result<Prebuilt, String>) {
+        let Some(p) = self.builds.out.remove(&id) else {
+            return;
+        };
+        for q in &p.queries {
+            if self.builds.keys.get(&q.key) == Some(&id) {
+                self.builds.keys.remove(&q.key);
+            }
+        }
+        let installed = match result {
+            Ok(pre) => self.install(&p.queries, &pre),
+            Err(e) => Err(e),
+        };
+        self.builds.prune();
+        if let Err(e) = &installed {
+            // What waited runs as it would without a build (a subscription
+            // then gets its view's error).
+            tracing::warn!(error = %e, "a view build failed");
+        }
+        metrics::histogram!("tenantsync_view_build_seconds").record(p.started.elapsed());
+        for conn in p.conns {
+            if let Some(cmds) = self.builds.parked.remove(&conn) {
+                self.resume_conn(conn, cmds, installed.is_err());
+            }
+        }
+        if let Some(r) = p.reload {
+            self.builds.reloading = false;
+            let res = self.reload(&r.name, &r.sql);
+            let _ = r.reply.send(res);
+            while !self.builds.reloading
+                && let Some(next) = self.builds.reloads.pop_front()
+            {
+                self.reload_request(next.name, next.sql, next.reply);
+            }
+        }
+    }
+
+    /// Installs the prebuilt views of `queries` and brings every filter
+    /// created to the engine's version.
+    fn install(&mut self, queries: &[Arc<EffectiveQuery>], pre: &Prebuilt) -> Result<(), String> {
+        let mut created: Vec<FilterId> = Vec::new();
+        for q in queries {
+            let (_, c) = self
+                .filters
+                .install(&self.db, &self.schema, q, self.version, pre)
+                .map_err(|e| e.to_string())?;
+            created.extend(c);
+        }
+        if created.is_empty() {
+            return Ok(());
+        }
+        let rows = self.builds.changed_after(pre.version);
+        tracing::debug!(
+            views = queries.len(),
+            rows = pre.rows(),
+            at = pre.version,
+            caught_up = rows.len(),
+            "views installed"
+        );
+        self.filters
+            .catch_up(
+                &self.db,
+                &self.schema,
+                &created,
+                pre.version,
+                &rows,
+                self.version,
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    /// A policy reload: its new views are built by a reader first, then it
+    /// runs (`Engine::reload`) and is answered; one reload at a time.
+    pub(in crate::engine) fn reload_request(
+        &mut self,
+        name: String,
+        sql: String,
+        reply: ReloadReply,
+    ) {
+        if self.builds.reloading {
+            self.builds
+                .reloads
+                .push_back(ParkedReload { name, sql, reply });
+            return;
+        }
+        let queries = match self.reload_views(&name, &sql) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if queries.is_empty() {
+            let r = self.reload(&name, &sql);
+            let _ = reply.send(r);
+            return;
+        }
+        self.builds.reloading = true;
+        self.request_build(queries, Arc::from(""), |p| {
+            p.reload = Some(ParkedReload { name, sql, reply })
+        });
+    }
+
+    /// The views a reload to `sql` moves subscriptions to that do not
+    /// exist yet.
+    fn reload_views(&self, name: &str, sql: &str) -> Result<Vec<Arc<EffectiveQuery>>, ApiError> {
+        let set = self.parse_policies(name, sql)?;
+        let mut next = self.policy.clone();
+        let change = next.replace_policies(set);
+        let mut out: FxMap<ViewKey, Arc<EffectiveQuery>> = FxMap::default();
+        for sub in self.subs.subs.values() {
+            if !change.affects(&sub.q) {
+                continue;
+            }
+            if let Ok(q) = next.rewrite(&sub.identity, &sub.query)
+                && !self.filters.views.contains_key(&q.key)
+            {
+                out.entry(q.key.clone()).or_insert_with(|| Arc::new(q));
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// At shutdown: reloads waiting for views are told the server stops.
+    pub(in crate::engine) fn refuse_parked_reloads(&mut self) {
+        let waiting = self.builds.out.values_mut().filter_map(|p| p.reload.take());
+        let queued: Vec<ParkedReload> = self.builds.reloads.drain(..).collect();
+        for r in waiting.collect::<Vec<_>>().into_iter().chain(queued) {
+            let _ = r.reply.send(Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the server is stopping",
+            )));
+        }
+    }
+}
