@@ -362,20 +362,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     .await;
     let modes1 = modes(&stats);
     // A policy reload halfway through a steady phase.
-    let reload_answer: Arc<std::sync::Mutex<(f64, serde_json::Value)>> = Arc::default();
+    let posted: std::sync::Mutex<Option<tokio::task::JoinHandle<(f64, serde_json::Value)>>> =
+        std::sync::Mutex::default();
     let reload = load_phase(&ctx, &mp, Phase::Reload, dur, pid, |ctx| {
-        let (ctx, out, token) = (ctx.clone(), reload_answer.clone(), tokens.service(None));
-        tokio::spawn(async move {
+        let (ctx, token) = (ctx.clone(), tokens.service(None));
+        *posted.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(async move {
             tokio::time::sleep(dur / 2).await;
-            let r = post_reload(&ctx, &token).await;
-            *out.lock().unwrap_or_else(|e| e.into_inner()) = r;
-        });
+            post_reload(&ctx, &token).await
+        }));
     })
     .await;
-    let (reload_ms, reload_answer) = reload_answer
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    // A reload slower than the rest of the phase is waited for (and
+    // reported as it took).
+    let handle = posted.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (reload_ms, reload_answer) = match handle {
+        Some(h) => match tokio::time::timeout(Duration::from_secs(120), h).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => (0.0, serde_json::json!({ "error": e.to_string() })),
+            Err(_) => (0.0, serde_json::json!({ "error": "no answer in 120 s" })),
+        },
+        None => (0.0, serde_json::Value::Null),
+    };
 
     // Settle: writes stopped, wait for quiescence.
     stats.set_phase(Phase::Settle);

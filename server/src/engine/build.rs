@@ -15,20 +15,90 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tenantsync_policy::{EffectiveQuery, ViewKey};
+use tenantsync_policy::{EffectiveQuery, Engine as PolicyEngine, Identity, ViewKey};
 use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::http::PolicyReloadResponse;
 use tokio::sync::oneshot;
 
 use crate::contract::ApiError;
-use crate::engine::filters::{ChangedRow, FilterId, FxMap, Prebuilt, latest_images};
+use crate::engine::filters::{ChangedRow, FilterId, FxMap, FxSet, Prebuilt, latest_images};
 use crate::engine::reader::Job;
-use crate::engine::{Cmd, ConnId, Engine};
+use crate::engine::{Cmd, ConnId, Engine, SubKey};
 
 /// A build a reader runs.
 pub(crate) struct BuildJob {
     pub id: u64,
     pub queries: Vec<Arc<EffectiveQuery>>,
+    /// A reload's subscriptions, rewritten by the reader under the new
+    /// policies first (their new views are built too).
+    pub rewrite: Option<Rewrite>,
+}
+
+/// Subscriptions to rewrite under a reload's policies.
+pub(crate) struct Rewrite {
+    pub policy: Arc<PolicyEngine>,
+    pub subs: Vec<(SubKey, Arc<Identity>, String)>,
+}
+
+/// A subscription rewritten by a reader under a reload's policies.
+pub(crate) struct Rewritten {
+    pub identity: Arc<Identity>,
+    pub query: String,
+    pub result: Result<Arc<EffectiveQuery>, String>,
+}
+
+impl Rewritten {
+    /// The rewrite of `sub`'s query, if this is still it.
+    pub fn of(
+        self,
+        identity: &Identity,
+        query: &str,
+    ) -> Option<Result<Arc<EffectiveQuery>, String>> {
+        (*self.identity == *identity && self.query == query).then_some(self.result)
+    }
+}
+
+/// What a reader's build returns.
+pub(crate) struct Built {
+    pub pre: Prebuilt,
+    pub rewritten: Vec<(SubKey, Rewritten)>,
+}
+
+impl Rewrite {
+    /// Rewrites every subscription (once per identity and query); the
+    /// queries to build are the distinct ones that are allowed.
+    pub fn run(&self) -> (Vec<(SubKey, Rewritten)>, Vec<Arc<EffectiveQuery>>) {
+        let mut seen: FxMap<(*const Identity, &str), Result<Arc<EffectiveQuery>, String>> =
+            FxMap::default();
+        let mut keys: FxSet<ViewKey> = FxSet::default();
+        let mut queries = Vec::new();
+        let mut out = Vec::with_capacity(self.subs.len());
+        for (key, identity, query) in &self.subs {
+            let result = seen
+                .entry((Arc::as_ptr(identity), query.as_str()))
+                .or_insert_with(|| {
+                    self.policy
+                        .rewrite(identity, query)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .clone();
+            if let Ok(q) = &result
+                && keys.insert(q.key.clone())
+            {
+                queries.push(q.clone());
+            }
+            out.push((
+                key.clone(),
+                Rewritten {
+                    identity: identity.clone(),
+                    query: query.clone(),
+                    result,
+                },
+            ));
+        }
+        (out, queries)
+    }
 }
 
 type ReloadReply = oneshot::Sender<Result<PolicyReloadResponse, ApiError>>;
@@ -48,7 +118,8 @@ struct Pending {
     started: Instant,
     /// Connections whose first parked command waits for it.
     conns: Vec<ConnId>,
-    reload: Option<ParkedReload>,
+    /// Whether the reload in progress waits for it.
+    for_reload: bool,
 }
 
 /// The builds out and what waits on them.
@@ -63,8 +134,11 @@ pub(crate) struct Builds {
     log: VecDeque<(i64, Vec<ChangedRow>)>,
     /// Per connection: its commands held behind a build, in order.
     parked: FxMap<ConnId, VecDeque<Cmd>>,
-    /// Whether a reload waits for views; later reloads queue behind it.
-    reloading: bool,
+    /// The reload waiting for its views, and how many builds it waits
+    /// for; later reloads queue behind it.
+    reloading: Option<(ParkedReload, usize)>,
+    /// Its subscriptions as the readers rewrote them.
+    rewritten: FxMap<SubKey, Rewritten>,
     reloads: VecDeque<ParkedReload>,
 }
 
@@ -130,9 +204,12 @@ impl Engine {
                 cmds.push_front(c);
                 self.builds.parked.insert(conn, cmds);
                 let tenant = self.subs.conns.get(&conn).map(|k| k.who.tenant.clone());
-                self.request_build(vec![q], tenant.unwrap_or_else(|| Arc::from("")), |p| {
-                    p.conns.push(conn)
-                });
+                self.request_build(
+                    vec![q],
+                    None,
+                    tenant.unwrap_or_else(|| Arc::from("")),
+                    |p| p.conns.push(conn),
+                );
                 return;
             }
             direct = false;
@@ -176,6 +253,7 @@ impl Engine {
     fn request_build(
         &mut self,
         queries: Vec<Arc<EffectiveQuery>>,
+        rewrite: Option<Rewrite>,
         tenant: Arc<str>,
         wait: impl FnOnce(&mut Pending),
     ) {
@@ -195,17 +273,23 @@ impl Engine {
             requested_at: self.version,
             started: Instant::now(),
             conns: Vec::new(),
-            reload: None,
+            for_reload: false,
         };
         wait(&mut p);
         self.builds.out.insert(id, p);
-        self.readers
-            .submit(&tenant, Job::Build(BuildJob { id, queries }));
+        self.readers.submit(
+            &tenant,
+            Job::Build(BuildJob {
+                id,
+                queries,
+                rewrite,
+            }),
+        );
     }
 
     /// A reader's build came back: installs its views, caught up to the
     /// engine's version, then lets what waited on it run.
-    pub(in crate::engine) fn built(&mut self, id: u64, result: Result<Prebuilt, String>) {
+    pub(in crate::engine) fn built(&mut self, id: u64, result: Result<Built, String>) {
         let Some(p) = self.builds.out.remove(&id) else {
             return;
         };
@@ -215,7 +299,16 @@ impl Engine {
             }
         }
         let installed = match result {
-            Ok(pre) => self.install(&p.queries, &pre),
+            Ok(b) => {
+                let mut queries = p.queries.clone();
+                for (key, r) in b.rewritten {
+                    if let Ok(q) = &r.result {
+                        queries.push(q.clone());
+                    }
+                    self.builds.rewritten.insert(key, r);
+                }
+                self.install(&queries, &b.pre)
+            }
             Err(e) => Err(e),
         };
         self.builds.prune();
@@ -230,15 +323,29 @@ impl Engine {
                 self.resume_conn(conn, cmds, installed.is_err());
             }
         }
-        if let Some(r) = p.reload {
-            self.builds.reloading = false;
-            let res = self.reload(&r.name, &r.sql);
-            let _ = r.reply.send(res);
-            while !self.builds.reloading
-                && let Some(next) = self.builds.reloads.pop_front()
-            {
-                self.reload_request(next.name, next.sql, next.reply);
-            }
+        if p.for_reload {
+            self.reload_built();
+        }
+    }
+
+    /// One of the reload's builds came back: the reload runs once all did,
+    /// then the next one starts.
+    fn reload_built(&mut self) {
+        let Some((_, left)) = &mut self.builds.reloading else {
+            return;
+        };
+        *left -= 1;
+        if *left > 0 {
+            return;
+        }
+        let (r, _) = self.builds.reloading.take().expect("a reload waits");
+        let rewritten = std::mem::take(&mut self.builds.rewritten);
+        let res = self.reload(&r.name, &r.sql, rewritten);
+        let _ = r.reply.send(res);
+        while self.builds.reloading.is_none()
+            && let Some(next) = self.builds.reloads.pop_front()
+        {
+            self.reload_request(next.name, next.sql, next.reply);
         }
     }
 
@@ -284,55 +391,77 @@ impl Engine {
         sql: String,
         reply: ReloadReply,
     ) {
-        if self.builds.reloading {
+        if self.builds.reloading.is_some() {
             self.builds
                 .reloads
                 .push_back(ParkedReload { name, sql, reply });
             return;
         }
-        let queries = match self.reload_views(&name, &sql) {
+        let per_tenant = match self.reload_views(&name, &sql) {
             Ok(q) => q,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        if queries.is_empty() {
-            let r = self.reload(&name, &sql);
+        let Some((policy, per_tenant)) = per_tenant else {
+            let r = self.reload(&name, &sql, FxMap::default());
             let _ = reply.send(r);
             return;
+        };
+        // One build per tenant: readers rewrite its subscriptions and
+        // build their views side by side, each in its tenant's turn.
+        let mut builds = 0;
+        for (tenant, subs) in per_tenant {
+            let rewrite = Rewrite {
+                policy: policy.clone(),
+                subs,
+            };
+            self.request_build(Vec::new(), Some(rewrite), tenant, |p| {
+                if !std::mem::replace(&mut p.for_reload, true) {
+                    builds += 1;
+                }
+            });
         }
-        self.builds.reloading = true;
-        self.request_build(queries, Arc::from(""), |p| {
-            p.reload = Some(ParkedReload { name, sql, reply })
-        });
+        self.builds.reloading = Some((ParkedReload { name, sql, reply }, builds));
     }
 
-    /// The views a reload to `sql` moves subscriptions to that do not
-    /// exist yet.
-    fn reload_views(&self, name: &str, sql: &str) -> Result<Vec<Arc<EffectiveQuery>>, ApiError> {
+    /// The policies a reload to `sql` brings and, per tenant, the
+    /// subscriptions it affects (`None` when it affects none).
+    #[allow(clippy::type_complexity)]
+    fn reload_views(
+        &self,
+        name: &str,
+        sql: &str,
+    ) -> Result<
+        Option<(
+            Arc<PolicyEngine>,
+            FxMap<Arc<str>, Vec<(SubKey, Arc<Identity>, String)>>,
+        )>,
+        ApiError,
+    > {
         let set = self.parse_policies(name, sql)?;
         let mut next = self.policy.clone();
         let change = next.replace_policies(set);
-        let mut out: FxMap<ViewKey, Arc<EffectiveQuery>> = FxMap::default();
-        for sub in self.subs.subs.values() {
-            if !change.affects(&sub.q) {
-                continue;
-            }
-            if let Ok(q) = next.rewrite(&sub.identity, &sub.query)
-                && !self.filters.views.contains_key(&q.key)
-            {
-                out.entry(q.key.clone()).or_insert_with(|| Arc::new(q));
+        let mut out: FxMap<Arc<str>, Vec<(SubKey, Arc<Identity>, String)>> = FxMap::default();
+        for (key, sub) in &self.subs.subs {
+            if change.affects(&sub.q) {
+                out.entry(sub.tenant.clone()).or_default().push((
+                    key.clone(),
+                    sub.identity.clone(),
+                    sub.query.clone(),
+                ));
             }
         }
-        Ok(out.into_values().collect())
+        Ok((!out.is_empty()).then(|| (Arc::new(next), out)))
     }
 
     /// At shutdown: reloads waiting for views are told the server stops.
     pub(in crate::engine) fn refuse_parked_reloads(&mut self) {
-        let waiting = self.builds.out.values_mut().filter_map(|p| p.reload.take());
+        let waiting = self.builds.reloading.take().map(|(r, _)| r);
+        self.builds.rewritten.clear();
         let queued: Vec<ParkedReload> = self.builds.reloads.drain(..).collect();
-        for r in waiting.collect::<Vec<_>>().into_iter().chain(queued) {
+        for r in waiting.into_iter().chain(queued) {
             let _ = r.reply.send(Err(ApiError::new(
                 ErrorCode::ShuttingDown,
                 "the server is stopping",

@@ -202,7 +202,7 @@ pub(crate) enum Cmd {
     /// A reader's view build (`build`).
     Built {
         id: u64,
-        result: Result<filters::Prebuilt, String>,
+        result: Result<build::Built, String>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -662,7 +662,12 @@ impl Engine {
 
     /// Replaces the policies now (their new views are built, see
     /// `build::reload_request`; any other is created here).
-    fn reload(&mut self, name: &str, sql: &str) -> Result<PolicyReloadResponse, ApiError> {
+    fn reload(
+        &mut self,
+        name: &str,
+        sql: &str,
+        rewritten: FxMap<SubKey, build::Rewritten>,
+    ) -> Result<PolicyReloadResponse, ApiError> {
         let set = self.parse_policies(name, sql)?;
         shard::warn_cross_tenant(&set, &self.tenant_claim);
         let change = self.policy.replace_policies(set);
@@ -697,7 +702,7 @@ impl Engine {
         self.stats
             .version
             .store(version, std::sync::atomic::Ordering::Release);
-        let (changed_views, moved) = self.move_after_reload(&change, version);
+        let (changed_views, moved) = self.move_after_reload(&change, version, rewritten);
         self.read_scope =
             longpoll::read_scope(&self.schema, self.policy.policies(), &self.tenant_claim);
         self.longpolls.wake_all(version);

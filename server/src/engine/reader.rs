@@ -19,7 +19,7 @@ use tenantsync_types::Value;
 use tokio::sync::oneshot;
 
 use crate::contract::ApiError;
-use crate::engine::build::BuildJob;
+use crate::engine::build::{BuildJob, Built, Rewrite};
 use crate::engine::fair::FairQueue;
 use crate::engine::filters::Prebuilt;
 use crate::engine::outbox::OutboxShared;
@@ -241,15 +241,19 @@ impl Reader {
 
     /// A view build: the filters of its queries at this transaction's
     /// version.
-    fn build(&self, j: &BuildJob) -> Result<Prebuilt, String> {
+    fn build(&self, j: &BuildJob) -> Result<Built, String> {
+        let (rewritten, more) = j.rewrite.as_ref().map(Rewrite::run).unwrap_or_default();
+        let queries: Vec<Arc<EffectiveQuery>> = j.queries.iter().cloned().chain(more).collect();
         self.begin().map_err(|e| e.to_string())?;
-        let r = (|| {
+        let pre = (|| {
             let version = self.db.db_version().map_err(|e| e.to_string())?;
-            Prebuilt::compute(&self.db, &self.schema, &j.queries, version)
-                .map_err(|e| e.to_string())
+            Prebuilt::compute(&self.db, &self.schema, &queries, version).map_err(|e| e.to_string())
         })();
         self.end();
-        r
+        Ok(Built {
+            pre: pre?,
+            rewritten,
+        })
     }
 
     fn visible(&self, q: &EffectiveQuery) -> Result<PkSet, String> {

@@ -1,5 +1,6 @@
 //! Policy reloads: subscriptions whose effective query changed move to
-//! their new view, live ones getting what entered and left.
+//! their new view, live ones getting what entered and left. Their rewrites
+//! and new views come from the readers (`build`).
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::RowKey;
 
 use super::*;
+use crate::engine::build::Rewritten;
 use crate::engine::filters::{FilterId, FxMap, FxSet};
 use crate::engine::outbox::ViewPart;
 use crate::engine::store;
@@ -22,6 +24,7 @@ impl Engine {
         &mut self,
         change: &PolicyChange,
         version: i64,
+        mut rewritten: FxMap<SubKey, Rewritten>,
     ) -> (usize, usize) {
         let keys: Vec<SubKey> = self.subs.subs.keys().cloned().collect();
         let mut changed_views: FxSet<FilterId> = FxSet::default();
@@ -33,11 +36,22 @@ impl Engine {
                 if !change.affects(&sub.q) {
                     continue;
                 }
-                let q = self.policy.rewrite(&sub.identity, &sub.query);
+                // As a reader rewrote it (`build`), unless it changed since.
+                let q = match rewritten
+                    .remove(&key)
+                    .and_then(|r| r.of(&sub.identity, &sub.query))
+                {
+                    Some(r) => r,
+                    None => self
+                        .policy
+                        .rewrite(&sub.identity, &sub.query)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string()),
+                };
                 (sub.view, q)
             };
             let q_new = match q_new {
-                Ok(q) => Arc::new(q),
+                Ok(q) => q,
                 Err(e) => {
                     // The query is no longer allowed: everything leaves.
                     let held = self.filters.pks(old_view);
