@@ -139,6 +139,9 @@ pub(crate) struct Builds {
     reloading: Option<(ParkedReload, usize)>,
     /// Its subscriptions as the readers rewrote them.
     rewritten: FxMap<SubKey, Rewritten>,
+    /// Builds back from the readers, installed at the end of the loop's
+    /// turn.
+    ready: Vec<(Pending, Result<Built, String>)>,
     reloads: VecDeque<ParkedReload>,
 }
 
@@ -287,8 +290,8 @@ impl Engine {
         );
     }
 
-    /// A reader's build came back: installs its views, caught up to the
-    /// engine's version, then lets what waited on it run.
+    /// A reader's build came back: it is installed with the others that
+    /// came back in the same turn of the loop ([`Engine::install_ready`]).
     pub(in crate::engine) fn built(&mut self, id: u64, result: Result<Built, String>) {
         let Some(p) = self.builds.out.remove(&id) else {
             return;
@@ -298,33 +301,86 @@ impl Engine {
                 self.builds.keys.remove(&q.key);
             }
         }
-        let installed = match result {
-            Ok(b) => {
-                let mut queries = p.queries.clone();
-                for (key, r) in b.rewritten {
-                    if let Ok(q) = &r.result {
-                        queries.push(q.clone());
+        self.builds.ready.push((p, result));
+    }
+
+    /// Installs the builds that came back, brings every filter they created
+    /// to the engine's version in one catch-up (from the oldest build's
+    /// version: a row's latest after-image applied to a filter already past
+    /// its change leaves it as it is), then lets what waited run.
+    pub(in crate::engine) fn install_ready(&mut self) {
+        if self.builds.ready.is_empty() {
+            return;
+        }
+        let ready = std::mem::take(&mut self.builds.ready);
+        let mut created: Vec<(FilterId, i64)> = Vec::new();
+        let mut oldest = i64::MAX;
+        let mut done: Vec<(Pending, bool)> = Vec::with_capacity(ready.len());
+        for (p, result) in ready {
+            let ok = match result {
+                Ok(b) => {
+                    let mut queries = p.queries.clone();
+                    for (key, r) in b.rewritten {
+                        if let Ok(q) = &r.result {
+                            queries.push(q.clone());
+                        }
+                        self.builds.rewritten.insert(key, r);
                     }
-                    self.builds.rewritten.insert(key, r);
+                    match self.install(&queries, &b.pre, &mut created) {
+                        Ok(()) => {
+                            oldest = oldest.min(b.pre.version);
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "installing a view build failed");
+                            false
+                        }
+                    }
                 }
-                self.install(&queries, &b.pre)
+                Err(e) => {
+                    tracing::warn!(error = %e, "a view build failed");
+                    false
+                }
+            };
+            done.push((p, ok));
+        }
+        if !created.is_empty() {
+            let rows = self.builds.changed_after(oldest);
+            tracing::debug!(
+                builds = done.len(),
+                filters = created.len(),
+                at = oldest,
+                caught_up = rows.len(),
+                "views installed"
+            );
+            if let Err(e) =
+                self.filters
+                    .catch_up(&self.db, &self.schema, &created, &rows, self.version)
+            {
+                // Not exact: the new views go, and what waited runs as it
+                // would without a build.
+                tracing::warn!(error = %e, "catching up new views failed");
+                for (f, _) in created {
+                    if self.filters.is_view(f) {
+                        self.filters.drop_view(f);
+                    }
+                }
+                done.iter_mut().for_each(|(_, ok)| *ok = false);
             }
-            Err(e) => Err(e),
-        };
+        }
         self.builds.prune();
-        if let Err(e) = &installed {
-            // What waited runs as it would without a build (a subscription
-            // then gets its view's error).
-            tracing::warn!(error = %e, "a view build failed");
-        }
-        metrics::histogram!("tenantsync_view_build_seconds").record(p.started.elapsed());
-        for conn in p.conns {
-            if let Some(cmds) = self.builds.parked.remove(&conn) {
-                self.resume_conn(conn, cmds, installed.is_err());
+        for (p, ok) in done {
+            metrics::histogram!("tenantsync_view_build_seconds").record(p.started.elapsed());
+            for conn in p.conns {
+                if let Some(cmds) = self.builds.parked.remove(&conn) {
+                    // After a failed build, a subscription gets its view's
+                    // error as it would without one.
+                    self.resume_conn(conn, cmds, !ok);
+                }
             }
-        }
-        if p.for_reload {
-            self.reload_built();
+            if p.for_reload {
+                self.reload_built();
+            }
         }
     }
 
@@ -349,38 +405,22 @@ impl Engine {
         }
     }
 
-    /// Installs the prebuilt views of `queries` and brings every filter
-    /// created to the engine's version.
-    fn install(&mut self, queries: &[Arc<EffectiveQuery>], pre: &Prebuilt) -> Result<(), String> {
-        let mut created: Vec<FilterId> = Vec::new();
+    /// Installs the prebuilt views of `queries`, adding the filters it
+    /// creates to `created`.
+    fn install(
+        &mut self,
+        queries: &[Arc<EffectiveQuery>],
+        pre: &Prebuilt,
+        created: &mut Vec<(FilterId, i64)>,
+    ) -> Result<(), String> {
         for q in queries {
             let (_, c) = self
                 .filters
                 .install(&self.db, &self.schema, q, self.version, pre)
                 .map_err(|e| e.to_string())?;
-            created.extend(c);
+            created.extend(c.into_iter().map(|f| (f, pre.version)));
         }
-        if created.is_empty() {
-            return Ok(());
-        }
-        let rows = self.builds.changed_after(pre.version);
-        tracing::debug!(
-            views = queries.len(),
-            rows = pre.rows(),
-            at = pre.version,
-            caught_up = rows.len(),
-            "views installed"
-        );
-        self.filters
-            .catch_up(
-                &self.db,
-                &self.schema,
-                &created,
-                pre.version,
-                &rows,
-                self.version,
-            )
-            .map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// A policy reload: its new views are built by a reader first, then it

@@ -272,12 +272,6 @@ impl Prebuilt {
         }
         Ok(out)
     }
-
-    /// The number of rows it carries (for logs and metrics).
-    pub fn rows(&self) -> usize {
-        self.instances.values().map(Vec::len).sum::<usize>()
-            + self.views.values().map(Vec::len).sum::<usize>()
-    }
 }
 
 /// The rows changed by a run of commits (oldest first), each once, with its
@@ -382,6 +376,14 @@ impl Filters {
             Kind::Instance(i) => i,
             Kind::View(_) => panic!("filter {f} is not an instance"),
         }
+    }
+
+    /// Whether `f` is a live view.
+    pub fn is_view(&self, f: FilterId) -> bool {
+        self.list
+            .get(f as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|x| matches!(x.kind, Kind::View(_)))
     }
 
     pub fn view_ids(&self) -> Vec<FilterId> {
@@ -618,35 +620,38 @@ impl Filters {
         Ok(id)
     }
 
-    /// Brings filters created from a [`Prebuilt`] (at `built_at`) to the
-    /// engine's version `version`: `rows` are the rows changed by every
-    /// commit after `built_at`, each with its latest after-image. Only the
-    /// new filters move (the others are at the version already); a new
-    /// filter reading an older instance whose set changed after
-    /// `built_at` is re-evaluated whole.
+    /// Brings filters created from [`Prebuilt`]s to the engine's version
+    /// `version`: `created` pairs each with the version its rows are at,
+    /// `rows` are the rows changed by every commit after the oldest of
+    /// them, each once with its latest after-image (a row applied to a
+    /// filter already past its change leaves it as it is). Only the new
+    /// filters move (the others are at the version already). A new filter
+    /// is re-evaluated whole when a set it read may have changed unseen:
+    /// an older instance whose set changed after the filter's version, or
+    /// a new instance built at another version than the filter.
     pub fn catch_up(
         &mut self,
         db: &CrrConnection,
         schema: &ServerSchema,
-        created: &[FilterId],
-        built_at: i64,
+        created: &[(FilterId, i64)],
         rows: &[ChangedRow],
         version: i64,
     ) -> Result<(), FilterError> {
-        let only: FxSet<FilterId> = created
+        let at: FxMap<FilterId, i64> = created
             .iter()
             .copied()
-            .filter(|f| self.list[*f as usize].is_some())
+            .filter(|(f, _)| self.list[*f as usize].is_some())
             .collect();
-        let reeval: FxSet<FilterId> = only
+        let only: FxSet<FilterId> = at.keys().copied().collect();
+        let reeval: FxSet<FilterId> = at
             .iter()
-            .copied()
-            .filter(|f| {
-                self.get(*f)
-                    .deps
-                    .iter()
-                    .any(|(_, i)| !only.contains(i) && self.instance(*i).changed_at > built_at)
+            .filter(|(f, built)| {
+                self.get(**f).deps.iter().any(|(_, i)| match at.get(i) {
+                    Some(v) => v != *built,
+                    None => self.instance(*i).changed_at > **built,
+                })
             })
+            .map(|(f, _)| *f)
             .collect();
         self.apply(db, schema, rows, version, Some(&only), reeval)?;
         Ok(())

@@ -454,6 +454,7 @@ impl Engine {
                 let _ = reply.send(());
                 return;
             }
+            self.install_ready();
             self.run_sessions();
             if !self.writes.is_empty() {
                 let group = self.writes.take(self.tuning.quantum, self.tuning.max_group);

@@ -1,7 +1,9 @@
-//! The law of a view built off the writer thread: built at an older version
-//! and caught up with the rows changed since, it selects exactly what the
-//! same view built now selects, whether its membership instances are new or
-//! shared with views the engine kept up to date meanwhile.
+//! The law of views built off the writer thread: built at older versions
+//! (several, installed together) and caught up with the rows changed since
+//! the oldest, each selects exactly what the same view built now selects,
+//! whether its membership instances are new, shared between builds of
+//! different versions, or shared with views the engine kept up to date
+//! meanwhile.
 
 use std::sync::Arc;
 
@@ -109,9 +111,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
-    fn a_view_built_earlier_and_caught_up_is_the_view_built_now(
+    fn views_built_earlier_and_caught_up_are_the_views_built_now(
         seed in prop::collection::vec(op(), 0..12),
         before in prop::collection::vec(op(), 0..8),
+        between in prop::collection::vec(op(), 0..8),
         during in prop::collection::vec(op(), 0..16),
     ) {
         let db = CrrConnection::open_in_memory().expect("db");
@@ -121,37 +124,49 @@ proptest! {
             PolicySet::parse("policy.sql", POLICY, &schema.policy).expect("policy"),
         );
         let mut filters = Filters::default();
-        commit_all(&db, &schema, &mut filters, &seed);
+        let mut log = commit_all(&db, &schema, &mut filters, &seed);
         // Kept up to date all along: u0's todos (its members instance is
         // shared with the first view built below).
         let kept = query(&policy, 0, "SELECT * FROM todos");
         let v = db.db_version().expect("version");
         let kept_id = filters.view_for(&db, &schema, &kept, v).expect("view");
-        commit_all(&db, &schema, &mut filters, &before);
+        log.extend(commit_all(&db, &schema, &mut filters, &before));
 
-        // A reader builds at `at`; the engine commits on.
-        let built = vec![
+        // Readers build at `at1` and, later, at `at2`; the engine commits
+        // on; both are installed in one turn.
+        let first = vec![
             query(&policy, 0, "SELECT * FROM todos WHERE done = 0"),
             query(&policy, 1, "SELECT * FROM todos"),
             query(&policy, 2, "SELECT * FROM members"),
         ];
-        let at = db.db_version().expect("version");
-        let pre = Prebuilt::compute(&db, &schema, &built, at).expect("prebuilt");
-        let commits = commit_all(&db, &schema, &mut filters, &during);
+        // u1's members instance again, at another version.
+        let second = vec![
+            query(&policy, 1, "SELECT * FROM todos WHERE done = 1"),
+            query(&policy, 2, "SELECT * FROM todos"),
+        ];
+        let at1 = db.db_version().expect("version");
+        let mark = log.len();
+        let pre1 = Prebuilt::compute(&db, &schema, &first, at1).expect("prebuilt");
+        log.extend(commit_all(&db, &schema, &mut filters, &between));
+        let at2 = db.db_version().expect("version");
+        let pre2 = Prebuilt::compute(&db, &schema, &second, at2).expect("prebuilt");
+        log.extend(commit_all(&db, &schema, &mut filters, &during));
         let now = db.db_version().expect("version");
 
         let mut created = Vec::new();
         let mut ids = Vec::new();
-        for q in &built {
-            let (id, c) = filters.install(&db, &schema, q, now, &pre).expect("install");
-            ids.push(id);
-            created.extend(c);
+        for (queries, pre) in [(&first, &pre1), (&second, &pre2)] {
+            for q in queries {
+                let (id, c) = filters.install(&db, &schema, q, now, pre).expect("install");
+                ids.push((q.clone(), id));
+                created.extend(c.into_iter().map(|f| (f, pre.version)));
+            }
         }
-        let rows = latest_images(commits.iter().map(Vec::as_slice));
-        filters.catch_up(&db, &schema, &created, at, &rows, now).expect("catch up");
+        let rows = latest_images(log[mark..].iter().map(Vec::as_slice));
+        filters.catch_up(&db, &schema, &created, &rows, now).expect("catch up");
 
         let mut fresh = Filters::default();
-        for (q, id) in built.iter().zip(&ids) {
+        for (q, id) in &ids {
             let f = fresh.view_for(&db, &schema, q, now).expect("fresh view");
             prop_assert_eq!(filters.pks(*id), fresh.pks(f), "view {}", q.where_sql);
         }
@@ -163,7 +178,7 @@ proptest! {
         commit_all(&db, &schema, &mut filters, &after);
         let end = db.db_version().expect("version");
         let mut fresh = Filters::default();
-        for (q, id) in built.iter().zip(&ids) {
+        for (q, id) in &ids {
             let f = fresh.view_for(&db, &schema, q, end).expect("fresh view");
             prop_assert_eq!(filters.pks(*id), fresh.pks(f), "view {} later", q.where_sql);
         }
