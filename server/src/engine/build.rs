@@ -313,6 +313,7 @@ impl Engine {
             return;
         }
         let ready = std::mem::take(&mut self.builds.ready);
+        let started = Instant::now();
         let mut created: Vec<(FilterId, i64)> = Vec::new();
         let mut oldest = i64::MAX;
         let mut done: Vec<(Pending, bool)> = Vec::with_capacity(ready.len());
@@ -369,6 +370,11 @@ impl Engine {
             }
         }
         self.builds.prune();
+        tracing::debug!(
+            builds = done.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "builds installed"
+        );
         for (p, ok) in done {
             metrics::histogram!("tenantsync_view_build_seconds").record(p.started.elapsed());
             for conn in p.conns {

@@ -403,6 +403,16 @@ impl Filters {
             .collect()
     }
 
+    /// What `to` selects and `from` does not (entered), and the reverse
+    /// (left): two views of one table.
+    pub fn difference(&self, from: FilterId, to: FilterId) -> (Vec<PackedPk>, Vec<PackedPk>) {
+        let (a, b) = (&self.get(from).rows, &self.get(to).rows);
+        let pks = |x: &FxSet<RowId>, y: &FxSet<RowId>| -> Vec<PackedPk> {
+            x.difference(y).map(|r| self.rows.pk(*r).clone()).collect()
+        };
+        (pks(b, a), pks(a, b))
+    }
+
     pub fn contains(&self, f: FilterId, table: u16, pk: &PackedPk) -> bool {
         self.rows
             .get(table, pk)

@@ -703,6 +703,7 @@ impl Engine {
         self.stats
             .version
             .store(version, std::sync::atomic::Ordering::Release);
+        let moving = Instant::now();
         let (changed_views, moved) = self.move_after_reload(&change, version, rewritten);
         self.read_scope =
             longpoll::read_scope(&self.schema, self.policy.policies(), &self.tenant_claim);
@@ -712,6 +713,7 @@ impl Engine {
             changed_views,
             moved,
             version,
+            move_ms = moving.elapsed().as_millis() as u64,
             "policies reloaded"
         );
         Ok(PolicyReloadResponse {

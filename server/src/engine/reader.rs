@@ -31,6 +31,29 @@ use tenantsync_protocol::ErrorCode;
 /// larger row makes a larger chunk).
 const SYNC_CHUNK_BYTES: usize = 8 * 1024;
 
+/// How much lower than the engine thread a reader runs (a nice value): on
+/// a machine whose cores are all busy, the writer's commits and fan-out go
+/// first and the readers' syncs, pulls and view builds take what is left.
+const READER_NICE: i32 = 5;
+
+/// Lowers the calling thread's scheduling priority by [`READER_NICE`]
+/// (Linux schedules threads one by one; elsewhere, or when refused, the
+/// reader keeps the process's priority).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread's own id.
+        let r = unsafe {
+            let tid = libc::gettid();
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, now + READER_NICE)
+        };
+        if r != 0 {
+            tracing::debug!("a reader keeps the process's priority");
+        }
+    }
+}
+
 /// Where an initial sync starts from.
 #[derive(Debug, Clone)]
 pub(crate) struct SyncBase {
@@ -126,6 +149,7 @@ impl Readers {
                 std::thread::Builder::new()
                     .name(format!("tenantsync-reader-{i}"))
                     .spawn(move || {
+                        lower_priority();
                         let db = match CrrConnection::open_with(
                             &path,
                             Options {

@@ -114,16 +114,15 @@ impl Engine {
             self.join_view(&key, new_view);
             let live = self.subs.subs[&key].is_live();
             if live {
-                let old_rows = self.filters.pks(old_view);
-                let new_rows = self.filters.pks(new_view);
+                let (entered, left) = self.filters.difference(old_view, new_view);
                 let table = self.filters.get(new_view).table;
-                let entered: Vec<(u16, PackedPk)> = new_rows
-                    .iter()
-                    .filter(|p| !old_rows.contains(*p))
-                    .map(|p| (table, p.clone()))
-                    .collect();
-                let whole =
-                    commit::whole_rows(&self.db, &self.schema, entered.clone()).unwrap_or_default();
+                let entered: Vec<(u16, PackedPk)> =
+                    entered.into_iter().map(|p| (table, p)).collect();
+                let whole = if entered.is_empty() {
+                    FxMap::default()
+                } else {
+                    commit::whole_rows(&self.db, &self.schema, entered.clone()).unwrap_or_default()
+                };
                 let tname = self.schema.tables[table as usize].name.to_string();
                 let part = ViewPart {
                     version,
@@ -131,12 +130,11 @@ impl Engine {
                         .iter()
                         .filter_map(|k| whole.get(k).cloned())
                         .collect(),
-                    left: old_rows
-                        .iter()
-                        .filter(|p| !new_rows.contains(*p))
+                    left: left
+                        .into_iter()
                         .map(|pk| RowKey {
                             table: tname.clone(),
-                            pk: pk.clone(),
+                            pk,
                         })
                         .collect(),
                     ..ViewPart::default()
