@@ -31,7 +31,7 @@
 //! - `bench` (hidden): hooks for the criterion benchmarks.
 //! - `edge` (the tokio side, which never touches SQLite), re-exported here:
 //!   - [`auth`]: bearer JWT verification ([`auth::Authenticator`]) into a
-//!     [`Principal`].
+//!     [`Principal`]; [`jwks`], keys from a JSON Web Key Set, refreshed.
 //!   - [`config`]: the server's [`config::Config`] (TOML file, environment,
 //!     flags), validated into [`config::Settings`].
 //!   - [`app`]: [`app::AppState`], the [`app::router`] of PROTOCOL.md §8,
@@ -50,7 +50,7 @@ mod engine;
 pub mod placement;
 pub mod service;
 
-pub use edge::{app, auth, config, http, ws};
+pub use edge::{app, auth, config, http, jwks, ws};
 
 const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 

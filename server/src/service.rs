@@ -213,6 +213,18 @@ impl SyncService {
         self.inner.shards.iter().map(Shard::status).collect()
     }
 
+    /// Why the service cannot take writes now (empty when it can): per
+    /// shard, its engine not running or its last commit failed. Says
+    /// nothing of any tenant.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.inner
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.not_ready().map(|why| format!("shard {i}: {why}")))
+            .collect()
+    }
+
     /// Each shard's last committed version, by shard.
     pub fn db_versions(&self) -> Vec<i64> {
         self.inner.shards.iter().map(Shard::db_version).collect()

@@ -317,8 +317,8 @@ fn audience_and_issuer_when_configured() {
     check(&hs256_server(), &tokens::hs256(SECRET, &c), ok());
 }
 
-#[test]
-fn authorization_headers() {
+#[tokio::test]
+async fn authorization_headers() {
     assert_eq!(bearer_token("Bearer abc"), Some("abc"));
     assert_eq!(bearer_token("bearer  abc "), Some("abc"));
     assert_eq!(bearer_token("Basic abc"), None);
@@ -328,12 +328,13 @@ fn authorization_headers() {
     let token = tokens::hs256(SECRET, &claims("u1", "acme", 300));
     assert_eq!(
         server
-            .verify_header(&format!("Bearer {token}"))
+            .authenticate_header(&format!("Bearer {token}"))
+            .await
             .unwrap()
             .subject,
         "u1"
     );
-    let e = server.verify_header(&token).unwrap_err();
+    let e = server.authenticate_header(&token).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::Unauthorized);
     assert!(e.message.contains("Bearer <token>"), "{e}");
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tenantsync_server::Synchronous;
 use tenantsync_server::auth::{JwtAlg, JwtKey};
 use tenantsync_server::config::{self, Config, ConfigError};
+use tenantsync_server::jwks::JwksSource;
 
 /// A directory with a schema, a policy and (optionally) a config file.
 struct Dir {
@@ -153,6 +154,42 @@ fn the_token_key_comes_whole_from_one_layer() {
         .unwrap();
     assert!(matches!(s.jwt.key, JwtKey::Secret(ref k) if k == b"a secret from the file"));
     assert_eq!(s.jwt.leeway_secs, 5);
+}
+
+#[test]
+fn a_key_set_replaces_a_secret_and_a_relative_one_is_the_files() {
+    let d = Dir::new();
+    let file = d.file(
+        "[jwt]\njwks = \"keys/jwks.json\"\njwks_refresh_secs = 60\nissuer = \"https://idp.example.test/\"\n",
+    );
+    let mut base = d.complete();
+    base.jwt = Default::default();
+    let s = base
+        .clone()
+        .overlay(d.file("[jwt]\nsecret = \"a secret from another layer\"\n"))
+        .overlay(file)
+        .resolve()
+        .unwrap();
+    match &s.jwt.key {
+        JwtKey::Jwks { source, refresh } => {
+            assert_eq!(source, &JwksSource::File(d.path("keys/jwks.json")));
+            assert_eq!(*refresh, Duration::from_secs(60));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.jwt.issuer.as_deref(), Some("https://idp.example.test/"));
+    // A URL is a URL, whatever layer it comes from.
+    let s = base
+        .overlay(env(&[(
+            "TENANTSYNC_JWT_JWKS",
+            "https://idp.example.test/.well-known/jwks.json",
+        )]))
+        .resolve()
+        .unwrap();
+    assert!(matches!(
+        &s.jwt.key,
+        JwtKey::Jwks { source: JwksSource::Url(u), .. } if u == "https://idp.example.test/.well-known/jwks.json"
+    ));
 }
 
 #[test]
@@ -313,6 +350,7 @@ fn every_key_has_an_environment_variable() {
             let v = match k {
                 "jwt.alg" => "eddsa",
                 "synchronous" => "normal",
+                "log_format" => "json",
                 _ => "7",
             };
             (config::env_var(k), v.to_owned())
@@ -414,14 +452,34 @@ fn invalid_configurations_name_the_key() {
     );
     check_invalid(
         |c, d| c.jwt.public_key = Some(d.path("key.pem")),
-        &["give either jwt.secret (hs256) or jwt.public_key"],
+        &["give one of jwt.secret (hs256), jwt.public_key"],
     );
     check_invalid(
         |c, d| {
             c.jwt.secret = None;
             c.jwt.public_key = Some(d.path("key.pem"));
         },
-        &["`jwt.alg`", "give rs256 or eddsa"],
+        &["`jwt.alg`", "give rs256, es256 or eddsa"],
+    );
+    check_invalid(
+        |c, _| c.jwt.jwks = Some("https://idp.example.test/jwks.json".into()),
+        &["give one of jwt.secret (hs256), jwt.public_key", "jwt.jwks"],
+    );
+    check_invalid(
+        |c, _| {
+            c.jwt.secret = None;
+            c.jwt.alg = Some(JwtAlg::Rs256);
+            c.jwt.jwks = Some("https://idp.example.test/jwks.json".into());
+        },
+        &["`jwt.alg`", "a key set's keys fix their algorithms"],
+    );
+    check_invalid(
+        |c, _| {
+            c.jwt.secret = None;
+            c.jwt.jwks = Some("jwks.json".into());
+            c.jwt.jwks_refresh_secs = Some(0);
+        },
+        &["`jwt.jwks_refresh_secs`", "at least 1"],
     );
     check_invalid(
         |c, d| {

@@ -19,7 +19,7 @@ use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tenantsync_server::app::{self, AppState, Server};
 use tenantsync_server::auth::{Authenticator, JwtAlg};
-use tenantsync_server::config::{self, Config, LimitsConfig};
+use tenantsync_server::config::{self, Config, LimitsConfig, LogFormat};
 use tenantsync_server::{SyncService, Synchronous};
 
 /// `tenantsync serve` flags. Every flag can also be set in the config file
@@ -47,9 +47,21 @@ pub struct ServeArgs {
     /// PEM public key for RS256 or EdDSA tokens (with --jwt-alg) [env: TENANTSYNC_JWT_PUBLIC_KEY]
     #[arg(long, value_name = "PEM_FILE")]
     pub jwt_public_key: Option<PathBuf>,
-    /// The one token algorithm accepted: hs256, rs256, eddsa [env: TENANTSYNC_JWT_ALG]
+    /// The one token algorithm of --jwt-public-key: rs256, es256, eddsa (hs256 with a secret) [env: TENANTSYNC_JWT_ALG]
     #[arg(long, value_name = "ALG", value_parser = parse_alg)]
     pub jwt_alg: Option<JwtAlg>,
+    /// A JSON Web Key Set, a file or an http(s):// URL (an identity provider's jwks.json); the token's kid picks the key [env: TENANTSYNC_JWT_JWKS]
+    #[arg(long, value_name = "FILE_OR_URL")]
+    pub jwks: Option<String>,
+    /// Tokens must carry this `iss` [env: TENANTSYNC_JWT_ISSUER]
+    #[arg(long, value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Tokens must carry this in `aud` [env: TENANTSYNC_JWT_AUDIENCE]
+    #[arg(long, value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Log lines as text or json (JSON lines) [default: text] [env: TENANTSYNC_LOG_FORMAT]
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
     /// The claim naming the tenant [default: tenant_id] [env: TENANTSYNC_TENANT_CLAIM]
     #[arg(long, value_name = "CLAIM")]
     pub tenant_claim: Option<String>,
@@ -95,6 +107,10 @@ fn parse_alg(s: &str) -> Result<JwtAlg, String> {
     s.parse()
 }
 
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
 fn parse_synchronous(s: &str) -> Result<Synchronous, String> {
     match s.to_ascii_lowercase().as_str() {
         "full" => Ok(Synchronous::Full),
@@ -115,6 +131,7 @@ impl ServeArgs {
             readers: self.readers,
             synchronous: self.synchronous,
             shards: self.shards,
+            log_format: self.log_format,
             limits: LimitsConfig {
                 max_message_bytes: self.max_message_bytes,
                 max_pull_bytes: self.max_pull_bytes,
@@ -132,6 +149,9 @@ impl ServeArgs {
         c.jwt.secret = self.jwt_secret.clone();
         c.jwt.public_key = self.jwt_public_key.clone();
         c.jwt.alg = self.jwt_alg;
+        c.jwt.jwks = self.jwks.clone();
+        c.jwt.issuer = self.jwt_issuer.clone();
+        c.jwt.audience = self.jwt_audience.clone();
         c
     }
 }
@@ -139,7 +159,17 @@ impl ServeArgs {
 /// Runs the server; the exit code is 0 after a clean shutdown, 1 when it
 /// could not start.
 pub fn run(args: &ServeArgs) -> ExitCode {
-    init_tracing();
+    let (settings, notes) = match settings(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_tracing(settings.log_format);
+    for note in notes {
+        tracing::warn!("{note}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tenantsync-edge")
@@ -151,7 +181,7 @@ pub fn run(args: &ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args)) {
+    match runtime.block_on(serve(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -160,16 +190,26 @@ pub fn run(args: &ServeArgs) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr: text (colours only on a terminal) or JSON lines, each
+/// line with the spans it is in (a session's tenant, subject and peer).
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("TENANTSYNC_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -183,8 +223,9 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot install the Prometheus recorder")
 }
 
-/// The configuration from every layer.
-fn settings(args: &ServeArgs) -> anyhow::Result<config::Settings> {
+/// The configuration from every layer, and what to warn about once logging
+/// is set up.
+fn settings(args: &ServeArgs) -> anyhow::Result<(config::Settings, Vec<String>)> {
     let file_path = args
         .config
         .clone()
@@ -194,14 +235,16 @@ fn settings(args: &ServeArgs) -> anyhow::Result<config::Settings> {
         None => Config::default(),
     };
     let (env, unknown) = Config::from_env(std::env::vars())?;
-    for var in unknown {
-        tracing::warn!("{var} is not a configuration variable (see config.example.toml); ignored");
-    }
-    Ok(file.overlay(env).overlay(args.layer()).resolve()?)
+    let notes = unknown
+        .into_iter()
+        .map(|var| {
+            format!("{var} is not a configuration variable (see config.example.toml); ignored")
+        })
+        .collect();
+    Ok((file.overlay(env).overlay(args.layer()).resolve()?, notes))
 }
 
-async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    let settings = settings(args)?;
+async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     let handle = install_metrics()?;
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -212,6 +255,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
     });
     let auth = Authenticator::new(&settings.jwt).context("the token key")?;
+    auth.start().await.context("the token key set")?;
 
     let service_config = settings.service.clone();
     let db = service_config.db_path.clone();
@@ -231,7 +275,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let signals = app::Signals::install().context("cannot install the signal handlers")?;
     let addr = server.local_addr()?;
-    tracing::info!(%addr, db = %db.display(), alg = %settings.jwt.alg(), "serving");
+    tracing::info!(%addr, db = %db.display(), keys = %settings.jwt.describe(), "serving");
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening on http://{addr}")?;

@@ -398,3 +398,76 @@ fn serve_refuses_a_bad_configuration() {
         "{stderr}"
     );
 }
+
+/// `--log-format json` writes JSON lines; the default text has no colour
+/// codes when stderr is not a terminal. Starts with a key set (`--jwks`,
+/// `--jwt-issuer`, `--jwt-audience`): the log names it.
+#[test]
+fn serve_logs_json_lines_or_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": "ERERERERERERERERERERERERERERERERERERERERERE"}]}"#,
+    )
+    .unwrap();
+    let base = |db: &std::path::Path| -> Vec<std::ffi::OsString> {
+        [
+            os("--db"),
+            db.as_os_str(),
+            os("--schema"),
+            examples().join("schema.sql").as_os_str(),
+            os("--policy"),
+            examples().join("policy.sql").as_os_str(),
+            os("--listen"),
+            os("127.0.0.1:0"),
+            os("--synchronous"),
+            os("normal"),
+            os("--readers"),
+            os("1"),
+        ]
+        .iter()
+        .map(|s| s.to_os_string())
+        .collect()
+    };
+    let mut args = base(&dir.path().join("a.db"));
+    for a in [
+        os("--log-format"),
+        os("json"),
+        os("--jwks"),
+        jwks.as_os_str(),
+        os("--jwt-issuer"),
+        os("https://idp.example.test/"),
+        os("--jwt-audience"),
+        os("tenantsync"),
+    ] {
+        args.push(a.to_os_string());
+    }
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut server = Server::start(&refs, &[]);
+    let line = server.wait_for("serving");
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert_eq!(v["fields"]["message"], "serving", "{line}");
+    assert!(
+        v["fields"]["keys"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("jwks "),
+        "{line}"
+    );
+    assert_eq!(get(&server.addr, "/v1/health/ready").0, 200);
+    let (code, _) = server.terminate();
+    assert_eq!(code, Some(0));
+
+    let mut args = base(&dir.path().join("b.db"));
+    args.push("--jwt-secret".into());
+    args.push(SECRET.into());
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut server = Server::start(&refs, &[]);
+    let line = server.wait_for("serving");
+    assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+    let (code, _) = server.terminate();
+    assert_eq!(code, Some(0));
+}

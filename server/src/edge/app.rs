@@ -127,6 +127,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pull", post(crate::http::pull))
         .route("/v1/schema", get(crate::http::schema))
         .route("/v1/health", get(crate::http::health))
+        .route("/v1/health/live", get(crate::http::live))
+        .route("/v1/health/ready", get(crate::http::ready))
         .route("/metrics", get(crate::http::metrics))
         .route("/v1/sql", post(crate::http::sql))
         .route("/v1/admin/policy", post(crate::http::reload_policy))
@@ -147,7 +149,16 @@ async fn observe(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().clone();
-    let span = tracing::info_span!("http", %method, endpoint = %endpoint);
+    // Who asks, once the token verified (`http::header_principal`), and
+    // the peer of a push or pull: in every line logged for the request.
+    let span = tracing::info_span!(
+        "http",
+        %method,
+        endpoint = %endpoint,
+        tenant = tracing::field::Empty,
+        subject = tracing::field::Empty,
+        peer = tracing::field::Empty,
+    );
     let started = Instant::now();
     let response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = response.status().as_u16();

@@ -1,12 +1,14 @@
 //! Bearer JWT verification (docs/PROTOCOL.md §3).
 //!
-//! The server is configured with exactly one algorithm and one key
-//! ([`JwtKey`]): HS256 with a shared secret, RS256 or EdDSA with a PEM public
-//! key. [`Authenticator::verify`] accepts a token only when
+//! The server is configured with one key source ([`JwtKey`]): HS256 with a
+//! shared secret; RS256, ES256 or EdDSA with a PEM public key; or a JSON
+//! Web Key Set from a file or URL (`jwks`: the token's `kid` picks the key,
+//! which fixes the algorithm). [`Authenticator::verify`] accepts a token
+//! only when
 //!
 //! - it is a well-formed compact JWS whose header names exactly the
-//!   configured algorithm (`alg: none`, another algorithm, a malformed token
-//!   or a bad signature: `unauthorized`);
+//!   algorithm of its key (`alg: none`, another algorithm, a `kid` the set
+//!   lacks, a malformed token or a bad signature: `unauthorized`);
 //! - its `exp` is present and not past (`token_expired`), its `nbf`, if any,
 //!   not in the future (`token_not_yet_valid`), both give or take the
 //!   configured leeway;
@@ -17,6 +19,7 @@
 //! The claims of a verified token become a [`Principal`].
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -24,9 +27,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value as Json};
 use tenantsync_protocol::ErrorCode;
 
+use crate::jwks::{Jwks, JwksError, JwksSource, SetKey};
 use crate::service::{ApiError, Principal};
 
-/// The one algorithm the server accepts.
+/// The one algorithm a static key verifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JwtAlg {
@@ -34,16 +38,19 @@ pub enum JwtAlg {
     Hs256,
     /// RSA PKCS#1 v1.5 with SHA-256, verified with an RSA public key.
     Rs256,
+    /// ECDSA on P-256 with SHA-256, verified with a P-256 public key.
+    Es256,
     /// Ed25519, verified with an Ed25519 public key.
     Eddsa,
 }
 
 impl JwtAlg {
-    /// The name used in configuration (`hs256`, `rs256`, `eddsa`).
+    /// The name used in configuration (`hs256`, `rs256`, `es256`, `eddsa`).
     pub fn as_str(self) -> &'static str {
         match self {
             JwtAlg::Hs256 => "hs256",
             JwtAlg::Rs256 => "rs256",
+            JwtAlg::Es256 => "es256",
             JwtAlg::Eddsa => "eddsa",
         }
     }
@@ -52,6 +59,7 @@ impl JwtAlg {
         match self {
             JwtAlg::Hs256 => Algorithm::HS256,
             JwtAlg::Rs256 => Algorithm::RS256,
+            JwtAlg::Es256 => Algorithm::ES256,
             JwtAlg::Eddsa => Algorithm::EdDSA,
         }
     }
@@ -70,9 +78,10 @@ impl std::str::FromStr for JwtAlg {
         match s.to_ascii_lowercase().as_str() {
             "hs256" => Ok(JwtAlg::Hs256),
             "rs256" => Ok(JwtAlg::Rs256),
+            "es256" => Ok(JwtAlg::Es256),
             "eddsa" => Ok(JwtAlg::Eddsa),
             _ => Err(format!(
-                "unknown JWT algorithm `{s}` (expected hs256, rs256 or eddsa)"
+                "unknown JWT algorithm `{s}` (expected hs256, rs256, es256 or eddsa)"
             )),
         }
     }
@@ -83,13 +92,21 @@ impl std::str::FromStr for JwtAlg {
 pub enum JwtKey {
     /// HS256: the shared secret's bytes.
     Secret(Vec<u8>),
-    /// RS256 or EdDSA: a PEM public key (`-----BEGIN PUBLIC KEY-----`, or
-    /// `BEGIN RSA PUBLIC KEY` for RS256).
+    /// RS256, ES256 or EdDSA: a PEM public key (`-----BEGIN PUBLIC
+    /// KEY-----`, or `BEGIN RSA PUBLIC KEY` for RS256).
     PublicPem {
-        /// `Rs256` or `Eddsa`.
+        /// `Rs256`, `Es256` or `Eddsa`.
         alg: JwtAlg,
         /// The PEM text.
         pem: Vec<u8>,
+    },
+    /// A JSON Web Key Set (RS256, ES256 and EdDSA keys), read from a file or
+    /// URL at start, every `refresh`, and on an unknown `kid`.
+    Jwks {
+        /// The file or URL.
+        source: JwksSource,
+        /// How often it is read again.
+        refresh: Duration,
     },
 }
 
@@ -99,6 +116,7 @@ impl fmt::Debug for JwtKey {
             // Never print a secret.
             JwtKey::Secret(s) => write!(f, "Secret({} bytes)", s.len()),
             JwtKey::PublicPem { alg, pem } => write!(f, "PublicPem({alg}, {} bytes)", pem.len()),
+            JwtKey::Jwks { source, refresh } => write!(f, "Jwks({source}, every {refresh:?})"),
         }
     }
 }
@@ -120,11 +138,13 @@ pub struct JwtSettings {
 }
 
 impl JwtSettings {
-    /// The algorithm the key is for.
-    pub fn alg(&self) -> JwtAlg {
+    /// What verifies tokens, in words for logs (`hs256`, `rs256`, ...,
+    /// `jwks <source>`).
+    pub fn describe(&self) -> String {
         match &self.key {
-            JwtKey::Secret(_) => JwtAlg::Hs256,
-            JwtKey::PublicPem { alg, .. } => *alg,
+            JwtKey::Secret(_) => JwtAlg::Hs256.to_string(),
+            JwtKey::PublicPem { alg, .. } => alg.to_string(),
+            JwtKey::Jwks { source, .. } => format!("jwks {source}"),
         }
     }
 }
@@ -154,16 +174,28 @@ pub enum KeyError {
 /// Verifies bearer tokens. Built once at start; cheap to share behind an
 /// `Arc`.
 pub struct Authenticator {
-    key: DecodingKey,
-    alg: JwtAlg,
+    keys: Keys,
+    /// The checks, the algorithms left to each key.
     validation: Validation,
     tenant_claim: String,
 }
 
+/// What signatures are verified with.
+enum Keys {
+    /// One key, one algorithm.
+    Static { key: DecodingKey, alg: JwtAlg },
+    /// A key set, the token's `kid` picking the key.
+    Set(Arc<Jwks>),
+}
+
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = match &self.keys {
+            Keys::Static { alg, .. } => alg.to_string(),
+            Keys::Set(j) => format!("jwks {}", j.source()),
+        };
         f.debug_struct("Authenticator")
-            .field("alg", &self.alg)
+            .field("keys", &keys)
             .field("leeway", &self.validation.leeway)
             .field("tenant_claim", &self.tenant_claim)
             .finish_non_exhaustive()
@@ -171,30 +203,37 @@ impl fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// Builds the verifier; fails when the key does not parse.
+    /// Builds the verifier; fails when the key does not parse. A key set
+    /// is not read yet: see [`Authenticator::start`].
     pub fn new(settings: &JwtSettings) -> Result<Authenticator, KeyError> {
-        let (alg, key) = match &settings.key {
+        let keys = match &settings.key {
             JwtKey::Secret(secret) => {
                 if secret.is_empty() {
                     return Err(KeyError::EmptySecret);
                 }
-                (JwtAlg::Hs256, DecodingKey::from_secret(secret))
+                Keys::Static {
+                    key: DecodingKey::from_secret(secret),
+                    alg: JwtAlg::Hs256,
+                }
             }
             JwtKey::PublicPem { alg, pem } => {
                 let key = match alg {
                     JwtAlg::Hs256 => return Err(KeyError::NotAPublicKeyAlg { alg: *alg }),
                     JwtAlg::Rs256 => DecodingKey::from_rsa_pem(pem),
+                    JwtAlg::Es256 => DecodingKey::from_ec_pem(pem),
                     JwtAlg::Eddsa => DecodingKey::from_ed_pem(pem),
                 }
                 .map_err(|e| KeyError::BadPem {
                     alg: *alg,
                     reason: e.to_string(),
                 })?;
-                (*alg, key)
+                Keys::Static { key, alg: *alg }
+            }
+            JwtKey::Jwks { source, refresh } => {
+                Keys::Set(Arc::new(Jwks::new(source.clone(), *refresh)))
             }
         };
-        let mut validation = Validation::new(alg.algorithm());
-        validation.algorithms = vec![alg.algorithm()];
+        let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = settings.leeway_secs;
         // `exp` and `nbf` are read once, by `claim_time`, for HTTP and
         // WebSocket alike (the library reads fractions its own way).
@@ -215,16 +254,37 @@ impl Authenticator {
             validation.required_spec_claims.insert("iss".into());
         }
         Ok(Authenticator {
-            key,
-            alg,
+            keys,
             validation,
             tenant_claim: settings.tenant_claim.clone(),
         })
     }
 
-    /// The algorithm tokens must be signed with.
-    pub fn alg(&self) -> JwtAlg {
-        self.alg
+    /// Reads a key set for the first time and keeps it fresh (a task on
+    /// the current runtime). A set in a file that cannot be read is an
+    /// error; a URL that cannot be read yet is retried every second, the
+    /// server not ready meanwhile ([`Authenticator::is_ready`]).
+    pub async fn start(&self) -> Result<(), JwksError> {
+        let Keys::Set(j) = &self.keys else {
+            return Ok(());
+        };
+        match (j.read().await, j.source()) {
+            (Ok(_), _) => {}
+            (Err(e), JwksSource::File(_)) => return Err(e),
+            (Err(e), JwksSource::Url(_)) => {
+                tracing::warn!(error = %e, "the key set cannot be read yet; retrying every second, not ready meanwhile");
+            }
+        }
+        j.spawn_refresh();
+        Ok(())
+    }
+
+    /// Whether tokens can be verified (a key set, when used, was read).
+    pub fn is_ready(&self) -> bool {
+        match &self.keys {
+            Keys::Static { .. } => true,
+            Keys::Set(j) => j.is_loaded(),
+        }
     }
 
     /// The clock skew tolerated on `exp` and `nbf`, in seconds.
@@ -235,8 +295,22 @@ impl Authenticator {
     /// Verifies `token` (without the `Bearer ` prefix) and returns who it
     /// names.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let data = jsonwebtoken::decode::<Map<String, Json>>(token, &self.key, &self.validation)
-            .map_err(|e| self.refusal(&e))?;
+        let data = match &self.keys {
+            Keys::Static { key, alg } => {
+                let mut v = self.validation.clone();
+                v.algorithms = vec![alg.algorithm()];
+                jsonwebtoken::decode::<Map<String, Json>>(token, key, &v)
+                    .map_err(|e| self.refusal(&e, alg.as_str()))?
+            }
+            Keys::Set(j) => {
+                let k = self.set_key(j, token)?;
+                let mut v = self.validation.clone();
+                v.algorithms = vec![k.alg];
+                let name = format!("{:?} (its key's)", k.alg);
+                jsonwebtoken::decode::<Map<String, Json>>(token, &k.key, &v)
+                    .map_err(|e| self.refusal(&e, &name))?
+            }
+        };
         let claims = data.claims;
         let bad_time = |claim: &str, why: String| {
             ApiError::new(
@@ -287,18 +361,55 @@ impl Authenticator {
         Ok(Principal::from_claims(claims, &self.tenant_claim))
     }
 
-    /// Verifies an `Authorization` header value (`Bearer <token>`).
-    pub fn verify_header(&self, header: &str) -> Result<Principal, ApiError> {
+    /// [`Authenticator::verify`], after reading the key set again when the
+    /// token names a `kid` the set lacks (rate limited, `jwks`): a key the
+    /// provider just rotated in is found.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, ApiError> {
+        if let Keys::Set(j) = &self.keys
+            && let Ok(h) = jsonwebtoken::decode_header(token)
+            && j.current()
+                .is_none_or(|s| s.get(h.kid.as_deref()).is_none())
+        {
+            j.read_for_unknown_kid().await;
+        }
+        self.verify(token)
+    }
+
+    /// Authenticates an `Authorization` header value (`Bearer <token>`).
+    pub async fn authenticate_header(&self, header: &str) -> Result<Principal, ApiError> {
         let token = bearer_token(header).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::Unauthorized,
                 "the Authorization header must be `Bearer <token>`",
             )
         })?;
-        self.verify(token)
+        self.authenticate(token).await
     }
 
-    fn refusal(&self, e: &jsonwebtoken::errors::Error) -> ApiError {
+    /// The key of the set a token names.
+    fn set_key(&self, j: &Jwks, token: &str) -> Result<SetKey, ApiError> {
+        let h = jsonwebtoken::decode_header(token)
+            .map_err(|e| self.refusal(&e, "RS256, ES256 or EdDSA"))?;
+        let Some(set) = j.current() else {
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the server has not read its key set (JWKS) yet; try again shortly",
+            ));
+        };
+        set.get(h.kid.as_deref()).cloned().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                match &h.kid {
+                    Some(kid) => format!(
+                        "the token's key id (`kid` {kid:?}) is not in the server's key set"
+                    ),
+                    None => "the token has no key id (`kid`) and the server's key set holds several keys".to_owned(),
+                },
+            )
+        })
+    }
+
+    fn refusal(&self, e: &jsonwebtoken::errors::Error, alg: &str) -> ApiError {
         let (code, message) = match e.kind() {
             ErrorKind::ExpiredSignature => (
                 ErrorCode::TokenExpired,
@@ -314,10 +425,7 @@ impl Authenticator {
             ),
             ErrorKind::InvalidAlgorithm => (
                 ErrorCode::Unauthorized,
-                format!(
-                    "the token is not signed with {}, the one algorithm this server accepts",
-                    self.alg
-                ),
+                format!("the token is not signed with {alg}, the algorithm it must use"),
             ),
             ErrorKind::MissingRequiredClaim(claim) => (
                 ErrorCode::Unauthorized,
@@ -343,8 +451,7 @@ impl Authenticator {
             | ErrorKind::InvalidToken => (
                 ErrorCode::Unauthorized,
                 format!(
-                    "malformed token (a signed JWT `header.claims.signature` with alg {} is expected): {e}",
-                    self.alg
+                    "malformed token (a signed JWT `header.claims.signature` with alg {alg} is expected): {e}"
                 ),
             ),
             _ => (ErrorCode::Unauthorized, format!("invalid token: {e}")),

@@ -5,10 +5,10 @@
 //! (`TENANTSYNC_<KEY>`, e.g. `TENANTSYNC_JWT_SECRET`,
 //! `TENANTSYNC_LIMITS_MAX_MESSAGE_BYTES`), the TOML file given with
 //! `--config`, the defaults. Each key is taken from the highest layer that
-//! sets it, except the token key: `jwt.alg`, `jwt.secret` and
-//! `jwt.public_key` are taken together from the highest layer that sets any
-//! of them (so a flag `--jwt-public-key` replaces a secret in the file
-//! instead of conflicting with it). Relative paths in the file are relative
+//! sets it, except the token key: `jwt.alg`, `jwt.secret`,
+//! `jwt.public_key` and `jwt.jwks` are taken together from the highest layer
+//! that sets any of them (so a flag `--jwt-public-key` or `--jwks` replaces
+//! a secret in the file instead of conflicting with it). Relative paths in the file are relative
 //! to the file's directory; on the command line and in the environment, to
 //! the working directory.
 //!
@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{JwtAlg, JwtKey, JwtSettings};
+use crate::jwks::JwksSource;
 use crate::service::{Limits, ServiceConfig, Synchronous};
 
 /// The default listen address (loopback: exposing the server is a choice).
@@ -61,6 +62,9 @@ pub struct Config {
     /// How long a shutdown may take before sockets are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Log lines as `text` (the default) or `json` (JSON lines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
     /// Token verification.
     #[serde(default, skip_serializing_if = "JwtConfig::is_empty")]
     pub jwt: JwtConfig,
@@ -82,9 +86,16 @@ pub struct JwtConfig {
     /// The HS256 shared secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
-    /// A PEM file with the RS256 or EdDSA public key.
+    /// A PEM file with the RS256, ES256 or EdDSA public key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PathBuf>,
+    /// A JSON Web Key Set: a file, or an `http(s)://` URL (an identity
+    /// provider's `.well-known/jwks.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// How often the key set is read again, in seconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh_secs: Option<u64>,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leeway_secs: Option<u64>,
@@ -197,9 +208,12 @@ const KEYS: &[(&str, Kind)] = &[
     ("synchronous", Kind::Text),
     ("shards", Kind::Integer),
     ("shutdown_timeout_secs", Kind::Integer),
+    ("log_format", Kind::Text),
     ("jwt.alg", Kind::Text),
     ("jwt.secret", Kind::Text),
     ("jwt.public_key", Kind::Text),
+    ("jwt.jwks", Kind::Text),
+    ("jwt.jwks_refresh_secs", Kind::Integer),
     ("jwt.leeway_secs", Kind::Integer),
     ("jwt.audience", Kind::Text),
     ("jwt.issuer", Kind::Text),
@@ -378,10 +392,15 @@ impl Config {
     /// key's three settings as one, see the module docs).
     pub fn overlay(self, over: Config) -> Config {
         let mut base = self;
-        if over.jwt.alg.is_some() || over.jwt.secret.is_some() || over.jwt.public_key.is_some() {
+        if over.jwt.alg.is_some()
+            || over.jwt.secret.is_some()
+            || over.jwt.public_key.is_some()
+            || over.jwt.jwks.is_some()
+        {
             base.jwt.alg = None;
             base.jwt.secret = None;
             base.jwt.public_key = None;
+            base.jwt.jwks = None;
         }
         let mut merged = to_table(&base);
         merge_tables(&mut merged, to_table(&over));
@@ -404,6 +423,12 @@ impl Config {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
+        }
+        if let Some(j) = &mut self.jwt.jwks
+            && let JwksSource::File(p) = JwksSource::parse(j)
+            && p.is_relative()
+        {
+            *j = dir.join(p).to_string_lossy().into_owned();
         }
     }
 
@@ -488,68 +513,93 @@ impl Config {
             jwt,
             edge,
             policy_path,
+            log_format: self.log_format.unwrap_or_default(),
         })
     }
 }
 
 impl JwtConfig {
     fn resolve(&self, tenant_claim: String) -> Result<JwtSettings, ConfigError> {
-        let key = match (&self.secret, &self.public_key) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "jwt",
-                    "give either jwt.secret (hs256) or jwt.public_key (rs256, eddsa), not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::Missing {
-                    what: "the token key",
-                    key: "jwt.secret",
-                    flag: "--jwt-secret (or --jwt-public-key with --jwt-alg)",
-                    env: env_var("jwt.secret"),
-                });
-            }
-            (Some(secret), None) => {
-                match self.alg.unwrap_or(JwtAlg::Hs256) {
-                    JwtAlg::Hs256 => {}
-                    alg => {
-                        return Err(invalid(
-                            "jwt.alg",
-                            format!("{alg} verifies with jwt.public_key, but jwt.secret is given"),
-                        ));
-                    }
-                }
-                if secret.len() < 16 {
+        let given = [
+            self.secret.is_some(),
+            self.public_key.is_some(),
+            self.jwks.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(invalid(
+                "jwt",
+                "give one of jwt.secret (hs256), jwt.public_key (rs256, es256, eddsa) or jwt.jwks (a key set), not several",
+            ));
+        }
+        let key = if let Some(secret) = &self.secret {
+            match self.alg.unwrap_or(JwtAlg::Hs256) {
+                JwtAlg::Hs256 => {}
+                alg => {
                     return Err(invalid(
-                        "jwt.secret",
-                        "must be at least 16 bytes (HS256 is only as strong as its secret)",
+                        "jwt.alg",
+                        format!("{alg} verifies with jwt.public_key, but jwt.secret is given"),
                     ));
                 }
-                JwtKey::Secret(secret.clone().into_bytes())
             }
-            (None, Some(path)) => {
-                let alg = match self.alg {
-                    Some(JwtAlg::Hs256) => {
-                        return Err(invalid(
-                            "jwt.alg",
-                            "hs256 verifies with jwt.secret, but jwt.public_key is given",
-                        ));
-                    }
-                    Some(alg) => alg,
-                    None => {
-                        return Err(invalid(
-                            "jwt.alg",
-                            "give rs256 or eddsa with jwt.public_key (--jwt-alg)",
-                        ));
-                    }
-                };
-                let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
-                    what: "JWT public key",
-                    path: path.clone(),
-                    source,
-                })?;
-                JwtKey::PublicPem { alg, pem }
+            if secret.len() < 16 {
+                return Err(invalid(
+                    "jwt.secret",
+                    "must be at least 16 bytes (HS256 is only as strong as its secret)",
+                ));
             }
+            JwtKey::Secret(secret.clone().into_bytes())
+        } else if let Some(path) = &self.public_key {
+            let alg = match self.alg {
+                Some(JwtAlg::Hs256) => {
+                    return Err(invalid(
+                        "jwt.alg",
+                        "hs256 verifies with jwt.secret, but jwt.public_key is given",
+                    ));
+                }
+                Some(alg) => alg,
+                None => {
+                    return Err(invalid(
+                        "jwt.alg",
+                        "give rs256, es256 or eddsa with jwt.public_key (--jwt-alg)",
+                    ));
+                }
+            };
+            let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+                what: "JWT public key",
+                path: path.clone(),
+                source,
+            })?;
+            JwtKey::PublicPem { alg, pem }
+        } else if let Some(jwks) = &self.jwks {
+            if let Some(alg) = self.alg {
+                return Err(invalid(
+                    "jwt.alg",
+                    format!(
+                        "a key set's keys fix their algorithms; drop jwt.alg ({alg}) with jwt.jwks"
+                    ),
+                ));
+            }
+            if jwks.trim().is_empty() {
+                return Err(invalid(
+                    "jwt.jwks",
+                    "is empty (a file or an http(s):// URL)",
+                ));
+            }
+            let refresh = self.jwks_refresh_secs.unwrap_or(300);
+            if refresh == 0 {
+                return Err(invalid("jwt.jwks_refresh_secs", "must be at least 1"));
+            }
+            JwtKey::Jwks {
+                source: JwksSource::parse(jwks),
+                refresh: Duration::from_secs(refresh),
+            }
+        } else {
+            return Err(ConfigError::Missing {
+                what: "the token key",
+                key: "jwt.secret",
+                flag: "--jwt-secret (or --jwt-public-key with --jwt-alg, or --jwks)",
+                env: env_var("jwt.secret"),
+            });
         };
         let settings = JwtSettings {
             key,
@@ -692,6 +742,31 @@ pub struct Settings {
     pub edge: EdgeSettings,
     /// The policy file (re-read on SIGHUP).
     pub policy_path: PathBuf,
+    /// How log lines are written (the binary installs the subscriber).
+    pub log_format: LogFormat,
+}
+
+/// How the server writes its log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, with the spans it is in.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format `{s}` (expected text or json)")),
+        }
+    }
 }
 
 /// What the HTTP/WebSocket edge needs beyond the service.

@@ -67,7 +67,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, HttpError> {
-        match header_principal(&parts.headers, state)? {
+        match header_principal(&parts.headers, state).await? {
             Some(p) => Ok(Caller(p)),
             None => Err(HttpError::new(
                 ErrorCode::Unauthorized,
@@ -84,13 +84,16 @@ impl OptionalFromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Option<Self>, HttpError> {
-        Ok(header_principal(&parts.headers, state)?.map(Caller))
+        Ok(header_principal(&parts.headers, state).await?.map(Caller))
     }
 }
 
 /// The principal of the `Authorization` header: `None` without one, an
 /// error when it does not verify.
-fn header_principal(headers: &HeaderMap, state: &AppState) -> Result<Option<Principal>, HttpError> {
+async fn header_principal(
+    headers: &HeaderMap,
+    state: &AppState,
+) -> Result<Option<Principal>, HttpError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
@@ -100,7 +103,11 @@ fn header_principal(headers: &HeaderMap, state: &AppState) -> Result<Option<Prin
             "the Authorization header is not ASCII text",
         )
     })?;
-    Ok(Some(state.auth().verify_header(value)?))
+    let p = state.auth().authenticate_header(value).await?;
+    let span = tracing::Span::current();
+    span.record("subject", p.subject.as_str());
+    span.record("tenant", p.tenant.as_deref().unwrap_or(""));
+    Ok(Some(p))
 }
 
 /// A verified caller with the service role.
@@ -223,6 +230,7 @@ pub async fn push(
     JsonBody(req): JsonBody<PushRequest>,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
+    tracing::Span::current().record("peer", tracing::field::display(&req.site_id));
     match state.service().push(&p, req).await {
         Ok(r) => Ok(json(r)),
         Err(PushError::Refused(refusal)) => {
@@ -240,6 +248,7 @@ pub async fn pull(
     JsonBody(req): JsonBody<PullRequest>,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
+    tracing::Span::current().record("peer", tracing::field::display(&req.site_id));
     Ok(json(state.service().pull(&p, req).await?))
 }
 
@@ -254,6 +263,37 @@ pub async fn schema(State(state): State<AppState>, Caller(_): Caller) -> Respons
 pub async fn health(State(state): State<AppState>) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
     Ok(json(serde_json::json!({ "status": "ok" })))
+}
+
+/// `GET /v1/health/live` (no token): 200 `{status: "alive"}` while the
+/// process answers, shutting down included (an orchestrator restarts a
+/// process that stops answering, not one that is busy).
+pub async fn live() -> Response {
+    json(serde_json::json!({ "status": "alive" }))
+}
+
+/// `GET /v1/health/ready` (no token): 200 `{status: "ready"}` when the
+/// server takes traffic; 503 `{status: "not_ready", reasons: [...]}` while
+/// it shuts down, before its token key set was read, or while a shard
+/// cannot write (its engine stopped or its last commit failed). A load
+/// balancer sends traffic by it; the reasons name no tenant.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if state.shutting_down() {
+        reasons.push("the server is shutting down".to_owned());
+    }
+    if !state.auth().is_ready() {
+        reasons.push("the token key set (JWKS) has not been read yet".to_owned());
+    }
+    reasons.extend(state.service().not_ready());
+    if reasons.is_empty() {
+        return json(serde_json::json!({ "status": "ready" }));
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "status": "not_ready", "reasons": reasons })),
+    )
+        .into_response()
 }
 
 /// `GET /metrics` (service role): the Prometheus text format. Its counters

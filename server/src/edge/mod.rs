@@ -7,4 +7,5 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod jwks;
 pub mod ws;

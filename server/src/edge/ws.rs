@@ -333,7 +333,9 @@ where
                         ));
                     }
                     let principal = match (token, upgrade_principal) {
-                        (Some(token), _) => ctx.auth.verify(&token).map_err(End::error)?,
+                        (Some(token), _) => {
+                            ctx.auth.authenticate(&token).await.map_err(End::error)?
+                        }
                         (None, Some(p)) => p.clone(),
                         (None, None) => {
                             return Err(End::Error(

@@ -226,6 +226,9 @@ pub(crate) struct ShardStats {
     pub long_polls: std::sync::atomic::AtomicU64,
     /// Pulls read by the readers (a long-poll reads again when woken).
     pub pull_reads: std::sync::atomic::AtomicU64,
+    /// Whether the last group commit failed to begin or commit (the shard
+    /// cannot write: the server is not ready).
+    pub write_failed: std::sync::atomic::AtomicBool,
 }
 
 impl ShardStats {

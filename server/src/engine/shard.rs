@@ -186,6 +186,25 @@ impl Shard {
         self.inner.stats.version.load(Ordering::Acquire)
     }
 
+    /// Why it cannot take writes now, if it cannot: its engine thread
+    /// ended, or its last group commit failed (until one succeeds).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        let ended = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished());
+        if ended {
+            Some("its engine is not running")
+        } else if self.inner.stats.write_failed.load(Ordering::Acquire) {
+            Some("its last commit failed")
+        } else {
+            None
+        }
+    }
+
     /// What it holds, as `/v1/admin/status` shows it.
     pub fn status(&self) -> serde_json::Value {
         let mut v = self.inner.stats.json();

@@ -368,6 +368,9 @@ impl Engine {
         let mut pending_pv: FxMap<SiteId, i64> = FxMap::default();
         let mut touched: FxSet<u16> = FxSet::default();
         if let Err(e) = self.db.conn().execute_batch("BEGIN IMMEDIATE") {
+            self.stats
+                .write_failed
+                .store(true, std::sync::atomic::Ordering::Release);
             for w in group {
                 fail(w, internal(&e));
             }
@@ -417,12 +420,18 @@ impl Engine {
         }
         if let Err(e) = self.db.conn().execute_batch("COMMIT") {
             let _ = self.db.conn().execute_batch("ROLLBACK");
+            self.stats
+                .write_failed
+                .store(true, std::sync::atomic::Ordering::Release);
             tracing::error!(error = %e, "group commit failed");
             for w in group {
                 fail(w, internal(&e));
             }
             return;
         }
+        self.stats
+            .write_failed
+            .store(false, std::sync::atomic::Ordering::Release);
         for (site, v) in pending_pv {
             if let Some(p) = self.peers.get_mut(&site) {
                 p.pushed_version = v;

@@ -52,6 +52,23 @@ impl TestServer {
     }
 
     pub async fn start_with(edge: EdgeSettings, f: impl FnOnce(&mut ServiceConfig)) -> TestServer {
+        let jwt = JwtSettings {
+            key: JwtKey::Secret(SECRET.as_bytes().to_vec()),
+            leeway_secs: 0,
+            audience: None,
+            issuer: None,
+            tenant_claim: "tenant_id".into(),
+        };
+        TestServer::start_with_jwt(edge, jwt, f).await
+    }
+
+    /// A server verifying tokens as `jwt` says (a key set is read first,
+    /// as `serve` does).
+    pub async fn start_with_jwt(
+        edge: EdgeSettings,
+        jwt: JwtSettings,
+        f: impl FnOnce(&mut ServiceConfig),
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config =
             ServiceConfig::new(dir.path().join("server.db"), SCHEMA, "policy.sql", POLICY);
@@ -62,14 +79,8 @@ impl TestServer {
             .await
             .unwrap()
             .unwrap();
-        let auth = Authenticator::new(&JwtSettings {
-            key: JwtKey::Secret(SECRET.as_bytes().to_vec()),
-            leeway_secs: 0,
-            audience: None,
-            issuer: None,
-            tenant_claim: "tenant_id".into(),
-        })
-        .unwrap();
+        let auth = Authenticator::new(&jwt).unwrap();
+        auth.start().await.unwrap();
         let render: MetricsRender = std::sync::Arc::new(|| METRICS_TEXT.to_owned());
         let state = AppState::new(service, auth, edge, Some(render));
         let server = Server::bind("127.0.0.1:0".parse().unwrap(), state.clone())
