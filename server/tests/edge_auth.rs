@@ -32,6 +32,14 @@ fn rs256_server() -> Authenticator {
     .unwrap()
 }
 
+fn es256_server() -> Authenticator {
+    Authenticator::new(&settings(JwtKey::PublicPem {
+        alg: JwtAlg::Es256,
+        pem: keys().ec_public_pem.clone().into_bytes(),
+    }))
+    .unwrap()
+}
+
 fn eddsa_server() -> Authenticator {
     Authenticator::new(&settings(JwtKey::PublicPem {
         alg: JwtAlg::Eddsa,
@@ -83,6 +91,7 @@ fn valid_tokens_of_each_algorithm() {
     let c = claims("u1", "acme", 300);
     check(&hs256_server(), &tokens::hs256(SECRET, &c), ok());
     check(&rs256_server(), &tokens::rs256(&c), ok());
+    check(&es256_server(), &tokens::es256(&c), ok());
     check(&eddsa_server(), &tokens::eddsa(&c), ok());
 }
 
@@ -188,7 +197,12 @@ fn required_claims() {
 #[test]
 fn unsigned_and_foreign_algorithms_are_refused() {
     let c = claims("u1", "acme", 300);
-    for server in [hs256_server(), rs256_server(), eddsa_server()] {
+    for server in [
+        hs256_server(),
+        rs256_server(),
+        es256_server(),
+        eddsa_server(),
+    ] {
         for alg in ["none", "None", "NONE"] {
             check(
                 &server,
@@ -212,6 +226,16 @@ fn unsigned_and_foreign_algorithms_are_refused() {
         &eddsa_server(),
         &tokens::rs256(&c),
         Expect::Err(ErrorCode::Unauthorized, "not signed with eddsa"),
+    );
+    check(
+        &es256_server(),
+        &tokens::eddsa(&c),
+        Expect::Err(ErrorCode::Unauthorized, "not signed with es256"),
+    );
+    check(
+        &rs256_server(),
+        &tokens::es256(&c),
+        Expect::Err(ErrorCode::Unauthorized, "not signed with rs256"),
     );
 }
 

@@ -15,6 +15,8 @@ pub struct Keys {
     pub rsa_public_pem: String,
     pub ed_private_pem: String,
     pub ed_public_pem: String,
+    pub ec_private_pem: String,
+    pub ec_public_pem: String,
 }
 
 pub fn keys() -> &'static Keys {
@@ -39,11 +41,25 @@ pub fn keys() -> &'static Keys {
             .verifying_key()
             .to_public_key_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF)
             .expect("pem");
+        // P-256, also from a fixed seed.
+        let ec = p256::ecdsa::SigningKey::from_slice(&[5; 32]).expect("p256 key");
+        let ec_private_pem = {
+            use p256::pkcs8::EncodePrivateKey;
+            ec.to_pkcs8_pem(LineEnding::LF).expect("pem").to_string()
+        };
+        let ec_public_pem = {
+            use p256::pkcs8::EncodePublicKey;
+            ec.verifying_key()
+                .to_public_key_pem(LineEnding::LF)
+                .expect("pem")
+        };
         Keys {
             rsa_private_pem,
             rsa_public_pem,
             ed_private_pem,
             ed_public_pem,
+            ec_private_pem,
+            ec_public_pem,
         }
     })
 }
@@ -84,6 +100,15 @@ pub fn rs256(claims: &Map<String, Json>) -> String {
         &Header::new(Algorithm::RS256),
         claims,
         &EncodingKey::from_rsa_pem(keys().rsa_private_pem.as_bytes()).expect("rsa key"),
+    )
+    .expect("encode")
+}
+
+pub fn es256(claims: &Map<String, Json>) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        claims,
+        &EncodingKey::from_ec_pem(keys().ec_private_pem.as_bytes()).expect("ec key"),
     )
     .expect("encode")
 }
