@@ -116,6 +116,27 @@ pub struct ServiceConfig {
     /// pull state no pull named, a peer neither connected nor active (the
     /// database keeps what they acknowledged). 60 s.
     pub idle_grace: std::time::Duration,
+    /// A backend endpoint that sees pushed rows before they commit.
+    pub write_hook: Option<WriteHook>,
+}
+
+/// `[write_hook]`: a backend endpoint that sees every pushed row of its
+/// tables as it would be after the merge, after the policy checks and
+/// before the commit, and accepts or refuses each (docs/SAAS.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteHook {
+    /// `http://` or `https://` URL it is POSTed to.
+    pub url: String,
+    /// The tables whose rows it sees (empty: every table).
+    pub tables: Vec<String>,
+    /// How long one call may take.
+    pub timeout: std::time::Duration,
+    /// Calls after a failed one (a timeout, no connection, an error status
+    /// or an answer that is not a verdict per row).
+    pub retries: u32,
+    /// What a push gets when every call failed: refused (the default) or
+    /// accepted.
+    pub accept_on_failure: bool,
 }
 
 impl ServiceConfig {
@@ -139,6 +160,7 @@ impl ServiceConfig {
             shards: 1,
             shard_overrides: std::collections::BTreeMap::new(),
             idle_grace: std::time::Duration::from_secs(60),
+            write_hook: None,
         }
     }
 }

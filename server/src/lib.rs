@@ -47,6 +47,8 @@ pub mod bench;
 pub mod contract;
 mod edge;
 mod engine;
+mod hook;
+mod outbound;
 pub mod placement;
 pub mod service;
 
@@ -57,5 +59,5 @@ const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 pub use placement::Placement;
 pub use service::{
     ApiError, Limits, OutFrame, Outbox, Principal, PushError, ServiceConfig, Session, StartError,
-    SyncService, Synchronous, shard_path,
+    SyncService, Synchronous, WriteHook, shard_path,
 };

@@ -25,12 +25,14 @@ use tokio::sync::oneshot;
 
 pub use crate::contract::{
     ApiError, Limits, OutFrame, Principal, PushError, ServiceConfig, StartError, Synchronous,
+    WriteHook,
 };
 use crate::engine::outbox::{Drain, OutboxShared};
 use crate::engine::push_check::{push_bytes, validate_push};
 use crate::engine::schema::ServerSchema;
 use crate::engine::shard::{Shard, ShardConfig};
 use crate::engine::{Cmd, PushCmd, PushReply, Who, Write};
+use crate::hook::{HookClient, HookRound, PushAnswer};
 use crate::placement::Placement;
 
 /// Pushes and bytes of changes per second per tenant, token buckets per
@@ -127,6 +129,8 @@ struct Inner {
     rates: Arc<PushRates>,
     limits: Limits,
     tenant_claim: String,
+    /// The backend's write hook, when configured.
+    hook: Option<Arc<HookClient>>,
 }
 
 /// The running service. Cheap to clone; every clone is the same service.
@@ -167,6 +171,7 @@ impl SyncService {
                 readers: config.readers,
                 synchronous: config.synchronous,
                 grace: config.idle_grace,
+                hook_tables: config.write_hook.as_ref().map(|h| h.tables.clone()),
             })?);
         }
         crate::engine::layout::record(&config.db_path, placement.shards())?;
@@ -178,6 +183,7 @@ impl SyncService {
                 rates: Arc::new(PushRates::new(&config.limits)),
                 limits: config.limits,
                 tenant_claim: config.tenant_claim,
+                hook: config.write_hook.map(|h| Arc::new(HookClient::new(h))),
             }),
         })
     }
@@ -293,6 +299,7 @@ impl SyncService {
             Session {
                 shard,
                 rates: self.inner.rates.clone(),
+                hook: self.inner.hook.clone(),
                 conn: ok.conn,
                 site,
                 who,
@@ -315,20 +322,14 @@ impl SyncService {
             .rates
             .take(&who.tenant, push_bytes(&req.changes))
             .map_err(PushError::Api)?;
-        let (tx, rx) = oneshot::channel();
-        shard
-            .send(Cmd::Write(Write::Push(PushCmd {
-                who,
-                site: req.site_id,
-                from: req.from,
-                to: req.to,
-                changes: req.changes,
-                reply: PushReply::Http(tx),
-                received: Instant::now(),
-            })))
-            .map_err(PushError::Api)?;
-        rx.await
-            .map_err(|_| PushError::Api(crate::engine::shard::stopped()))?
+        let push = HookedPush {
+            who,
+            site: req.site_id,
+            from: req.from,
+            to: req.to,
+            changes: req.changes,
+        };
+        push.run(shard, self.inner.hook.as_deref()).await
     }
 
     /// `POST /v1/pull` (long-polls up to `min(wait_ms, limits.max_wait)`).
@@ -438,6 +439,7 @@ pub type ShardOverrides = BTreeMap<String, usize>;
 pub struct Session {
     shard: Shard,
     rates: Arc<PushRates>,
+    hook: Option<Arc<HookClient>>,
     conn: crate::engine::ConnId,
     site: tenantsync_core::SiteId,
     who: Who,
@@ -562,6 +564,21 @@ impl Session {
                     self.error(e, Some(id));
                     return;
                 }
+                if let Some(hook) = &self.hook {
+                    // The backend judges it: this session's later messages
+                    // wait for the answer, in order (docs/SAAS.md).
+                    let push = HookedPush {
+                        who: self.who.clone(),
+                        site: self.site,
+                        from,
+                        to,
+                        changes,
+                    };
+                    let r = push.run(&self.shard, Some(hook)).await;
+                    self.outbox
+                        .push_frame(crate::engine::push_answer_frame(id, r));
+                    return;
+                }
                 self.send(Cmd::Write(Write::Push(PushCmd {
                     who: self.who.clone(),
                     site: self.site,
@@ -573,6 +590,7 @@ impl Session {
                         id,
                     },
                     received: Instant::now(),
+                    hook: None,
                 })));
             }
             ClientMsg::Ping { id } => self.frame(&ServerMsg::Pong { id }),
@@ -620,5 +638,71 @@ impl Outbox {
     /// the delivery-latency histogram and the lagging/drained bookkeeping).
     pub fn written(&mut self) {
         self.drain.written();
+    }
+}
+
+/// A push on its way to the engine, asking the backend's write hook when
+/// the engine says so (`crate::hook`).
+struct HookedPush {
+    who: Who,
+    site: tenantsync_core::SiteId,
+    from: i64,
+    to: i64,
+    changes: Vec<tenantsync_core::Change>,
+}
+
+/// How often a push is run again because a concurrent write changed the
+/// rows the backend judged.
+const HOOK_ROUNDS: usize = 3;
+
+impl HookedPush {
+    async fn run(
+        self,
+        shard: &Shard,
+        hook: Option<&HookClient>,
+    ) -> Result<PushResponse, PushError> {
+        let mut round: Option<Arc<HookRound>> = None;
+        for _ in 0..=HOOK_ROUNDS {
+            let (tx, rx) = oneshot::channel();
+            shard
+                .send(Cmd::Write(Write::Push(PushCmd {
+                    who: self.who.clone(),
+                    site: self.site,
+                    from: self.from,
+                    to: self.to,
+                    changes: self.changes.clone(),
+                    reply: PushReply::Http(tx),
+                    received: Instant::now(),
+                    hook: round.take(),
+                })))
+                .map_err(PushError::Api)?;
+            let answer = rx
+                .await
+                .map_err(|_| PushError::Api(crate::engine::shard::stopped()))?;
+            match (answer, hook) {
+                (PushAnswer::Done(r), _) => return r,
+                (PushAnswer::Ask(rows), Some(hook)) => {
+                    let verdicts = hook.judge(&self.who.principal, self.site, &rows).await;
+                    round = Some(Arc::new(HookRound {
+                        seen: rows,
+                        verdicts,
+                    }));
+                }
+                (PushAnswer::Ask(_), None) => {
+                    return Err(PushError::Api(ApiError::new(
+                        ErrorCode::Internal,
+                        "the engine asked for a write hook this service does not have",
+                    )));
+                }
+            }
+        }
+        let mut e = ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "the rows changed {HOOK_ROUNDS} times while the backend judged them; push again"
+            ),
+        );
+        e.retry_after_ms = Some(100);
+        Err(PushError::Api(e))
     }
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{JwtAlg, JwtKey, JwtSettings};
 use crate::jwks::JwksSource;
-use crate::service::{Limits, ServiceConfig, Synchronous};
+use crate::service::{Limits, ServiceConfig, Synchronous, WriteHook};
 
 /// The default listen address (loopback: exposing the server is a choice).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -74,6 +74,84 @@ pub struct Config {
     /// WebSocket session timing.
     #[serde(default, skip_serializing_if = "WebSocketConfig::is_empty")]
     pub websocket: WebSocketConfig,
+    /// The backend's write hook.
+    #[serde(default, skip_serializing_if = "WriteHookConfig::is_empty")]
+    pub write_hook: WriteHookConfig,
+}
+
+/// `[write_hook]` (docs/SAAS.md, "Backend write validation").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteHookConfig {
+    /// The endpoint pushed rows are POSTed to (`http://` or `https://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Comma-separated tables whose rows it judges (default: every table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<String>,
+    /// How long one call may take, in milliseconds (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Calls after a failed one (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// When no call succeeds: `refuse` the push (default) or `accept` it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+}
+
+impl WriteHookConfig {
+    fn is_empty(&self) -> bool {
+        self == &WriteHookConfig::default()
+    }
+
+    fn resolve(&self) -> Result<Option<WriteHook>, ConfigError> {
+        let Some(url) = &self.url else {
+            if self.is_empty() {
+                return Ok(None);
+            }
+            return Err(invalid(
+                "write_hook.url",
+                "is required with the other write_hook keys",
+            ));
+        };
+        let lower = url.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            return Err(invalid(
+                "write_hook.url",
+                format!("{url:?} is not an http:// or https:// URL"),
+            ));
+        }
+        let accept_on_failure = match self.on_failure.as_deref().unwrap_or("refuse") {
+            "refuse" => false,
+            "accept" => true,
+            other => {
+                return Err(invalid(
+                    "write_hook.on_failure",
+                    format!("{other:?} is neither refuse nor accept"),
+                ));
+            }
+        };
+        let timeout_ms = self.timeout_ms.unwrap_or(2000);
+        if timeout_ms == 0 {
+            return Err(invalid("write_hook.timeout_ms", "must be at least 1"));
+        }
+        Ok(Some(WriteHook {
+            url: url.clone(),
+            tables: self
+                .tables
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            timeout: Duration::from_millis(timeout_ms),
+            retries: self.retries.unwrap_or(1),
+            accept_on_failure,
+        }))
+    }
 }
 
 /// `[jwt]`.
@@ -234,6 +312,11 @@ const KEYS: &[(&str, Kind)] = &[
     ("websocket.idle_timeout_secs", Kind::Integer),
     ("websocket.hello_timeout_secs", Kind::Integer),
     ("websocket.ping_interval_secs", Kind::Integer),
+    ("write_hook.url", Kind::Text),
+    ("write_hook.tables", Kind::Text),
+    ("write_hook.timeout_ms", Kind::Integer),
+    ("write_hook.retries", Kind::Integer),
+    ("write_hook.on_failure", Kind::Text),
 ];
 
 /// The prefix of the environment variables the configuration reads.
@@ -507,6 +590,7 @@ impl Config {
         service.synchronous = self.synchronous.unwrap_or_default();
         service.shards = shards;
         service.shard_overrides = shard_overrides;
+        service.write_hook = self.write_hook.resolve()?;
         Ok(Settings {
             service,
             listen,

@@ -267,10 +267,8 @@ impl Jwks {
     }
 
     async fn fetch(&self, url: &str) -> Result<String, String> {
-        match tokio::time::timeout(FETCH_TIMEOUT, fetch(url)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer in {FETCH_TIMEOUT:?}")),
-        }
+        let body = crate::outbound::call(url, None, FETCH_TIMEOUT).await?;
+        String::from_utf8(body).map_err(|_| "the answer is not UTF-8".to_owned())
     }
 
     /// After a token named an unknown `kid`: reads the set again unless
@@ -313,35 +311,4 @@ impl Jwks {
             }
         })
     }
-}
-
-/// Largest key set read (a provider's set is a few KiB).
-const MAX_SET_BYTES: usize = 1 << 20;
-
-/// One GET of a key set: HTTPS with rustls (on ring, the system's roots),
-/// or plain HTTP (a provider on loopback or a private network).
-async fn fetch(url: &str) -> Result<String, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let uri: axum::http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .map_err(|e| format!("no TLS roots on this system: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Empty<axum::body::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(https);
-    let r = client.get(uri).await.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!("HTTP {}", r.status()));
-    }
-    let body = Limited::new(r.into_body(), MAX_SET_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-        .to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| "the answer is not UTF-8".to_owned())
 }

@@ -37,14 +37,15 @@ use tenantsync_core::{CrrConnection, SiteId};
 use tenantsync_policy::{EffectiveQuery, Engine as PolicyEngine, PolicySet};
 use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::http::{
-    PeerReport, PolicyReloadResponse, PullSub, PushResponse, SqlResponse, SqlStatement,
+    PeerReport, PolicyReloadResponse, PullSub, SqlResponse, SqlStatement,
 };
 use tokio::sync::oneshot;
 
 pub(crate) use filters::PkSet;
 use filters::{FxMap, FxSet};
+pub(crate) use write::push_answer_frame;
 
-use crate::contract::{ApiError, Limits, Principal, PushError};
+use crate::contract::{ApiError, Limits, Principal};
 use crate::engine::fair::FairQueue;
 use crate::engine::outbox::OutboxShared;
 use crate::engine::reader::{PullItem, Readers};
@@ -98,7 +99,9 @@ pub(crate) enum PushReply {
         outbox: Arc<OutboxShared>,
         id: String,
     },
-    Http(oneshot::Sender<Result<PushResponse, PushError>>),
+    /// The HTTP path (and a WebSocket push to hooked tables): may be
+    /// asked to consult the backend first (`crate::hook`).
+    Http(oneshot::Sender<crate::hook::PushAnswer>),
 }
 
 pub(crate) struct PushCmd {
@@ -109,6 +112,8 @@ pub(crate) struct PushCmd {
     pub changes: Vec<tenantsync_core::Change>,
     pub reply: PushReply,
     pub received: Instant,
+    /// The backend's verdicts on this push's rows (its second run).
+    pub hook: Option<Arc<crate::hook::HookRound>>,
 }
 
 pub(crate) struct SqlCmd {
@@ -355,6 +360,9 @@ pub(crate) struct Engine {
     tenant_claim: Arc<str>,
     /// The tenant scoped service SQL may write (`write::install_scope_guard`).
     scope: write::Scope,
+    /// The tables whose pushed rows the backend's write hook judges
+    /// (`None`: no hook).
+    hooked: Option<FxSet<u16>>,
 }
 
 impl Engine {
@@ -411,7 +419,26 @@ impl Engine {
             stats,
             tenant_claim,
             scope,
+            hooked: None,
         })
+    }
+
+    /// Pushed rows of `tables` (every table when empty) go to the backend's
+    /// write hook before they commit; an unknown table is an error naming it.
+    pub fn with_write_hook(mut self, tables: &[String]) -> Result<Engine, String> {
+        let mut set = FxSet::default();
+        if tables.is_empty() {
+            set.extend(self.schema.tables.iter().map(|t| t.id));
+        }
+        for name in tables {
+            let t = self
+                .schema
+                .table(name)
+                .ok_or_else(|| format!("write_hook.tables names {name:?}, which is not a CRR"))?;
+            set.insert(t.id);
+        }
+        self.hooked = Some(set);
+        Ok(self)
     }
 
     /// The loop: runs until `Shutdown` (or every sender is gone).

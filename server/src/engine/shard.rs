@@ -41,6 +41,8 @@ pub(crate) struct ShardConfig {
     pub synchronous: Synchronous,
     /// How long idle state stays in memory (`ServiceConfig::idle_grace`).
     pub grace: std::time::Duration,
+    /// The tables the backend's write hook judges (`None`: no hook).
+    pub hook_tables: Option<Vec<String>>,
 }
 
 struct Inner {
@@ -156,6 +158,10 @@ impl Shard {
             Arc::from(config.tenant_claim.as_str()),
         )
         .map_err(db_err)?;
+        let engine = match &config.hook_tables {
+            Some(t) => engine.with_write_hook(t).map_err(StartError::Schema)?,
+            None => engine,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("tenantsync-engine-{}", config.index))
             .spawn(move || engine.run(rx))?;

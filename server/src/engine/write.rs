@@ -19,6 +19,7 @@ use super::filters::{FilterId, Filters, FxMap, FxSet};
 use super::{Engine, PushCmd, PushReply, SqlCmd, Write, commit};
 use crate::contract::{ApiError, OutFrame, PushError};
 use crate::engine::store;
+use crate::hook::{HookRow, PushAnswer};
 
 /// A write plan with the membership instances its checks read.
 pub(crate) struct PlanEntry {
@@ -101,42 +102,53 @@ enum Outcome {
     /// The refusal (its `state` and `invisible` still to describe) and
     /// the rows the push touched.
     Refused(Box<(PushRefusal, Vec<(u16, PackedPk)>)>),
+    /// Rolled back: the backend's write hook must judge these rows first.
+    Ask(Vec<HookRow>),
     Error(ApiError),
 }
 
 pub(super) fn refuse_shutting_down(w: Write) {
     let e = ApiError::new(ErrorCode::ShuttingDown, "the server is stopping");
     match w {
-        Write::Push(p) => reply_push(p.reply, "", Err(PushError::Api(e))),
+        Write::Push(p) => reply_push(p.reply, PushAnswer::Done(Err(PushError::Api(e)))),
         Write::Sql(s) => {
             let _ = s.reply.send(Err(e));
         }
     }
 }
 
-fn reply_push(reply: PushReply, _id: &str, r: Result<PushResponse, PushError>) {
-    match reply {
-        PushReply::Http(tx) => {
+fn reply_push(reply: PushReply, r: PushAnswer) {
+    match (reply, r) {
+        (PushReply::Http(tx), r) => {
             let _ = tx.send(r);
         }
-        PushReply::Ws { outbox, id } => {
-            let msg = match r {
-                Ok(ok) => ServerMsg::PushOk {
-                    id,
-                    pushed_version: ok.pushed_version,
-                    server_version: ok.server_version,
-                },
-                Err(PushError::Refused(mut r)) => {
-                    r.id = id;
-                    ServerMsg::PushRefused(*r)
-                }
-                Err(PushError::Api(e)) => ServerMsg::Error(e.ws(Some(id))),
-            };
-            outbox.push_frame(OutFrame::Text(
-                serde_json::to_string(&msg).expect("messages serialise"),
-            ));
+        (PushReply::Ws { outbox, id }, PushAnswer::Done(r)) => {
+            outbox.push_frame(push_answer_frame(id, r));
+        }
+        (PushReply::Ws { outbox, id }, PushAnswer::Ask(_)) => {
+            // A WebSocket push to hooked tables takes the HTTP path
+            // (`Session::handle`); this one cannot be asked about.
+            let e = internal("a WebSocket push reached the write hook without its path");
+            outbox.push_frame(push_answer_frame(id, Err(PushError::Api(e))));
         }
     }
+}
+
+/// The frame answering a WebSocket push `id`.
+pub(crate) fn push_answer_frame(id: String, r: Result<PushResponse, PushError>) -> OutFrame {
+    let msg = match r {
+        Ok(ok) => ServerMsg::PushOk {
+            id,
+            pushed_version: ok.pushed_version,
+            server_version: ok.server_version,
+        },
+        Err(PushError::Refused(mut r)) => {
+            r.id = id;
+            ServerMsg::PushRefused(*r)
+        }
+        Err(PushError::Api(e)) => ServerMsg::Error(e.ws(Some(id))),
+    };
+    OutFrame::Text(serde_json::to_string(&msg).expect("messages serialise"))
 }
 
 /// A refusal of a push that touched `rows`, naming the `refused` ones;
@@ -493,11 +505,15 @@ impl Engine {
                             metrics::counter!("tenantsync_push_refused_total").increment(1);
                             Err(PushError::Refused(Box::new(r.0)))
                         }
+                        Outcome::Ask(rows) => {
+                            reply_push(p.reply, PushAnswer::Ask(rows));
+                            continue;
+                        }
                         Outcome::Error(e) => Err(PushError::Api(e)),
                     };
                     metrics::histogram!("tenantsync_push_seconds")
                         .record(p.received.elapsed().as_secs_f64());
-                    reply_push(p.reply, "", res);
+                    reply_push(p.reply, PushAnswer::Done(res));
                 }
                 Write::Sql(s) => {
                     let res = match (o, r) {
@@ -577,12 +593,30 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return Outcome::Error(e),
         };
+        let before = match self.hook_images(&rows) {
+            Ok(b) => b,
+            Err(e) => return Outcome::Error(e),
+        };
         let mut refused: Vec<RefusedRow> = Vec::new();
         let mut ms_cache: FxMap<u16, Arc<MembershipResults>> = FxMap::default();
         for row in &rows {
             match self.push_row(p, row, plans, touched, &mut ms_cache) {
                 Ok(Some(r)) => refused.push(r),
                 Ok(None) => {}
+                Err(e) => return Outcome::Error(e),
+            }
+        }
+        if refused.is_empty()
+            && let Some(before) = before
+        {
+            match self.hook_check(p, &rows, before) {
+                Ok(Ok(hooked)) => refused = hooked,
+                Ok(Err(ask)) => {
+                    if let Err(e) = self.db.rollback_to(sp) {
+                        return Outcome::Error(internal(e));
+                    }
+                    return Outcome::Ask(ask);
+                }
                 Err(e) => return Outcome::Error(e),
             }
         }
@@ -603,6 +637,99 @@ impl Engine {
         pending_pv.insert(p.site, new_pv);
         Outcome::Applied {
             pushed_version: new_pv,
+        }
+    }
+
+    /// Before a push merges: the rows of hooked tables as they are
+    /// (`None` when there is no hook or no row of a hooked table).
+    #[allow(clippy::type_complexity)]
+    fn hook_images(
+        &self,
+        rows: &[PushRow],
+    ) -> Result<Option<Vec<Option<Option<BTreeMap<String, Value>>>>>, ApiError> {
+        let Some(hooked) = &self.hooked else {
+            return Ok(None);
+        };
+        if !rows.iter().any(|r| hooked.contains(&r.table)) {
+            return Ok(None);
+        }
+        rows.iter()
+            .map(|r| {
+                if hooked.contains(&r.table) {
+                    self.row_image(r.table, &r.pk).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// A row's columns by name, as the engine's connection reads it now.
+    fn row_image(
+        &self,
+        table: u16,
+        pk: &PackedPk,
+    ) -> Result<Option<BTreeMap<String, Value>>, ApiError> {
+        let t = &self.schema.tables[table as usize];
+        Ok(self
+            .db
+            .row_values(&t.name, pk)
+            .map_err(internal)?
+            .map(|vals| t.columns.iter().cloned().zip(vals).collect()))
+    }
+
+    /// After a push merged and its checks passed: the rows of hooked tables
+    /// it changed, as the backend must see them. When the push carries the
+    /// backend's verdicts on exactly these rows, the rows it refused
+    /// (`Ok(Ok(refused))`); otherwise the rows to ask about (`Ok(Err(rows))`).
+    #[allow(clippy::type_complexity)]
+    fn hook_check(
+        &self,
+        p: &PushCmd,
+        rows: &[PushRow],
+        before: Vec<Option<Option<BTreeMap<String, Value>>>>,
+    ) -> Result<Result<Vec<RefusedRow>, Vec<HookRow>>, ApiError> {
+        let mut changed = Vec::new();
+        for (r, before) in rows.iter().zip(before) {
+            let Some(before) = before else { continue };
+            let after = self.row_image(r.table, &r.pk)?;
+            if after != before {
+                changed.push(HookRow {
+                    table: self.schema.tables[r.table as usize].name.to_string(),
+                    pk: r.pk.clone(),
+                    before,
+                    after,
+                });
+            }
+        }
+        if changed.is_empty() {
+            return Ok(Ok(Vec::new()));
+        }
+        match &p.hook {
+            Some(round) if round.seen == changed && round.verdicts.len() == changed.len() => {
+                Ok(Ok(changed
+                    .iter()
+                    .zip(&round.verdicts)
+                    .filter(|(_, v)| !v.accept)
+                    .map(|(row, v)| RefusedRow {
+                        table: row.table.clone(),
+                        pk: row.pk.clone(),
+                        command: match (&row.before, &row.after) {
+                            (None, _) => "INSERT",
+                            (Some(_), None) => "DELETE",
+                            (Some(_), Some(_)) => "UPDATE",
+                        }
+                        .to_owned(),
+                        policy: None,
+                        reason: format!(
+                            "refused by the backend: {}",
+                            v.reason.as_deref().unwrap_or("no reason given")
+                        ),
+                    })
+                    .collect()))
+            }
+            _ => Ok(Err(changed)),
         }
     }
 
@@ -909,7 +1036,7 @@ impl Drop for ScopeGuard<'_> {
 
 fn fail(w: Write, e: ApiError) {
     match w {
-        Write::Push(p) => reply_push(p.reply, "", Err(PushError::Api(e))),
+        Write::Push(p) => reply_push(p.reply, PushAnswer::Done(Err(PushError::Api(e)))),
         Write::Sql(s) => {
             let _ = s.reply.send(Err(e));
         }
