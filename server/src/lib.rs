@@ -12,6 +12,9 @@
 //!   [`Outbox`]), push, pull, service SQL, policy reload, peer reports,
 //!   shutdown; its bodies only talk to the engines by channels.
 //! - [`placement`]: [`Placement`], the stable tenant -> shard rule.
+//! - `hook`: the backend's write hook (the rows a push would make, the
+//!   verdicts, the client that asks); `outbound`: outbound HTTP(S) calls
+//!   (the write hook, an identity provider's key set), a leaf.
 //! - `engine` (one shard's side, OS threads, synchronous):
 //!   - `engine::shard`: a shard: its database, engine thread and readers;
 //!     `engine::layout`, the shards on disk.
