@@ -11,6 +11,13 @@ import readline from "node:readline";
 import { fileURLToPath } from "node:url";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+/** The server's environment: ours, less the harness's own TENANTSYNC_BIN
+ * (the server would warn that it is not a configuration variable). */
+function serverEnv() {
+  const { TENANTSYNC_BIN: _bin, ...env } = process.env;
+  return { ...env, RUST_LOG: "warn" };
+}
+
 export const SECRET = "js-client-test-secret";
 export const SCHEMA = fs.readFileSync(path.join(root, "examples/schema.sql"), "utf8");
 
@@ -36,7 +43,7 @@ export async function startServer({ dir = fs.mkdtempSync(path.join(os.tmpdir(), 
       "--jwt-secret", SECRET,
       "--synchronous", "normal",
     ],
-    { env: { ...process.env, RUST_LOG: "warn" }, stdio: ["ignore", "pipe", "inherit"] },
+    { env: serverEnv(), stdio: ["ignore", "pipe", "inherit"] },
   );
   const lines = readline.createInterface({ input: child.stdout });
   const first = await new Promise((resolve, reject) => {
