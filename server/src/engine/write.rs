@@ -593,31 +593,25 @@ impl Engine {
             Ok(r) => r,
             Err(e) => return Outcome::Error(e),
         };
-        let before = match self.hook_images(&rows) {
-            Ok(b) => b,
-            Err(e) => return Outcome::Error(e),
-        };
         let mut refused: Vec<RefusedRow> = Vec::new();
         let mut ms_cache: FxMap<u16, Arc<MembershipResults>> = FxMap::default();
+        let mut hooked: Vec<HookRow> = Vec::new();
         for row in &rows {
-            match self.push_row(p, row, plans, touched, &mut ms_cache) {
+            match self.push_row(p, row, plans, touched, &mut ms_cache, &mut hooked) {
                 Ok(Some(r)) => refused.push(r),
                 Ok(None) => {}
                 Err(e) => return Outcome::Error(e),
             }
         }
-        if refused.is_empty()
-            && let Some(before) = before
-        {
-            match self.hook_check(p, &rows, before) {
-                Ok(Ok(hooked)) => refused = hooked,
-                Ok(Err(ask)) => {
+        if refused.is_empty() && !hooked.is_empty() {
+            match hook_verdicts(p, hooked) {
+                Ok(backend) => refused = backend,
+                Err(ask) => {
                     if let Err(e) = self.db.rollback_to(sp) {
                         return Outcome::Error(internal(e));
                     }
                     return Outcome::Ask(ask);
                 }
-                Err(e) => return Outcome::Error(e),
             }
         }
         let keys: Vec<(u16, PackedPk)> = rows.into_iter().map(|r| (r.table, r.pk)).collect();
@@ -637,99 +631,6 @@ impl Engine {
         pending_pv.insert(p.site, new_pv);
         Outcome::Applied {
             pushed_version: new_pv,
-        }
-    }
-
-    /// Before a push merges: the rows of hooked tables as they are
-    /// (`None` when there is no hook or no row of a hooked table).
-    #[allow(clippy::type_complexity)]
-    fn hook_images(
-        &self,
-        rows: &[PushRow],
-    ) -> Result<Option<Vec<Option<Option<BTreeMap<String, Value>>>>>, ApiError> {
-        let Some(hooked) = &self.hooked else {
-            return Ok(None);
-        };
-        if !rows.iter().any(|r| hooked.contains(&r.table)) {
-            return Ok(None);
-        }
-        rows.iter()
-            .map(|r| {
-                if hooked.contains(&r.table) {
-                    self.row_image(r.table, &r.pk).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    }
-
-    /// A row's columns by name, as the engine's connection reads it now.
-    fn row_image(
-        &self,
-        table: u16,
-        pk: &PackedPk,
-    ) -> Result<Option<BTreeMap<String, Value>>, ApiError> {
-        let t = &self.schema.tables[table as usize];
-        Ok(self
-            .db
-            .row_values(&t.name, pk)
-            .map_err(internal)?
-            .map(|vals| t.columns.iter().cloned().zip(vals).collect()))
-    }
-
-    /// After a push merged and its checks passed: the rows of hooked tables
-    /// it changed, as the backend must see them. When the push carries the
-    /// backend's verdicts on exactly these rows, the rows it refused
-    /// (`Ok(Ok(refused))`); otherwise the rows to ask about (`Ok(Err(rows))`).
-    #[allow(clippy::type_complexity)]
-    fn hook_check(
-        &self,
-        p: &PushCmd,
-        rows: &[PushRow],
-        before: Vec<Option<Option<BTreeMap<String, Value>>>>,
-    ) -> Result<Result<Vec<RefusedRow>, Vec<HookRow>>, ApiError> {
-        let mut changed = Vec::new();
-        for (r, before) in rows.iter().zip(before) {
-            let Some(before) = before else { continue };
-            let after = self.row_image(r.table, &r.pk)?;
-            if after != before {
-                changed.push(HookRow {
-                    table: self.schema.tables[r.table as usize].name.to_string(),
-                    pk: r.pk.clone(),
-                    before,
-                    after,
-                });
-            }
-        }
-        if changed.is_empty() {
-            return Ok(Ok(Vec::new()));
-        }
-        match &p.hook {
-            Some(round) if round.seen == changed && round.verdicts.len() == changed.len() => {
-                Ok(Ok(changed
-                    .iter()
-                    .zip(&round.verdicts)
-                    .filter(|(_, v)| !v.accept)
-                    .map(|(row, v)| RefusedRow {
-                        table: row.table.clone(),
-                        pk: row.pk.clone(),
-                        command: match (&row.before, &row.after) {
-                            (None, _) => "INSERT",
-                            (Some(_), None) => "DELETE",
-                            (Some(_), Some(_)) => "UPDATE",
-                        }
-                        .to_owned(),
-                        policy: None,
-                        reason: format!(
-                            "refused by the backend: {}",
-                            v.reason.as_deref().unwrap_or("no reason given")
-                        ),
-                    })
-                    .collect()))
-            }
-            _ => Ok(Err(changed)),
         }
     }
 
@@ -779,6 +680,7 @@ impl Engine {
         plans: &FxMap<u16, Arc<PlanEntry>>,
         touched: &mut FxSet<u16>,
         ms_cache: &mut FxMap<u16, Arc<MembershipResults>>,
+        hooked: &mut Vec<HookRow>,
     ) -> Result<Option<RefusedRow>, ApiError> {
         let tname = self.schema.tables[row.table as usize].name.clone();
         let service = p.who.principal.service;
@@ -811,7 +713,7 @@ impl Engine {
                     Some(reason) => Ok(Some(RefusedRow {
                         table: tname.to_string(),
                         pk: row.pk.clone(),
-                        command: if before.is_some() { "update" } else { "insert" }.into(),
+                        command: if before.is_some() { "UPDATE" } else { "INSERT" }.into(),
                         policy: None,
                         reason,
                     })),
@@ -838,12 +740,35 @@ impl Engine {
                 row.pk
             )));
         }
-        if let Some(ms) = ms {
-            let after = self.db.row_values(&tname, &row.pk).map_err(internal)?;
-            if let Some(refusal) = self.judge_row(plans, row, &tname, before, after, &ms)? {
-                undo(self, rsp)?;
-                return Ok(refusal.into_refusal());
-            }
+        let judged = self.hooked.as_ref().is_some_and(|h| h.contains(&row.table));
+        let mut after = None;
+        if ms.is_some() || judged {
+            after = self.db.row_values(&tname, &row.pk).map_err(internal)?;
+        }
+        if judged {
+            // The backend's write hook sees the row as the merge made it.
+            let t = &self.schema.tables[row.table as usize];
+            let image = |v: &Option<Vec<Value>>| {
+                v.as_ref().map(|vals| {
+                    t.columns
+                        .iter()
+                        .cloned()
+                        .zip(vals.iter().cloned())
+                        .collect()
+                })
+            };
+            hooked.push(HookRow {
+                table: tname.to_string(),
+                pk: row.pk.clone(),
+                before: image(&before),
+                after: image(&after),
+            });
+        }
+        if let Some(ms) = ms
+            && let Some(refusal) = self.judge_row(plans, row, &tname, before, after, &ms)?
+        {
+            undo(self, rsp)?;
+            return Ok(refusal.into_refusal());
         }
         self.db.release(rsp).map_err(internal)?;
         if touched.insert(row.table) {
@@ -1041,4 +966,37 @@ fn fail(w: Write, e: ApiError) {
             let _ = s.reply.send(Err(e));
         }
     }
+}
+
+/// The rows of a push the backend's write hook judges, against the verdicts
+/// the push carries: the rows the backend refused when it judged exactly
+/// these rows (`Ok`), else the rows to ask it about (`Err`).
+fn hook_verdicts(p: &PushCmd, rows: Vec<HookRow>) -> Result<Vec<RefusedRow>, Vec<HookRow>> {
+    let Some(round) = p
+        .hook
+        .as_ref()
+        .filter(|r| r.seen == rows && r.verdicts.len() == rows.len())
+    else {
+        return Err(rows);
+    };
+    Ok(rows
+        .into_iter()
+        .zip(&round.verdicts)
+        .filter(|(_, v)| !v.accept)
+        .map(|(row, v)| RefusedRow {
+            command: match (&row.before, &row.after) {
+                (None, _) => "INSERT",
+                (Some(_), None) => "DELETE",
+                (Some(_), Some(_)) => "UPDATE",
+            }
+            .to_owned(),
+            table: row.table,
+            pk: row.pk,
+            policy: None,
+            reason: format!(
+                "refused by the backend: {}",
+                v.reason.as_deref().unwrap_or("no reason given")
+            ),
+        })
+        .collect())
 }
