@@ -308,6 +308,12 @@ pub struct RefusedPush {
 pub struct RoundReport {
     /// The server's schema was fetched and applied (a new replica).
     pub schema_applied: bool,
+    /// The replica's schema version after the round.
+    pub schema_version: i64,
+    /// The version the replica migrated from, when it did (docs/PROTOCOL.md
+    /// §5.4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrated_from: Option<i64>,
     /// Changes pushed and applied.
     pub pushed_changes: usize,
     /// Pushes applied.
@@ -326,6 +332,31 @@ pub struct RoundReport {
     pub quarantined: usize,
     /// The server version every subscription reached.
     pub version: Option<i64>,
+}
+
+/// Brings the replica to the server's schema, once the server serves at
+/// least version `at_least` (0: whatever it serves).
+async fn migrate(
+    replica: &ReplicaHandle,
+    http: &HttpClient,
+    at_least: i64,
+    report: &mut RoundReport,
+) -> Result<(), RoundError> {
+    let local = replica.run(|r| r.schema_version()).await?;
+    if at_least > 0 && local >= at_least {
+        return Ok(());
+    }
+    let schema = http.schema().await?;
+    let (from, to) = replica.run(move |r| r.migrate(&schema)).await?;
+    report.schema_version = to;
+    if to > from {
+        if from == 0 {
+            report.schema_applied = true;
+        } else {
+            report.migrated_from = Some(report.migrated_from.unwrap_or(from));
+        }
+    }
+    Ok(())
 }
 
 /// Why a round failed.
@@ -347,8 +378,9 @@ pub enum RoundError {
     },
 }
 
-/// One round over HTTP (docs/CLI.md, `tenantsync replica sync`): fetch and
-/// run the schema if the replica is new; make the replica's subscriptions
+/// One round over HTTP (docs/CLI.md, `tenantsync replica sync`): fetch the
+/// server's schema and run it on a new replica or migrate an older one
+/// (again before applying a pull read at a newer version); make the replica's subscriptions
 /// `opts.subscriptions`; push every unsynced local change (a refused push
 /// is quarantined and restored, and the round goes on); pull every
 /// subscription up to date (and unsubscribe the removed ones), applied in
@@ -361,13 +393,7 @@ pub async fn sync_round(
 ) -> Result<RoundReport, RoundError> {
     let mut report = RoundReport::default();
     // 1. Schema.
-    if replica.run(|r| r.is_new()).await? {
-        let schema = http.schema().await?;
-        replica
-            .run(move |r| r.apply_schema(&schema.schema_sql))
-            .await?;
-        report.schema_applied = true;
-    }
+    migrate(replica, http, 0, &mut report).await?;
     // 2. Subscriptions.
     if !opts.subscriptions.is_empty() {
         let wanted = opts.subscriptions.clone();
@@ -489,6 +515,7 @@ pub async fn sync_round(
         };
         let resp = http.pull(&req).await?;
         attempts += 1;
+        migrate(replica, http, resp.schema_version, &mut report).await?;
         let modes: BTreeMap<String, String> = resp
             .subs
             .iter()

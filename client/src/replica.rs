@@ -16,7 +16,7 @@ use serde::Serialize;
 use tenantsync_core::{
     ApplyStats, Change, ChangesQuery, CrrConnection, Options, PackedPk, SiteFilter, SiteId,
 };
-use tenantsync_protocol::http::{PullResponse, PushRequest};
+use tenantsync_protocol::http::{PullResponse, PushRequest, SchemaResponse};
 use tenantsync_protocol::ws::{PushRefusal, RefusedRow};
 use tenantsync_protocol::{ClientMsg, RowKey, SubPart};
 
@@ -462,6 +462,61 @@ impl Replica {
             store::set_meta(r.sql(), store::SCHEMA_APPLIED, 1)?;
             Ok(())
         })
+    }
+
+    /// The server schema version the replica has: the one recorded by
+    /// [`Replica::migrate`]; 1 for a replica with a schema but no record
+    /// (made before schema versions, or by [`Replica::apply_schema`]); 0
+    /// for a new replica.
+    pub fn schema_version(&self) -> Result<i64> {
+        if let Some(v) = store::meta_i64(self.sql(), store::SCHEMA_VERSION)? {
+            return Ok(v);
+        }
+        Ok(if self.is_new()? { 0 } else { 1 })
+    }
+
+    /// Brings the replica to the server's schema (`GET /v1/schema`) in one
+    /// transaction, keeping its rows, clocks, cursors and unpushed
+    /// changes: a new replica runs the whole script, one behind runs the
+    /// migrations above its version. Returns the versions before and after.
+    pub fn migrate(&mut self, schema: &SchemaResponse) -> Result<(i64, i64)> {
+        let from = self.schema_version()?;
+        if from >= schema.schema_version {
+            return Ok((from, from));
+        }
+        self.in_tx(|r| {
+            if from == 0 {
+                r.sql()
+                    .execute_batch(&schema.schema_sql)
+                    .map_err(|e| ReplicaError::Schema(e.to_string()))?;
+            } else {
+                let mut next = from + 1;
+                for m in schema.migrations.iter().filter(|m| m.version > from) {
+                    if m.version != next {
+                        return Err(ReplicaError::Schema(format!(
+                            "the server's migrations skip from version {} to {}",
+                            next - 1,
+                            m.version
+                        )));
+                    }
+                    r.sql().execute_batch(&m.sql).map_err(|e| {
+                        ReplicaError::Schema(format!("migration to version {}: {e}", m.version))
+                    })?;
+                    next += 1;
+                }
+                if next <= schema.schema_version {
+                    return Err(ReplicaError::Schema(format!(
+                        "the server is at schema version {} but lists migrations up to {}",
+                        schema.schema_version,
+                        next - 1
+                    )));
+                }
+            }
+            store::set_meta(r.sql(), store::SCHEMA_APPLIED, 1)?;
+            store::set_meta(r.sql(), store::SCHEMA_VERSION, schema.schema_version)?;
+            Ok(())
+        })?;
+        Ok((from, schema.schema_version))
     }
 
     // ---- Subscriptions ----------------------------------------------------

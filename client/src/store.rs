@@ -2,7 +2,8 @@
 //! file (docs/PROTOCOL.md §11.1). They are plain tables: never synced.
 //!
 //! - `tenantsync_replica_meta (key, value)`: `pushed_version` (the server's
-//!   word), `push_floor`, `server_site_id`, `schema_applied`.
+//!   word), `push_floor`, `server_site_id`, `schema_applied`,
+//!   `schema_version`.
 //! - `tenantsync_replica_subs (id, query, tbl, cursor)`: one row per
 //!   subscription; `cursor` NULL means "needs a full sync" (new, its query
 //!   replaced, or some of its rows could not be restored after a refused push).
@@ -101,3 +102,4 @@ pub(crate) const PUSHED_VERSION: &str = "pushed_version";
 pub(crate) const PUSH_FLOOR: &str = "push_floor";
 pub(crate) const SERVER_SITE_ID: &str = "server_site_id";
 pub(crate) const SCHEMA_APPLIED: &str = "schema_applied";
+pub(crate) const SCHEMA_VERSION: &str = "schema_version";

@@ -19,6 +19,10 @@ use tenantsync_protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
+
+/// How long a client waits for `GET /v1/schema` to show a version a
+/// `schema` message announced.
+const SCHEMA_WAIT: Duration = Duration::from_secs(10);
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
@@ -179,6 +183,14 @@ pub enum Event {
     },
     /// A push was refused; its changes are in quarantine.
     PushRefused(Box<(PushRefusal, RefusalReport)>),
+    /// The replica migrated to the server's new schema (docs/PROTOCOL.md
+    /// §5.4).
+    SchemaMigrated {
+        /// The schema version before.
+        from: i64,
+        /// The schema version now.
+        to: i64,
+    },
     /// A `resync` was sent after a gap or a failed apply.
     Resync {
         /// The subscription.
@@ -456,7 +468,7 @@ impl Worker {
     }
 
     /// Fetches and runs the server's schema when the replica is new.
-    async fn ensure_schema(&mut self, token: &str) -> std::result::Result<(), String> {
+    async fn ensure_schema(&mut self) -> std::result::Result<(), String> {
         if !self
             .replica
             .run(|r| r.is_new())
@@ -465,20 +477,56 @@ impl Worker {
         {
             return Ok(());
         }
-        let http = crate::http::HttpClient::new(&self.cfg.url, token).map_err(|e| e.to_string())?;
-        let schema = http.schema().await.map_err(|e| e.to_string())?;
-        self.replica
-            .run(move |r| r.apply_schema(&schema.schema_sql))
+        self.migrate_to(1).await
+    }
+
+    /// Migrates the replica to schema version `to` or later (at welcome
+    /// and at a `schema` message, before any later message is applied).
+    /// The message comes before the server's commit, so `GET /v1/schema`
+    /// is asked again until it shows the version (docs/PROTOCOL.md §5.4).
+    async fn migrate_to(&mut self, to: i64) -> std::result::Result<(), String> {
+        let local = self
+            .replica
+            .run(|r| r.schema_version())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if local >= to {
+            return Ok(());
+        }
+        let token = (self.cfg.token)();
+        let http =
+            crate::http::HttpClient::new(&self.cfg.url, &token).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + SCHEMA_WAIT;
+        let schema = loop {
+            let schema = http.schema().await.map_err(|e| e.to_string())?;
+            if schema.schema_version >= to {
+                break schema;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the server announced schema version {to} but serves version {}",
+                    schema.schema_version
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (from, now) = self
+            .replica
+            .run(move |r| r.migrate(&schema))
+            .await
+            .map_err(|e| format!("cannot migrate the replica's schema: {e}"))?;
+        if now > from {
+            let _ = self.events.send(Event::SchemaMigrated { from, to: now });
+        }
+        Ok(())
     }
 
     /// Connects and runs one session until it ends.
     async fn session(&mut self) -> End {
-        let token = (self.cfg.token)();
-        if let Err(reason) = self.ensure_schema(&token).await {
+        if let Err(reason) = self.ensure_schema().await {
             return failed(format!("cannot get the server's schema: {reason}"), false);
         }
+        let token = (self.cfg.token)();
         let url = sync_url(&self.cfg.url);
         let mut request = match url.as_str().into_client_request() {
             Ok(r) => r,
@@ -615,18 +663,20 @@ impl Worker {
         })
         .await
         .map_err(|_| "no welcome from the server in time".to_owned())??;
-        let (server_site, db_version, pushed_version, max_bytes) = match welcome {
+        let (server_site, db_version, pushed_version, max_bytes, schema_version) = match welcome {
             ServerMsg::Welcome {
                 server_site_id,
                 db_version,
                 peer,
                 limits,
+                schema_version,
                 ..
             } => (
                 server_site_id,
                 db_version,
                 peer.pushed_version,
                 limits.max_message_bytes,
+                schema_version,
             ),
             ServerMsg::Error(e) => {
                 let _ = self.events.send(Event::ServerError(e.clone()));
@@ -639,6 +689,7 @@ impl Worker {
         };
         s.max_bytes = max_bytes;
         s.settle_up_to = db_version;
+        self.migrate_to(schema_version).await?;
         self.replica
             .run(move |r| {
                 r.drop_staged();
@@ -726,6 +777,7 @@ impl Worker {
         match msg {
             ServerMsg::Welcome { .. } | ServerMsg::Pong { .. } | ServerMsg::Unsubscribed { .. } => {
             }
+            ServerMsg::Schema { schema_version } => return self.migrate_to(schema_version).await,
             ServerMsg::Subscribed { id, table, .. } => {
                 s.syncing.insert(id.clone());
                 s.live.remove(&id);

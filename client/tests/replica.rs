@@ -990,6 +990,7 @@ fn pushed_rows_settle_at_the_next_pull_and_survive_a_restart() -> Result<()> {
     let report = r.apply_pull(&PullResponse {
         version: v1,
         pushed_version: 0,
+        schema_version: 1,
         subs: BTreeMap::from([(
             "list1".to_owned(),
             PullPart {
@@ -1239,6 +1240,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     let resp = PullResponse {
         version: v0,
         pushed_version: 0,
+        schema_version: 1,
         subs: BTreeMap::from([
             ("list1".to_owned(), snapshot(server.rows(&[1, 2]))),
             ("list2".to_owned(), snapshot(server.rows(&[3]))),
@@ -1263,6 +1265,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     let resp = PullResponse {
         version: v1,
         pushed_version: 0,
+        schema_version: 1,
         subs: BTreeMap::from([
             ("list1".to_owned(), resume(vec![], vec![key(2)])),
             ("list2".to_owned(), resume(server.rows(&[2]), vec![])),
@@ -1283,6 +1286,7 @@ fn a_pull_answer_is_applied_in_one_transaction() -> Result<()> {
     let resp = PullResponse {
         version: v1 + 5,
         pushed_version: 0,
+        schema_version: 1,
         subs: BTreeMap::from([(
             "list1".to_owned(),
             PullPart {

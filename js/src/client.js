@@ -21,12 +21,16 @@ const PROTOCOL = 1;
 export class TenantSyncClient {
   /**
    * Opens a client on `db` (a crsqlite-wasm `DB`): installs its tables, runs
-   * `schema` on a new replica, and connects.
+   * `schema` on a new replica (the server's schema version `schemaVersion`,
+   * 1 by default; without `schema`, the server's current one is fetched at
+   * the first connection), and connects. A replica behind the server's
+   * schema version migrates in place (docs/PROTOCOL.md §5.4).
    * @param {{
    *   url: string,
    *   token: string | (() => string | Promise<string>),
    *   db: any,
    *   schema?: string,
+   *   schemaVersion?: number,
    *   subscriptions?: Record<string, string>,
    *   WebSocket?: any,
    *   backoff?: { minMs?: number, maxMs?: number },
@@ -35,7 +39,7 @@ export class TenantSyncClient {
    */
   static async open(options) {
     const client = new TenantSyncClient(options);
-    await client.#install(options.schema);
+    await client.#install(options.schema, options.schemaVersion ?? 1);
     for (const [id, query] of Object.entries(options.subscriptions ?? {})) await client.subscribe(id, query);
     if (options.connect !== false) client.connect();
     return client;
@@ -57,7 +61,7 @@ export class TenantSyncClient {
   #pushSeq = 0;
   #pushTimer = null;
   #maxBytes = 1 << 20;
-  #status = { state: "offline", quarantined: 0, error: null, refused: 0 };
+  #status = { state: "offline", quarantined: 0, error: null, refused: 0, schemaVersion: 0 };
   #listeners = new Set();
 
   /** Per subscription, the mode of its last initial sync (snapshot, resume, refetch). */
@@ -282,15 +286,66 @@ export class TenantSyncClient {
     });
   }
 
-  async #install(schema) {
-    await this.#tx(async (r) => {
+  async #install(schema, version) {
+    const now = await this.#tx(async (r) => {
       await Replica.install(r.sql);
       if (schema && !(await r.meta("schema_applied"))) {
         await r.sql.exec(schema);
         await r.setMeta("schema_applied", 1n);
+        await r.setMeta("schema_version", BigInt(version));
       }
+      return r.schemaVersion();
     });
+    this.#setStatus({ schemaVersion: now });
     await this.#refreshQuarantine();
+  }
+
+  /**
+   * Brings the replica to the server's schema version `target` or later:
+   * fetches `GET /v1/schema` (asked again until it shows the version: the
+   * `schema` message comes before the server's commit) and runs, in one
+   * transaction, the migrations above the replica's version (the whole
+   * script on a replica without a schema). Rows, clocks, cursors and
+   * unpushed writes stay.
+   */
+  async #migrateTo(target) {
+    if ((await this.#tx((r) => r.schemaVersion())) >= target) return;
+    const base = this.#url.replace(/^ws/, "http");
+    const deadline = Date.now() + 10000;
+    let schema;
+    for (;;) {
+      const res = await fetch(`${base}/v1/schema`, {
+        headers: { authorization: `Bearer ${await this.#token()}` },
+      });
+      if (!res.ok) throw new Error(`GET /v1/schema answered ${res.status}`);
+      schema = parse(await res.text());
+      if (int(schema.schema_version ?? 1n) >= target) break;
+      if (Date.now() > deadline) {
+        throw new Error(`the server announced schema version ${target} but serves ${schema.schema_version}`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const to = int(schema.schema_version ?? 1n);
+    await this.#tx(async (r) => {
+      const from = await r.schemaVersion();
+      if (from >= to) return;
+      if (from === 0) {
+        await r.sql.exec(schema.schema_sql);
+      } else {
+        let next = from + 1;
+        for (const m of schema.migrations ?? []) {
+          const v = int(m.version);
+          if (v <= from) continue;
+          if (v !== next) throw new Error(`the server's migrations skip from version ${next - 1} to ${v}`);
+          await r.sql.exec(m.sql);
+          next += 1;
+        }
+        if (next <= to) throw new Error(`the server is at schema version ${to} but lists migrations up to ${next - 1}`);
+      }
+      await r.setMeta("schema_applied", 1n);
+      await r.setMeta("schema_version", BigInt(to));
+    });
+    this.#setStatus({ schemaVersion: to });
   }
 
   async #refreshQuarantine() {
@@ -325,6 +380,8 @@ export class TenantSyncClient {
         return this.#pushRefused(m);
       case "error":
         return this.#error(m);
+      case "schema":
+        return this.#migrateTo(int(m.schema_version));
       default:
         return; // pong, unsubscribed, later additions
     }
@@ -333,6 +390,7 @@ export class TenantSyncClient {
   async #welcome(m) {
     this.#attempt = 0;
     this.#maxBytes = int(m.limits?.max_message_bytes ?? 1048576n);
+    await this.#migrateTo(int(m.schema_version ?? 1n));
     const subs = await this.#tx(async (r) => {
       await r.setPushedVersion(int(m.peer.pushed_version));
       return r.subscriptions();

@@ -13,6 +13,8 @@ export interface Status {
   refused: number;
   /** The last error the server or the client named. */
   error: string | null;
+  /** The server schema version the replica has (0: none yet). */
+  schemaVersion: number;
 }
 
 export interface Quarantined {
@@ -37,8 +39,12 @@ export interface ClientOptions {
   /** A token, or a function giving one (called at every connect, so an expired token is replaced). */
   token: string | (() => string | Promise<string>);
   db: Database;
-  /** The schema script, run once on a new replica. */
+  /** The schema script, run once on a new replica (omitted: the server's
+   * current schema is fetched at the first connection). */
   schema?: string;
+  /** The server schema version `schema` is (default 1): a replica behind
+   * the server's migrates in place (docs/PROTOCOL.md §5.4). */
+  schemaVersion?: number;
   /** Subscriptions by id: `SELECT * FROM <table> [WHERE ...]`. */
   subscriptions?: Record<string, string>;
   /** A WebSocket constructor (default: the global one, else the `ws` package). */

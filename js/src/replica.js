@@ -66,6 +66,14 @@ export class Replica {
     return v === undefined ? fallback : v;
   }
 
+  /** The server schema version the replica has (0: no schema yet; 1: a
+   * schema but no version recorded). */
+  async schemaVersion() {
+    const v = await this.meta("schema_version");
+    if (v !== null) return int(v);
+    return (await this.meta("schema_applied")) ? 1 : 0;
+  }
+
   async setMeta(key, value) {
     await this.sql.all("INSERT OR REPLACE INTO tenantsync_meta (key, value) VALUES (?, ?)", [key, value]);
   }

@@ -86,6 +86,16 @@ export async function serviceSql(server, statements, tenant) {
   return body.results.map((r) => r.rows);
 }
 
+/** `POST /v1/admin/schema`: the status and the body. */
+export async function changeSchema(server, schemaSql) {
+  const res = await fetch(`${server.url}/v1/admin/schema`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${token("backend", "acme", { role: "service" })}`, "content-type": "application/json" },
+    body: JSON.stringify({ schema_sql: schemaSql }),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
 /** Polls `fn` until it returns a truthy value (or fails after `ms`). */
 export async function eventually(fn, what, ms = 10000) {
   const end = Date.now() + ms;

@@ -601,8 +601,11 @@ impl Client {
                     ));
                 }
             }
-            ServerMsg::Welcome { .. } | ServerMsg::Unsubscribed { .. } | ServerMsg::Pong { .. } => {
-            }
+            // Rows are kept as column maps: a new schema needs no migration.
+            ServerMsg::Welcome { .. }
+            | ServerMsg::Unsubscribed { .. }
+            | ServerMsg::Pong { .. }
+            | ServerMsg::Schema { .. } => {}
         }
         Ok(())
     }

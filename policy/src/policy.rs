@@ -116,6 +116,16 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// The name of the file it was read from.
+    pub fn file_name(&self) -> &str {
+        &self.file
+    }
+
+    /// The text it was read from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Parses and validates a policy file against a schema. Every problem is
     /// reported, not only the first.
     pub fn parse(file_name: &str, source: &str, schema: &Schema) -> Result<PolicySet, Diagnostics> {

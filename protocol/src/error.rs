@@ -48,6 +48,8 @@ pub enum ErrorCode {
     SqlError,
     /// A policy reload with an invalid policy set (the old one stays).
     PolicyInvalid,
+    /// A schema change that cannot be applied safely (nothing applied).
+    SchemaRefused,
     /// The server is stopping.
     ShuttingDown,
     /// A bug or an IO error; nothing was half-applied.
@@ -61,7 +63,7 @@ impl ErrorCode {
         match self {
             BadMessage | UnknownType | UnsupportedProtocol | SiteMismatch | QueryRefused
             | SubscriptionExists | UnknownSubscription | BadPush | SqlError | PolicyInvalid
-            | HelloRequired => 400,
+            | SchemaRefused | HelloRequired => 400,
             Unauthorized | TokenExpired | TokenNotYetValid => 401,
             Forbidden | SiteBoundToOtherSubject | PolicyRefused => 403,
             Gap => 409,
@@ -112,6 +114,7 @@ impl ErrorCode {
             SqlError => "sql_error",
             PolicyInvalid => "policy_invalid",
             ShuttingDown => "shutting_down",
+            SchemaRefused => "schema_refused",
             Internal => "internal",
         }
     }

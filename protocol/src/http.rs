@@ -91,6 +91,10 @@ pub struct PullResponse {
     pub pushed_version: i64,
     /// Subscription id -> its part.
     pub subs: BTreeMap<String, PullPart>,
+    /// The server's schema version: a replica behind it migrates before
+    /// it applies the parts (docs/PROTOCOL.md §5.4).
+    #[serde(default = "first_schema_version")]
+    pub schema_version: i64,
 }
 
 /// A column in `GET /v1/schema`.
@@ -119,10 +123,54 @@ pub struct TableInfo {
 /// `GET /v1/schema`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchemaResponse {
-    /// The schema script (idempotent statements) a new replica runs.
+    /// The schema version (1: the schema the server first started with;
+    /// each applied schema change adds one).
+    #[serde(default = "first_schema_version")]
+    pub schema_version: i64,
+    /// The script a new replica runs: every migration's script, in order.
     pub schema_sql: String,
+    /// Every version's script, oldest first: a replica at version `k` runs
+    /// those above `k`, each in one transaction (docs/PROTOCOL.md §5.4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<SchemaMigration>,
     /// The synced tables.
     pub tables: Vec<TableInfo>,
+}
+
+/// One schema version's script in `GET /v1/schema`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaMigration {
+    /// The version the script brings a replica to.
+    pub version: i64,
+    /// Statements any cr-sqlite 0.16 replica runs as they are (an
+    /// `ALTER TABLE` of a CRR comes between `crsql_begin_alter` and
+    /// `crsql_commit_alter`).
+    pub sql: String,
+}
+
+pub(crate) fn first_schema_version() -> i64 {
+    1
+}
+
+/// `POST /v1/admin/schema` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaChangeRequest {
+    /// The statements of the change.
+    pub schema_sql: String,
+}
+
+/// `POST /v1/admin/schema` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaChangeResponse {
+    /// The schema version now (unchanged when every statement was skipped).
+    pub schema_version: i64,
+    /// Whether the change made a new version.
+    pub changed: bool,
+    /// The statements that ran.
+    pub applied: Vec<String>,
+    /// Statements skipped because what they create already exists.
+    pub skipped: Vec<String>,
 }
 
 /// One statement of `POST /v1/sql`.

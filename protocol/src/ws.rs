@@ -213,6 +213,10 @@ pub enum ServerMsg {
         peer: PeerInfo,
         /// Limits of this session.
         limits: Limits,
+        /// The server's schema version: a replica behind it migrates
+        /// (`GET /v1/schema`) before it subscribes (docs/PROTOCOL.md §5.4).
+        #[serde(default = "crate::http::first_schema_version")]
+        schema_version: i64,
     },
     /// Answer to `subscribe` / `resync`.
     Subscribed {
@@ -283,6 +287,13 @@ pub enum ServerMsg {
     },
     /// A push was refused whole.
     PushRefused(PushRefusal),
+    /// The server's schema changed: the client migrates its replica to
+    /// `schema_version` (`GET /v1/schema`, which shows it once the change
+    /// committed) before it applies any later message.
+    Schema {
+        /// The new schema version.
+        schema_version: i64,
+    },
     /// Answer to `ping`.
     Pong {
         /// Echo of the ping's id.

@@ -50,7 +50,7 @@ impl Matching {
             }
         }
         db.conn().execute_batch("COMMIT").expect("commit");
-        let schema = ServerSchema::read(&db, schema_sql).expect("schema");
+        let schema = ServerSchema::read(&db, Vec::new()).expect("schema");
         let policy = PolicyEngine::new(
             PolicySet::parse("policy.sql", policy_sql, &schema.policy).expect("policy"),
         );

@@ -18,7 +18,7 @@ use tenantsync_policy::EffectiveQuery;
 use tenantsync_protocol::ErrorCode;
 use tenantsync_protocol::http::{
     PeerReport, PolicyReloadResponse, PullRequest, PullResponse, PushRequest, PushResponse,
-    SchemaResponse, SqlRequest, SqlResponse,
+    SchemaChangeResponse, SchemaResponse, SqlRequest, SqlResponse,
 };
 use tenantsync_protocol::ws::{ClientMsg, ErrorMsg, ServerMsg};
 use tokio::sync::oneshot;
@@ -27,10 +27,10 @@ pub use crate::contract::{
     ApiError, Limits, OutFrame, Principal, PushError, ServiceConfig, StartError, Synchronous,
     WriteHook,
 };
+use crate::engine::evolve::SchemaCmd;
 use crate::engine::outbox::{Drain, OutboxShared};
 use crate::engine::push_check::{push_bytes, validate_push};
-use crate::engine::schema::ServerSchema;
-use crate::engine::shard::{Shard, ShardConfig};
+use crate::engine::shard::{Shard, ShardConfig, stopped};
 use crate::engine::{Cmd, PushCmd, PushReply, Who, Write};
 use crate::hook::{HookClient, HookRound, PushAnswer};
 use crate::placement::Placement;
@@ -131,6 +131,8 @@ struct Inner {
     tenant_claim: String,
     /// The backend's write hook, when configured.
     hook: Option<Arc<HookClient>>,
+    /// Held by the schema change in progress.
+    schema_change: tokio::sync::Mutex<()>,
 }
 
 /// The running service. Cheap to clone; every clone is the same service.
@@ -172,6 +174,9 @@ impl SyncService {
                 synchronous: config.synchronous,
                 grace: config.idle_grace,
                 hook_tables: config.write_hook.as_ref().map(|h| h.tables.clone()),
+                leader_schema: shards
+                    .first()
+                    .map(|s: &Shard| s.schema().response.migrations.clone()),
             })?);
         }
         crate::engine::layout::record(&config.db_path, placement.shards())?;
@@ -184,6 +189,7 @@ impl SyncService {
                 limits: config.limits,
                 tenant_claim: config.tenant_claim,
                 hook: config.write_hook.map(|h| Arc::new(HookClient::new(h))),
+                schema_change: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -238,11 +244,53 @@ impl SyncService {
 
     /// `GET /v1/schema`.
     pub fn schema(&self) -> SchemaResponse {
-        self.schema_info().response.clone()
+        self.inner.shards[0].schema().response.clone()
     }
 
-    fn schema_info(&self) -> &Arc<ServerSchema> {
-        self.inner.shards[0].schema()
+    /// The schema version in force.
+    pub fn schema_version(&self) -> i64 {
+        self.inner.shards[0].schema().version()
+    }
+
+    /// Applies a schema change on every shard, or on none: each shard
+    /// runs and checks it in an open transaction (`engine::evolve`); when
+    /// all can take it, shard 0 commits first, then the others (a node
+    /// stopped in between catches the others up at its next start). One
+    /// change at a time. `POST /v1/admin/schema` (service role checked by
+    /// the edge) and the schema file on SIGHUP.
+    pub async fn change_schema(&self, sql: &str) -> Result<SchemaChangeResponse, ApiError> {
+        let _one = self.inner.schema_change.lock().await;
+        let mut pending = Vec::new();
+        for shard in &self.inner.shards {
+            let (prepared, prepared_rx) = tokio::sync::oneshot::channel();
+            let (decide_tx, decide) = std::sync::mpsc::channel();
+            let (done, done_rx) = tokio::sync::oneshot::channel();
+            shard.send(Cmd::Schema(SchemaCmd {
+                sql: sql.to_owned(),
+                prepared,
+                decide,
+                done,
+            }))?;
+            pending.push((prepared_rx, decide_tx, done_rx));
+        }
+        let mut verdicts = Vec::new();
+        for (prepared_rx, _, _) in &mut pending {
+            verdicts.push(prepared_rx.await.unwrap_or_else(|_| Err(stopped())));
+        }
+        let first = verdicts.iter().find_map(|v| v.as_ref().ok()).cloned();
+        let refusal = verdicts.into_iter().find_map(Result::err);
+        let go = refusal.is_none();
+        for (_, decide, done_rx) in pending {
+            let _ = decide.send(go);
+            if go {
+                done_rx.await.unwrap_or_else(|_| Err(stopped()))?;
+            }
+        }
+        match (refusal, first) {
+            (Some(e), _) => Err(e),
+            (None, Some(answer)) => Ok(answer),
+            (None, None) => Err(stopped()),
+        }
     }
 
     /// The limits in force.
@@ -291,6 +339,7 @@ impl SyncService {
                 max_message_bytes: l.max_message_bytes,
                 max_subscriptions: l.max_subscriptions_per_connection,
             },
+            schema_version: ok.schema_version,
         };
         outbox.push_frame(OutFrame::Text(
             serde_json::to_string(&welcome).expect("messages serialise"),
@@ -315,8 +364,14 @@ impl SyncService {
     /// `POST /v1/push`.
     pub async fn push(&self, p: &Principal, req: PushRequest) -> Result<PushResponse, PushError> {
         let shard = self.shard(p);
-        validate_push(shard.schema(), &req.site_id, req.from, req.to, &req.changes)
-            .map_err(PushError::Api)?;
+        validate_push(
+            &shard.schema(),
+            &req.site_id,
+            req.from,
+            req.to,
+            &req.changes,
+        )
+        .map_err(PushError::Api)?;
         let who = Who::new(p);
         self.inner
             .rates
@@ -558,7 +613,7 @@ impl Session {
                 to,
                 changes,
             } => {
-                if let Err(e) = validate_push(self.shard.schema(), &self.site, from, to, &changes)
+                if let Err(e) = validate_push(&self.shard.schema(), &self.site, from, to, &changes)
                     .and_then(|()| self.rates.take(&self.who.tenant, push_bytes(&changes)))
                 {
                     self.error(e, Some(id));

@@ -202,3 +202,48 @@ async fn overrides_place_tenants_and_never_move_data() {
     let e = SyncService::start(c).err().expect("refused");
     assert!(e.to_string().contains("moving a tenant's data"), "{e}");
 }
+
+/// A schema change reaches every shard (or none), and a restart keeps the
+/// version; tenants of both shards write the new column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_takes_a_schema_change_and_a_restart_keeps_it() {
+    let s = Server::start_with(|c| c.shards = 2);
+    let r = s
+        .service
+        .change_schema("ALTER TABLE todos ADD COLUMN due TEXT")
+        .await
+        .unwrap();
+    assert_eq!(r.schema_version, 2);
+    let refused = s
+        .service
+        .change_schema("ALTER TABLE todos DROP COLUMN due")
+        .await;
+    assert!(refused.is_err());
+    let (a, b) = split_tenants(&s.service);
+    let s = s.restart_with(|c| c.shards = 2).await;
+    assert_eq!(s.service.schema().schema_version, 2);
+    for (t, id) in [(&a, 1), (&b, 2)] {
+        s.service
+            .sql(
+                &service_principal(),
+                sql_for(
+                    t,
+                    &format!(
+                        "INSERT INTO todos (id, tenant_id, owner, title, due) VALUES ({id}, '{t}', 'u', 'x', 'friday')"
+                    ),
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    for k in 0..2 {
+        let db = CrrConnection::open(shard_path(&s.path, k)).unwrap();
+        let versions: i64 = db
+            .conn()
+            .query_row("SELECT max(version) FROM tenantsync_schema_log", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(versions, 2, "shard {k}");
+    }
+}

@@ -15,8 +15,8 @@
 //!   `shutdown_timeout`; sockets still open after it are closed at once.
 //!   axum's graceful shutdown does not track upgraded connections, so the
 //!   WebSocket tasks run under a [`TaskTracker`].
-//! - [`reload_policy_file`], [`Signals`]: SIGHUP's policy reload, SIGINT
-//!   and SIGTERM.
+//! - [`reload_schema_file`], [`reload_policy_file`], [`Signals`]: SIGHUP's
+//!   schema and policy reloads, SIGINT and SIGTERM.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use tenantsync_protocol::ErrorCode;
-use tenantsync_protocol::http::PolicyReloadResponse;
+use tenantsync_protocol::http::{PolicyReloadResponse, SchemaChangeResponse};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(crate::http::metrics))
         .route("/v1/sql", post(crate::http::sql))
         .route("/v1/admin/policy", post(crate::http::reload_policy))
+        .route("/v1/admin/schema", post(crate::http::change_schema))
         .route("/v1/admin/status", get(crate::http::admin_status))
         .route("/v1/admin/peers/{site_id}", get(crate::http::peer_report))
         .fallback(crate::http::not_found)
@@ -300,6 +301,41 @@ pub async fn reload_policy_file(
         }
         Err(e) => {
             log_refused_reload(&path.display().to_string(), &e);
+            Err(ReloadError::Refused(e))
+        }
+    }
+}
+
+/// Re-reads the schema script and applies what it adds as a schema change
+/// (SIGHUP, before the policy file: new policies may read new columns).
+/// Statements creating what exists are skipped, so an unchanged file
+/// changes nothing; a refused change is logged and nothing is applied.
+pub async fn reload_schema_file(
+    service: &SyncService,
+    path: &Path,
+) -> Result<SchemaChangeResponse, ReloadError> {
+    let text = tokio::fs::read_to_string(path).await.map_err(|source| {
+        tracing::error!(path = %path.display(), error = %source,
+                "schema reload: cannot read the file; the schema stays");
+        ReloadError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
+    match service.change_schema(&text).await {
+        Ok(r) => {
+            if r.changed {
+                tracing::info!(path = %path.display(), schema_version = r.schema_version,
+                    statements = r.applied.len(), "schema changed");
+            }
+            Ok(r)
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), code = %e.code,
+                "schema reload refused: {}; the schema stays", e.message);
+            for d in &e.diagnostics {
+                tracing::error!(path = %path.display(), "{d}");
+            }
             Err(ReloadError::Refused(e))
         }
     }

@@ -597,6 +597,7 @@ impl Config {
             jwt,
             edge,
             policy_path,
+            schema_path,
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -826,6 +827,9 @@ pub struct Settings {
     pub edge: EdgeSettings,
     /// The policy file (re-read on SIGHUP).
     pub policy_path: PathBuf,
+    /// The schema script (re-read on SIGHUP: what it adds is a schema
+    /// change).
+    pub schema_path: PathBuf,
     /// How log lines are written (the binary installs the subscriber).
     pub log_format: LogFormat,
 }

@@ -26,7 +26,9 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use tenantsync_core::SiteId;
 use tenantsync_protocol::ErrorCode;
-use tenantsync_protocol::http::{PolicyReloadRequest, PullRequest, PushRequest, SqlRequest};
+use tenantsync_protocol::http::{
+    PolicyReloadRequest, PullRequest, PushRequest, SchemaChangeRequest, SqlRequest,
+};
 
 use crate::app::AppState;
 use crate::service::{ApiError, Principal, PushError};
@@ -356,6 +358,30 @@ pub async fn reload_policy(
     }
 }
 
+/// `POST /v1/admin/schema` (service role): `{"schema_sql"}` applied as a
+/// schema change on every shard (`SyncService::change_schema`); 400
+/// `schema_refused` with the reason and nothing applied.
+pub async fn change_schema(
+    State(state): State<AppState>,
+    ServiceCaller(p): ServiceCaller,
+    JsonBody(req): JsonBody<SchemaChangeRequest>,
+) -> Result<Response, HttpError> {
+    refuse_when_shutting_down(&state)?;
+    match state.service().change_schema(&req.schema_sql).await {
+        Ok(r) => {
+            tracing::info!(target: "tenantsync::service_call", subject = %p.subject,
+                endpoint = "/v1/admin/schema", schema_version = r.schema_version,
+                changed = r.changed, "schema change");
+            Ok(json(r))
+        }
+        Err(e) => {
+            tracing::warn!(target: "tenantsync::service_call", subject = %p.subject,
+                endpoint = "/v1/admin/schema", code = %e.code, "schema change refused: {}", e.message);
+            Err(e.into())
+        }
+    }
+}
+
 /// `GET /v1/admin/status` (service role): `{status, db_version, shards:
 /// [{shard, db_version, connections, subscriptions, views, pull_states,
 /// peers_in_memory}]}` (`db_version` is the highest), what `/v1/health`
@@ -370,6 +396,7 @@ pub async fn admin_status(
     Ok(json(serde_json::json!({
         "status": "ok",
         "db_version": service.db_version(),
+        "schema_version": service.schema_version(),
         "shards": shards,
     })))
 }

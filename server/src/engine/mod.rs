@@ -12,13 +12,18 @@
 //!   exact held-set tracking; connections; fan-out to outboxes.
 //! - `write`: pushes (policy checks before/after, refusals with state) and
 //!   service SQL (under an authorizer), in fair group commits.
+//! - `migrate`: schema scripts (classified by SQLite's authorizer, CRR
+//!   alters wrapped) and the schema versions; `evolve`: a schema change
+//!   in two phases on the engine thread.
 
 mod build;
 mod commit;
+pub(crate) mod evolve;
 pub(crate) mod fair;
 pub(crate) mod filters;
 pub(crate) mod layout;
 mod longpoll;
+pub(crate) mod migrate;
 pub(crate) mod outbox;
 pub(crate) mod push_check;
 pub(crate) mod reader;
@@ -49,7 +54,7 @@ use crate::contract::{ApiError, Limits, Principal};
 use crate::engine::fair::FairQueue;
 use crate::engine::outbox::OutboxShared;
 use crate::engine::reader::{PullItem, Readers};
-use crate::engine::schema::ServerSchema;
+use crate::engine::schema::{SchemaCell, ServerSchema};
 
 /// A subscription's identity: (peer site, subscription id).
 pub(crate) type SubKey = (SiteId, Arc<str>);
@@ -92,6 +97,8 @@ pub(crate) struct OpenOk {
     pub conn: ConnId,
     pub pushed_version: i64,
     pub db_version: i64,
+    /// Later changes reach the connection as `schema` messages.
+    pub schema_version: i64,
 }
 
 pub(crate) enum PushReply {
@@ -209,6 +216,8 @@ pub(crate) enum Cmd {
         id: u64,
         result: Result<build::Built, String>,
     },
+    /// A schema change (`evolve`).
+    Schema(evolve::SchemaCmd),
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -321,6 +330,8 @@ struct Peer {
 pub(crate) struct Engine {
     db: CrrConnection,
     schema: Arc<ServerSchema>,
+    /// Where the schema in force is published (readers, service).
+    cell: Arc<SchemaCell>,
     policy: PolicyEngine,
     policy_gen: u64,
     shared_policy: SharedPolicy,
@@ -363,13 +374,15 @@ pub(crate) struct Engine {
     /// The tables whose pushed rows the backend's write hook judges
     /// (`None`: no hook).
     hooked: Option<FxSet<u16>>,
+    /// Whether the hook judges every table (tables added later too).
+    hook_all: bool,
 }
 
 impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         db: CrrConnection,
-        schema: Arc<ServerSchema>,
+        cell: Arc<SchemaCell>,
         policy: PolicyEngine,
         shared_policy: SharedPolicy,
         limits: Limits,
@@ -380,6 +393,7 @@ impl Engine {
         tenant_claim: Arc<str>,
     ) -> tenantsync_core::Result<Engine> {
         let mut db = db;
+        let schema = cell.get();
         let version = db.db_version()?;
         let guard = Arc::new(std::sync::atomic::AtomicBool::new(false));
         write::install_authorizer(&mut db, guard.clone())?;
@@ -392,6 +406,7 @@ impl Engine {
         Ok(Engine {
             db,
             schema,
+            cell,
             policy,
             policy_gen: 0,
             shared_policy,
@@ -420,6 +435,7 @@ impl Engine {
             tenant_claim,
             scope,
             hooked: None,
+            hook_all: false,
         })
     }
 
@@ -429,6 +445,7 @@ impl Engine {
         let mut set = FxSet::default();
         if tables.is_empty() {
             set.extend(self.schema.tables.iter().map(|t| t.id));
+            self.hook_all = true;
         }
         for name in tables {
             let t = self
@@ -548,6 +565,7 @@ impl Engine {
                 let _ = reply.send(r);
             }
             Cmd::Close { conn } => self.close(conn),
+            Cmd::Schema(cmd) => self.change_schema(cmd),
             Cmd::Subscribe {
                 conn,
                 id,
@@ -679,6 +697,18 @@ impl Engine {
         }
     }
 
+    /// The policies in force become the sessions' (a new epoch: a
+    /// subscription rewritten under the old ones is rewritten again).
+    fn publish_policy(&mut self) {
+        self.policy_gen += 1;
+        let mut st = self
+            .shared_policy
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        st.epoch = self.policy_gen;
+        st.engine = Arc::new(self.policy.clone());
+    }
+
     /// A policy file read against the schema, or the error a reload answers.
     fn parse_policies(&self, name: &str, sql: &str) -> Result<PolicySet, ApiError> {
         PolicySet::parse(name, sql, &self.schema.policy).map_err(|d| {
@@ -702,15 +732,7 @@ impl Engine {
         let set = self.parse_policies(name, sql)?;
         shard::warn_cross_tenant(&set, &self.tenant_claim);
         let change = self.policy.replace_policies(set);
-        self.policy_gen += 1;
-        {
-            let mut st = self
-                .shared_policy
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
-            st.epoch = self.policy_gen;
-            st.engine = Arc::new(self.policy.clone());
-        }
+        self.publish_policy();
         self.plans.clear(&mut self.filters);
         // The reload gets a version of its own: what subscribers see changes
         // at it, and a cursor names one state.

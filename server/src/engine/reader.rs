@@ -23,7 +23,7 @@ use crate::engine::build::{BuildJob, Built, Rewrite};
 use crate::engine::fair::FairQueue;
 use crate::engine::filters::Prebuilt;
 use crate::engine::outbox::OutboxShared;
-use crate::engine::schema::ServerSchema;
+use crate::engine::schema::SchemaCell;
 use crate::engine::{Cmd, PkSet, SubKey};
 use tenantsync_protocol::ErrorCode;
 
@@ -130,7 +130,7 @@ impl Readers {
     pub fn start(
         n: usize,
         path: &std::path::Path,
-        schema: Arc<ServerSchema>,
+        schema: Arc<SchemaCell>,
         engine: mpsc::Sender<Cmd>,
         max_message_bytes: usize,
     ) -> std::io::Result<Readers> {
@@ -205,7 +205,7 @@ impl Readers {
 
 struct Reader {
     db: CrrConnection,
-    schema: Arc<ServerSchema>,
+    schema: Arc<SchemaCell>,
     engine: mpsc::Sender<Cmd>,
     max: usize,
 }
@@ -271,7 +271,8 @@ impl Reader {
         self.begin().map_err(|e| e.to_string())?;
         let pre = (|| {
             let version = self.db.db_version().map_err(|e| e.to_string())?;
-            Prebuilt::compute(&self.db, &self.schema, &queries, version).map_err(|e| e.to_string())
+            Prebuilt::compute(&self.db, &self.schema.get(), &queries, version)
+                .map_err(|e| e.to_string())
         })();
         self.end();
         Ok(Built {
@@ -281,8 +282,8 @@ impl Reader {
     }
 
     fn visible(&self, q: &EffectiveQuery) -> Result<PkSet, String> {
-        let t = self
-            .schema
+        let schema = self.schema.get();
+        let t = schema
             .table(&q.table)
             .ok_or_else(|| format!("{} is not a CRR", q.table))?;
         let cols: Vec<String> =
@@ -526,11 +527,15 @@ impl Reader {
                 );
                 held.push((it.id.clone(), Arc::new(c.held)));
             }
+            // The schema the parts were read with, in the same snapshot.
+            let schema_version = super::migrate::current_version(self.db.conn())
+                .map_err(|e| internal(e.to_string()))?;
             Ok(PullResult {
                 response: PullResponse {
                     version,
                     pushed_version: 0,
                     subs,
+                    schema_version,
                 },
                 held,
                 any,

@@ -1,13 +1,13 @@
 //! The server's view of its schema: the policy engine's [`Schema`] (CRRs and
 //! local tables, without the server's own `tenantsync_*` tables), per-CRR
-//! facts the engine needs (column names, primary-key positions) and the
-//! `GET /v1/schema` answer.
+//! facts the engine needs (column names, primary-key positions), the
+//! `GET /v1/schema` answer and the [`SchemaCell`] holding the one in force.
 
 use std::sync::Arc;
 
 use tenantsync_core::CrrConnection;
 use tenantsync_policy::Schema;
-use tenantsync_protocol::http::{ColumnInfo, SchemaResponse, TableInfo};
+use tenantsync_protocol::http::{ColumnInfo, SchemaMigration, SchemaResponse, TableInfo};
 
 /// Tables the server keeps for itself (never synced, never in policies).
 pub(crate) fn is_server_table(name: &str) -> bool {
@@ -36,19 +36,51 @@ impl Table {
 #[derive(Debug)]
 pub(crate) struct ServerSchema {
     pub policy: Schema,
-    /// The CRRs.
+    /// The CRRs. A table keeps its index across schema changes (new ones
+    /// are appended), so the ids views and plans hold stay valid.
     pub tables: Vec<Table>,
     pub response: SchemaResponse,
 }
 
 impl ServerSchema {
-    pub fn read(db: &CrrConnection, schema_sql: &str) -> tenantsync_core::Result<ServerSchema> {
+    /// The schema of `db` at the versions of `log` (oldest first; the
+    /// last is the current version).
+    pub fn read(
+        db: &CrrConnection,
+        log: Vec<SchemaMigration>,
+    ) -> tenantsync_core::Result<ServerSchema> {
+        Self::read_after(db, log, None)
+    }
+
+    /// The schema after a change: tables keep the ids they had in `self`.
+    pub fn evolve(
+        &self,
+        db: &CrrConnection,
+        log: Vec<SchemaMigration>,
+    ) -> tenantsync_core::Result<ServerSchema> {
+        Self::read_after(db, log, Some(self))
+    }
+
+    fn read_after(
+        db: &CrrConnection,
+        log: Vec<SchemaMigration>,
+        before: Option<&ServerSchema>,
+    ) -> tenantsync_core::Result<ServerSchema> {
         let mut core = db.schema()?;
         core.tables.retain(|t| !is_server_table(&t.name));
         let policy = Schema::from(&core);
+        let mut crrs: Vec<&tenantsync_core::TableSchema> =
+            core.tables.iter().filter(|t| t.is_crr).collect();
+        // Tables known before first, at their old index; new ones after.
+        let old_index = |name: &str| {
+            before
+                .and_then(|b| b.tables.iter().position(|t| &*t.name == name))
+                .unwrap_or(usize::MAX)
+        };
+        crrs.sort_by_key(|t| old_index(&t.name));
         let mut tables = Vec::new();
         let mut infos = Vec::new();
-        for t in core.tables.iter().filter(|t| t.is_crr) {
+        for t in crrs {
             infos.push(TableInfo {
                 name: t.name.clone(),
                 columns: t
@@ -69,14 +101,23 @@ impl ServerSchema {
                 pk: t.pk_positions(),
             });
         }
+        let schema_version = log.last().map_or(1, |m| m.version);
+        let schema_sql = log.iter().map(|m| m.sql.as_str()).collect::<String>();
         Ok(ServerSchema {
             policy,
             tables,
             response: SchemaResponse {
-                schema_sql: schema_sql.to_owned(),
+                schema_version,
+                schema_sql,
+                migrations: log,
                 tables: infos,
             },
         })
+    }
+
+    /// The schema version.
+    pub fn version(&self) -> i64 {
+        self.response.schema_version
     }
 
     /// The CRR named `name` (exactly, as core names it).
@@ -85,26 +126,21 @@ impl ServerSchema {
     }
 }
 
-/// Runs a schema script statement by statement; a statement creating
-/// something that exists is skipped (so a script without `IF NOT EXISTS`
-/// can be applied at every start).
-pub(crate) fn apply_schema(db: &CrrConnection, sql: &str) -> Result<(), String> {
-    let mut rest = sql;
-    while let Some(n) = tenantsync_core::script::next_statement(db.conn(), rest) {
-        let stmt = rest[..n.end].trim();
-        rest = &rest[n.end..];
-        let r = n.prepared.and_then(|()| {
-            let mut st = db.conn().prepare(stmt)?;
-            let mut rows = st.raw_query();
-            while rows.next()?.is_some() {}
-            Ok(())
-        });
-        if let Err(e) = r {
-            let m = e.to_string();
-            if !m.contains("already exists") {
-                return Err(format!("{m} (in: {stmt})"));
-            }
-        }
+/// The schema in force, shared by a shard's engine (which replaces it at a
+/// schema change), its readers and the service.
+#[derive(Debug)]
+pub(crate) struct SchemaCell(std::sync::RwLock<Arc<ServerSchema>>);
+
+impl SchemaCell {
+    pub fn new(s: Arc<ServerSchema>) -> SchemaCell {
+        SchemaCell(std::sync::RwLock::new(s))
     }
-    Ok(())
+
+    pub fn get(&self) -> Arc<ServerSchema> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, s: Arc<ServerSchema>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = s;
+    }
 }

@@ -18,9 +18,10 @@ use tenantsync_protocol::http::{
 };
 use tokio::sync::oneshot;
 
+use super::migrate;
 use super::outbox::OutboxShared;
 use super::reader::{Job, PullItem, PullJob, Readers};
-use super::schema::{ServerSchema, apply_schema};
+use super::schema::{SchemaCell, ServerSchema};
 use super::{
     Cmd, Engine, OpenOk, PolicyState, ShardStats, SharedPolicy, SqlCmd, Tuning, Who, Write,
 };
@@ -43,11 +44,14 @@ pub(crate) struct ShardConfig {
     pub grace: std::time::Duration,
     /// The tables the backend's write hook judges (`None`: no hook).
     pub hook_tables: Option<Vec<String>>,
+    /// Shard 0's schema versions (for the other shards: one behind runs
+    /// what it lacks, [`migrate::start`]).
+    pub leader_schema: Option<Vec<tenantsync_protocol::http::SchemaMigration>>,
 }
 
 struct Inner {
     tx: mpsc::Sender<Cmd>,
-    schema: Arc<ServerSchema>,
+    schema: Arc<SchemaCell>,
     policy: SharedPolicy,
     limits: Limits,
     site: SiteId,
@@ -89,7 +93,7 @@ impl Shard {
             path: config.db_path.clone(),
             source: e,
         };
-        let db = CrrConnection::open_with(
+        let mut db = CrrConnection::open_with(
             &config.db_path,
             Options {
                 merge_stamping: MergeStamping::Local,
@@ -104,11 +108,13 @@ impl Shard {
         db.conn()
             .execute_batch(sync)
             .map_err(|e| db_err(e.into()))?;
-        apply_schema(&db, &config.schema_sql).map_err(StartError::Schema)?;
+        let log = migrate::start(&mut db, &config.schema_sql, config.leader_schema.as_deref())
+            .map_err(StartError::Schema)?;
         db.conn()
             .execute_batch(super::store::CREATE)
             .map_err(|e| StartError::Schema(e.to_string()))?;
-        let schema = Arc::new(ServerSchema::read(&db, &config.schema_sql).map_err(db_err)?);
+        let schema = Arc::new(ServerSchema::read(&db, log).map_err(db_err)?);
+        let cell = Arc::new(SchemaCell::new(schema.clone()));
         let set = PolicySet::parse(&config.policy_name, &config.policy_sql, &schema.policy)
             .map_err(|d| StartError::Policy {
                 diagnostics: d.to_string().lines().map(str::to_owned).collect(),
@@ -134,7 +140,7 @@ impl Shard {
         let readers = Arc::new(Readers::start(
             config.readers,
             &config.db_path,
-            schema.clone(),
+            cell.clone(),
             tx.clone(),
             config.limits.max_message_bytes,
         )?);
@@ -144,7 +150,7 @@ impl Shard {
         });
         let engine = Engine::new(
             db,
-            schema.clone(),
+            cell.clone(),
             policy,
             shared.clone(),
             config.limits.clone(),
@@ -169,7 +175,7 @@ impl Shard {
         Ok(Shard {
             inner: Arc::new(Inner {
                 tx,
-                schema,
+                schema: cell,
                 policy: shared,
                 limits: config.limits.clone(),
                 site,
@@ -218,8 +224,9 @@ impl Shard {
         v
     }
 
-    pub fn schema(&self) -> &Arc<ServerSchema> {
-        &self.inner.schema
+    /// The schema in force.
+    pub fn schema(&self) -> Arc<ServerSchema> {
+        self.inner.schema.get()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -477,8 +484,9 @@ mod tests {
             CREATE TABLE e (id INTEGER PRIMARY KEY NOT NULL, other TEXT);
             SELECT crsql_as_crr('a'); SELECT crsql_as_crr('b'); SELECT crsql_as_crr('c');
             SELECT crsql_as_crr('d'); SELECT crsql_as_crr('e');";
-        apply_schema(&db, sql).unwrap();
-        let schema = ServerSchema::read(&db, sql).unwrap();
+        let mut db = db;
+        let log = migrate::start(&mut db, sql, None).unwrap();
+        let schema = ServerSchema::read(&db, log).unwrap();
         assert_eq!(
             unindexed_tenant_tables(&db, &schema, "tenant_id"),
             ["a", "c"]

@@ -48,10 +48,17 @@ impl Server {
 
     /// Stops and starts again on the same file.
     pub async fn restart(self) -> Server {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Stops and starts again on the same file, configured by `f`.
+    pub async fn restart_with(self, f: impl FnOnce(&mut ServiceConfig)) -> Server {
         self.service.shutdown(Duration::from_secs(10)).await;
         let Server { dir, path, service } = self;
         drop(service);
-        let service = SyncService::start(config(&path)).unwrap();
+        let mut c = config(&path);
+        f(&mut c);
+        let service = SyncService::start(c).unwrap();
         Server { dir, path, service }
     }
 

@@ -119,7 +119,7 @@ proptest! {
     ) {
         let db = CrrConnection::open_in_memory().expect("db");
         db.conn().execute_batch(SCHEMA).expect("schema");
-        let schema = ServerSchema::read(&db, SCHEMA).expect("schema");
+        let schema = ServerSchema::read(&db, Vec::new()).expect("schema");
         let policy = PolicyEngine::new(
             PolicySet::parse("policy.sql", POLICY, &schema.policy).expect("policy"),
         );

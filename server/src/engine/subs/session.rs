@@ -92,6 +92,7 @@ impl Engine {
             conn: id,
             pushed_version,
             db_version: self.version,
+            schema_version: self.schema.version(),
         })
     }
 
