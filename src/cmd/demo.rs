@@ -552,6 +552,52 @@ fn step(
     insert(conn)
 }
 
+/// Waits `after`, changes the schema (`SCHEMA_CHANGE`) while the clients
+/// write, and measures how long the connected ones take to migrate in
+/// place: the version and the milliseconds (`None`: not all within 20 s).
+async fn change_schema_midway(
+    service: SyncService,
+    running: Vec<Arc<Running>>,
+    after: Duration,
+    log: ProgressBar,
+) -> anyhow::Result<(i64, Option<f64>)> {
+    tokio::time::sleep(after).await;
+    let t = Instant::now();
+    let r = service
+        .change_schema(SCHEMA_CHANGE)
+        .await
+        .map_err(|e| anyhow::anyhow!("the schema change was refused: {}", e.message))?;
+    let connected: Vec<&Arc<Running>> = running
+        .iter()
+        .filter(|c| c.client.status().connected)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live_ms = loop {
+        let mut behind = 0;
+        for c in &connected {
+            if c.client.read(|r| r.schema_version()).await.ok() != Some(r.schema_version) {
+                behind += 1;
+            }
+        }
+        if behind == 0 {
+            break Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    log.println(format!(
+        "  schema: {SCHEMA_CHANGE} -> version {}; {} connected clients migrated in place{}",
+        r.schema_version,
+        connected.len(),
+        live_ms.map_or(" (not all within 20 s)".to_owned(), |ms| format!(
+            " within {ms:.0} ms"
+        ))
+    ));
+    Ok((r.schema_version, live_ms))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn drive(
     c: Arc<Running>,
@@ -730,9 +776,29 @@ struct Report {
     results: Vec<ClientResult>,
     writes: BTreeMap<&'static str, u64>,
     intrusion: Option<IntrusionResult>,
+    schema: Option<SchemaResult>,
     server_version: i64,
     seconds: f64,
     converge_seconds: f64,
+}
+
+/// The schema change the demo makes halfway through the writes.
+const SCHEMA_CHANGE: &str = "ALTER TABLE todos ADD COLUMN due TEXT";
+
+/// What the schema change did to the clients.
+struct SchemaResult {
+    version: i64,
+    /// Milliseconds until every connected client had migrated.
+    live_ms: Option<f64>,
+    /// Replicas at the new version at the end, of all.
+    migrated: usize,
+    of: usize,
+}
+
+impl SchemaResult {
+    fn ok(&self) -> bool {
+        self.migrated == self.of
+    }
 }
 
 struct IntrusionResult {
@@ -755,6 +821,7 @@ impl Report {
             .iter()
             .all(|r| r.check.as_ref().is_some_and(Check::ok))
             && self.intrusion.as_ref().is_none_or(IntrusionResult::ok)
+            && self.schema.as_ref().is_none_or(SchemaResult::ok)
     }
 
     fn totals(&self) -> (usize, usize, usize, usize, usize) {
@@ -790,6 +857,11 @@ impl Report {
                 && !i.ok()
             {
                 s.push_str("; the cross-tenant write was not refused cleanly");
+            }
+            if let Some(sc) = &self.schema
+                && !sc.ok()
+            {
+                s.push_str("; not every replica took the schema change");
             }
             s
         }
@@ -896,6 +968,17 @@ impl Report {
                 }
             ));
         }
+        if let Some(sc) = &self.schema {
+            out.push_str(&format!(
+                "schema change during the writes ({SCHEMA_CHANGE}): version {}; connected clients migrated in place {}; {} of {} replicas at version {}\n",
+                sc.version,
+                sc.live_ms
+                    .map_or("(not all within 20 s)".to_owned(), |ms| format!("within {ms:.0} ms")),
+                sc.migrated,
+                sc.of,
+                sc.version
+            ));
+        }
         if let Some(d) = &self.dir {
             out.push_str(&format!(
                 "files kept in {} (server.db, one replica-<user>-<tenant>.db per client; read them with `tenantsync sql`)\n",
@@ -933,6 +1016,13 @@ impl Report {
                 "refused": i.refusal.is_some(),
                 "refusal": i.refusal,
                 "victim_rows_unchanged": i.vault_unchanged && i.planted_absent,
+            })),
+            "schema_change": self.schema.as_ref().map(|sc| json!({
+                "statement": SCHEMA_CHANGE,
+                "schema_version": sc.version,
+                "live_migrated_ms": sc.live_ms,
+                "replicas_migrated": sc.migrated,
+                "replicas": sc.of,
             })),
             "dir": self.dir.as_ref().map(|d| d.display().to_string()),
             "clients": self.results.iter().map(|r| json!({
@@ -1118,7 +1208,7 @@ async fn scenario(
     phase(
         4,
         format!(
-            "writing for {} s: inserts, edits, moves between lists and owners, deletes, shares",
+            "writing for {} s: inserts, edits, moves between lists and owners, deletes, shares; halfway, a schema change",
             args.seconds
         ),
     );
@@ -1151,6 +1241,12 @@ async fn scenario(
             stop.clone(),
         )));
     }
+    let change = tokio::spawn(change_schema_midway(
+        service.clone(),
+        running.clone(),
+        Duration::from_secs_f64(args.seconds / 2.0),
+        bar.clone(),
+    ));
     let t0 = Instant::now();
     let mut last_line = Instant::now();
     while tasks.iter().any(|t| !t.is_finished()) {
@@ -1180,6 +1276,8 @@ async fn scenario(
         let _ = t.await;
     }
 
+    let change = change.await.context("the schema change panicked")??;
+
     // 5. Quiescence: every push answered, every subscription live.
     let q0 = Instant::now();
     for c in &running {
@@ -1204,6 +1302,19 @@ async fn scenario(
             service.db_version()
         ),
     );
+
+    let mut migrated = 0;
+    for c in &running {
+        if c.client.read(|r| r.schema_version()).await.ok() == Some(change.0) {
+            migrated += 1;
+        }
+    }
+    let schema = Some(SchemaResult {
+        version: change.0,
+        live_ms: change.1,
+        migrated,
+        of: running.len(),
+    });
 
     // 6. Verification: poll until every replica matches (deliveries are
     // asynchronous) or 20 s pass; the last check is the verdict.
@@ -1345,6 +1456,7 @@ async fn scenario(
         results,
         writes,
         intrusion,
+        schema,
         server_version: service.db_version(),
         seconds: 0.0,
         converge_seconds: converge,

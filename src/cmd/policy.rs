@@ -24,7 +24,8 @@ pub enum PolicyCommand {
     /// 1). Warnings (a policy on a tenant's table that does not constrain
     /// its tenant column) come before `ok` and do not fail the check.
     Check {
-        /// The schema SQL file (CREATE TABLE ...; SELECT crsql_as_crr('t');).
+        /// The schema SQL file (CREATE TABLE ...; SELECT crsql_as_crr('t');),
+        /// or a server's database (its schema as changed since).
         #[arg(long)]
         schema: PathBuf,
         /// The policy file.
@@ -162,10 +163,29 @@ pub fn run(cmd: &PolicyCommand, out: &mut dyn Write, err: &mut dyn Write) -> u8 
 }
 
 /// Runs a schema file on an in-memory database with the core loaded and
-/// describes its tables for the policy engine.
+/// describes its tables for the policy engine. A server's database file
+/// may stand for the schema file: its schema is read as it is now, every
+/// schema change included (docs/POLICY.md, "Checking a policy file").
 pub fn load_schema(path: &Path) -> anyhow::Result<Schema> {
-    let sql = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read schema file {}", path.display()))?;
+    if bytes.starts_with(b"SQLite format 3\0") {
+        let db = CrrConnection::open_with(
+            path,
+            tenantsync_core::Options {
+                read_only: true,
+                ..tenantsync_core::Options::default()
+            },
+        )
+        .with_context(|| format!("cannot open the database {}", path.display()))?;
+        let mut core_schema = db.schema().context("cannot read the database's schema")?;
+        core_schema
+            .tables
+            .retain(|t| !t.name.to_ascii_lowercase().starts_with("tenantsync_"));
+        return Ok(Schema::from(&core_schema));
+    }
+    let sql = String::from_utf8(bytes)
+        .with_context(|| format!("schema file {} is not UTF-8 text", path.display()))?;
     let db = CrrConnection::open_in_memory().context("cannot open an in-memory database")?;
     db.conn()
         .execute_batch(&sql)
@@ -539,6 +559,36 @@ mod tests {
         2 | CREATE POLICY q ON nope USING (random());
           |                    ^^^^
         ");
+    }
+
+    /// A server's database stands for the schema as it is now: a policy on
+    /// a column a schema change added checks against it, not against the
+    /// original file.
+    #[test]
+    fn check_takes_a_servers_database_as_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = demo_db(dir.path());
+        CrrConnection::open(&db)
+            .unwrap()
+            .alter("todos", |c| {
+                c.execute_batch("ALTER TABLE todos ADD COLUMN due TEXT")?;
+                Ok(())
+            })
+            .unwrap();
+        let policy = dir.path().join("due.sql");
+        std::fs::write(
+            &policy,
+            "CREATE POLICY due ON todos FOR SELECT USING (due IS NOT NULL AND tenant_id = auth.claim('tenant_id'));\n",
+        )
+        .unwrap();
+        let p = policy.to_str().unwrap();
+        assert_eq!(
+            run_cli(&["check", "--schema", db.to_str().unwrap(), p]),
+            (0, "ok\n".into(), String::new())
+        );
+        let (code, out, _) = run_cli(&["check", "--schema", SCHEMA, p]);
+        assert_eq!(code, 1);
+        assert!(out.contains("unknown column `due`"), "{out}");
     }
 
     #[test]

@@ -159,6 +159,13 @@ fn sync(args: &SyncArgs, out: &mut impl Write, err: &mut impl Write) -> anyhow::
 }
 
 fn print_summary(report: &RoundReport, out: &mut impl Write) -> std::io::Result<()> {
+    if let Some(from) = report.migrated_from {
+        writeln!(
+            out,
+            "schema: migrated from version {from} to {} (rows, cursors and local changes kept)",
+            report.schema_version
+        )?;
+    }
     if report.schema_applied {
         writeln!(out, "schema: fetched from the server (new replica)")?;
     }

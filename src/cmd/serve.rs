@@ -283,12 +283,15 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     }
 
     let policy_path = settings.policy_path.clone();
+    let schema_path = settings.schema_path.clone();
     let signal = async move {
         let reload = || {
             let service = service.clone();
             let path = policy_path.clone();
+            let schema = schema_path.clone();
             async move {
-                // Failures are logged by the reload, with every diagnostic.
+                // Failures are logged by the reloads, with every diagnostic.
+                let _ = app::reload_schema_file(&service, &schema).await;
                 let _ = app::reload_policy_file(&service, &path).await;
             }
         };

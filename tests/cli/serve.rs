@@ -471,3 +471,56 @@ fn serve_logs_json_lines_or_plain_text() {
     let (code, _) = server.terminate();
     assert_eq!(code, Some(0));
 }
+
+/// SIGHUP re-reads the schema file first: appended statements are a schema
+/// change (a new version), an unsafe one is refused and logged, and the
+/// server goes on (docs/CLI.md, "serve").
+#[test]
+fn sighup_applies_what_the_schema_file_adds() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.sql");
+    std::fs::copy(examples().join("schema.sql"), &schema).unwrap();
+    let db = dir.path().join("server.db");
+    let mut server = Server::start(
+        &[
+            os("--db"),
+            db.as_os_str(),
+            os("--schema"),
+            schema.as_os_str(),
+            os("--policy"),
+            examples().join("policy.sql").as_os_str(),
+            os("--listen"),
+            os("127.0.0.1:0"),
+            os("--jwt-secret"),
+            os(SECRET),
+        ],
+        &[],
+    );
+    let service = service_token();
+    let version = |addr: &str| -> serde_json::Value {
+        let (status, body) = get_as(addr, "/v1/schema", Some(&service));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["schema_version"].clone()
+    };
+    assert_eq!(version(&server.addr), 1);
+    let mut text = std::fs::read_to_string(&schema).unwrap();
+    text.push_str("\nALTER TABLE todos ADD COLUMN due TEXT;\n");
+    std::fs::write(&schema, &text).unwrap();
+    server.signal("HUP");
+    server.wait_for("schema changed");
+    server.wait_for("policies reloaded");
+    assert_eq!(version(&server.addr), 2);
+    // The same file again changes nothing.
+    server.signal("HUP");
+    server.wait_for("policies reloaded");
+    assert_eq!(version(&server.addr), 2);
+    // A destructive statement: refused whole, logged, the schema stays.
+    text.push_str("ALTER TABLE todos DROP COLUMN title;\n");
+    std::fs::write(&schema, &text).unwrap();
+    server.signal("HUP");
+    server.wait_for("schema reload refused");
+    assert_eq!(version(&server.addr), 2);
+    assert_eq!(get(&server.addr, "/v1/health/ready").0, 200);
+    let (code, rest) = server.terminate();
+    assert_eq!(code, Some(0), "{rest:#?}");
+}
