@@ -145,6 +145,14 @@ async fn unsafe_changes_are_refused_whole_with_the_reason() {
         ),
         ("DROP TABLE tenantsync_peers", "tenantsync_peers"),
         ("PRAGMA user_version = 3", "PRAGMA"),
+        (
+            "CREATE TABLE copy AS SELECT * FROM todos",
+            "copies rows of todos",
+        ),
+        (
+            "CREATE UNIQUE INDEX todos_title ON todos (title)",
+            "unique on todos",
+        ),
         ("CREATE TABLE broken (", "statement 1"),
         (
             "ALTER TABLE todos ADD COLUMN due TEXT NOT NULL",

@@ -139,6 +139,7 @@ impl Engine {
         }
         let now = self.db.schema().map_err(internal)?;
         migrate::check_kept(&before, &now).map_err(refused)?;
+        migrate::check_no_unique(self.db.conn(), &now).map_err(refused)?;
         migrate::record(self.db.conn(), &applied.script).map_err(internal)?;
         let log = migrate::read_log(self.db.conn()).map_err(internal)?;
         let schema = Arc::new(self.schema.evolve(&self.db, log).map_err(internal)?);

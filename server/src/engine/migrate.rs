@@ -59,9 +59,13 @@ pub(crate) struct Applied {
 enum Seen {
     Alter(String),
     DropTable(String),
-    /// A table the statement writes, creates an index on or otherwise names.
+    /// A table the statement creates.
+    Creates(String),
+    /// A table the statement creates or drops an index on.
     Touches(String),
     Writes(String),
+    /// Rows of a table read (a `CREATE TABLE ... AS SELECT` copies them).
+    Reads(String),
     Function(String),
     /// A PRAGMA (the server sets its own; it cannot change the journal
     /// inside the script's transaction).
@@ -76,12 +80,15 @@ fn seen(action: &AuthAction<'_>) -> Option<Seen> {
     Some(match action {
         AlterTable { table_name, .. } => Seen::Alter((*table_name).to_owned()),
         DropTable { table_name } => Seen::DropTable((*table_name).to_owned()),
-        CreateTable { table_name } => table(table_name),
+        CreateTable { table_name } => Seen::Creates((*table_name).to_owned()),
         CreateIndex { table_name, .. } | DropIndex { table_name, .. } => table(table_name),
         Insert { table_name } | Delete { table_name } | Update { table_name, .. } => {
             Seen::Writes((*table_name).to_owned())
         }
         Function { function_name } => Seen::Function(function_name.to_ascii_lowercase()),
+        Read { table_name, .. } if !is_sqlite_table(table_name) => {
+            Seen::Reads((*table_name).to_owned())
+        }
         Read { .. }
         | Select
         | Recursive
@@ -240,9 +247,22 @@ fn skippable(message: &str) -> bool {
 /// What a change from the service role may not do.
 fn refuse_unsafe(actions: &[Seen], crrs: &[String]) -> Result<(), String> {
     let is_crr = |t: &str| crrs.iter().any(|c| c.eq_ignore_ascii_case(t));
+    let creates_table = actions.iter().any(|a| matches!(a, Seen::Creates(_)))
+        && actions.iter().any(|a| matches!(a, Seen::Reads(_)));
+    if creates_table
+        && let Some(Seen::Reads(t)) = actions.iter().find(|a| matches!(a, Seen::Reads(_)))
+    {
+        return Err(format!(
+            "it copies rows of {t} (CREATE TABLE ... AS SELECT); create the table, then fill it with POST /v1/sql"
+        ));
+    }
     for a in actions {
         match a {
-            Seen::Alter(t) | Seen::DropTable(t) | Seen::Touches(t) | Seen::Writes(t)
+            Seen::Alter(t)
+            | Seen::DropTable(t)
+            | Seen::Creates(t)
+            | Seen::Touches(t)
+            | Seen::Writes(t)
                 if is_server_table(t) || is_crsql_table(t) =>
             {
                 return Err(format!("it touches {t}, a table of the server's own"));
@@ -261,6 +281,9 @@ fn refuse_unsafe(actions: &[Seen], crrs: &[String]) -> Result<(), String> {
                 return Err(format!(
                     "it calls {f}; a schema change may call crsql_as_crr only (the server runs ALTER TABLE of a CRR between crsql_begin_alter and crsql_commit_alter itself)"
                 ));
+            }
+            Seen::Pragma => {
+                return Err("a PRAGMA is not a schema change the server applies".into());
             }
             Seen::Other(what) => {
                 return Err(format!("{what} is not a schema change the server applies"));
@@ -307,6 +330,33 @@ pub(crate) fn check_kept(
         }
         if new.columns.iter().skip(old.columns.len()).any(|c| c.pk > 0) {
             return Err(format!("table {}'s primary key would change", old.name));
+        }
+    }
+    Ok(())
+}
+
+/// No CRR has a unique index besides its primary key: two replicas may
+/// each insert a row with the same value, and their merge could not take
+/// both (cr-sqlite refuses such tables in `crsql_as_crr` for the same
+/// reason).
+pub(crate) fn check_no_unique(
+    conn: &rusqlite::Connection,
+    schema: &tenantsync_core::Schema,
+) -> Result<(), String> {
+    for t in schema.tables.iter().filter(|t| t.is_crr) {
+        let unique: Option<String> = conn
+            .query_row(
+                "SELECT name FROM pragma_index_list(?1) WHERE origin != 'pk' AND \"unique\" = 1 LIMIT 1",
+                [&t.name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| e.to_string())?;
+        if let Some(index) = unique {
+            return Err(format!(
+                "index {index} is unique on {}, a synced table: replicas inserting the same value could not merge (only the primary key may be unique)",
+                t.name
+            ));
         }
     }
     Ok(())
