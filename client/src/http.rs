@@ -328,7 +328,7 @@ pub struct RoundReport {
     pub unsubscribed: Vec<String>,
     /// Rows removed from the replica (held by no subscription any more).
     pub rows_removed: usize,
-    /// Local changes quarantined in this round (refusals, evictions).
+    /// Local changes quarantined in this round (by refusals).
     pub quarantined: usize,
     /// The server version every subscription reached.
     pub version: Option<i64>,
@@ -530,7 +530,6 @@ pub async fn sync_round(
         let applied: ApplyReport = replica.run(move |r| r.apply_pull(&resp)).await?;
         report.version = Some(applied.version);
         report.rows_removed += applied.rows_removed;
-        report.quarantined += applied.quarantined;
         for s in &subs {
             let e = parts.entry(s.id.clone()).or_insert_with(|| SubRound {
                 id: s.id.clone(),
@@ -563,7 +562,6 @@ pub async fn sync_round(
         let i = id.clone();
         let done: RemoveReport = replica.run(move |r| r.remove_subscription(&i)).await?;
         report.rows_removed += done.rows_removed;
-        report.quarantined += done.quarantined;
     }
     let cursors: BTreeMap<String, Option<i64>> = replica
         .run(|r| {

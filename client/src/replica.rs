@@ -127,10 +127,9 @@ pub struct ApplyReport {
     /// Parts of subscriptions the replica does not have: skipped.
     pub unknown: Vec<String>,
     /// Rows removed from the replica because no subscription holds them any
-    /// more (without recording a delete).
+    /// more (without recording a delete; a row with local changes not yet
+    /// pushed stays until they are pushed and answered).
     pub rows_removed: usize,
-    /// Local changes moved to quarantine before their rows were removed.
-    pub quarantined: usize,
     /// Merge counts.
     pub merged: MergeCounts,
 }
@@ -203,10 +202,10 @@ pub struct RefusalReport {
 /// What [`Replica::remove_subscription`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RemoveReport {
-    /// Rows removed from the replica (no other subscription held them).
+    /// Rows removed from the replica (no other subscription held them; a
+    /// row with local changes not yet pushed stays until they are pushed
+    /// and answered).
     pub rows_removed: usize,
-    /// Local changes moved to quarantine first.
-    pub quarantined: usize,
 }
 
 /// Why changes are in quarantine.
@@ -216,7 +215,9 @@ pub enum QuarantineReason {
     /// The server refused the push that held them (or they were later local
     /// changes of a refused row).
     PushRefused,
-    /// Their row left every subscription before they were pushed.
+    /// Their row left every subscription before they were pushed (written
+    /// by replicas before 2026-12: a row with unpushed changes now stays
+    /// until they are pushed, and only a refusal quarantines).
     Evicted,
 }
 
@@ -597,8 +598,8 @@ impl Replica {
     }
 
     /// Removes a subscription: its held rows that no other subscription
-    /// holds leave the replica (without a delete; their unpushed local
-    /// changes move to quarantine first).
+    /// holds leave the replica (without a delete; one with local changes
+    /// not yet pushed stays until they are pushed and answered).
     pub fn remove_subscription(&mut self, id: &str) -> Result<RemoveReport> {
         self.syncs.remove(id);
         self.in_tx(|r| {
@@ -610,11 +611,8 @@ impl Replica {
                 .execute("DELETE FROM tenantsync_replica_held WHERE sub = ?1", [id])?;
             r.sql()
                 .execute("DELETE FROM tenantsync_replica_subs WHERE id = ?1", [id])?;
-            let (rows_removed, quarantined) = r.remove_unheld(held.into_iter().collect())?;
-            Ok(RemoveReport {
-                rows_removed,
-                quarantined,
-            })
+            let rows_removed = r.remove_unheld(held.into_iter().collect())?;
+            Ok(RemoveReport { rows_removed })
         })
     }
 
@@ -1357,34 +1355,35 @@ impl Replica {
             )?;
             report.parts.push(pr);
         }
-        let (removed, quarantined) = self.remove_unheld(candidates.into_iter().collect())?;
-        report.rows_removed = removed;
-        report.quarantined = quarantined;
+        report.rows_removed = self.remove_unheld(candidates.into_iter().collect())?;
         self.record_merged(before, hi)?;
         Ok(report)
     }
 
-    /// Removes those of `rows` that no subscription holds, quarantining
-    /// their unpushed local changes first. Returns (removed, quarantined).
+    /// Removes those of `rows` that no subscription holds. Returns how
+    /// many.
     ///
-    /// A row with local changes in a push not answered yet stays (unheld)
-    /// until the answer: the server may hold those changes and send them
-    /// back to no one (echo filtering), so dropping them here and getting
-    /// the row back from an older snapshot would leave it stale for good
-    /// (oracle seed 226). `push_ok` then settles it like any pushed row; a
-    /// refusal restores or removes it.
-    fn remove_unheld(&mut self, rows: Vec<Row>) -> Result<(usize, usize)> {
+    /// A row with local changes the server does not hold yet stays
+    /// (unheld) until they are pushed and answered (PROTOCOL.md §11 rule
+    /// 6): dropping it would take the user's write with it, when the row
+    /// only left a filter (its own write, or another device's, moved it
+    /// out). The answer settles it like any pushed row: after `push_ok` it
+    /// leaves once the deliveries of its commit are applied, unless a
+    /// subscription holds it again; a refusal restores or removes it and
+    /// quarantines the refused changes. A row with changes in a push not
+    /// answered yet is one of these, and must be: the server may hold those
+    /// changes and send them back to no one (echo filtering), so a dropped
+    /// row coming back from an older snapshot would be stale for good
+    /// (oracle seed 226).
+    fn remove_unheld(&mut self, rows: Vec<Row>) -> Result<usize> {
         let mut gone = Vec::new();
         for row in rows {
             if !self.held_by_any(&row)? {
                 gone.push(row);
             }
         }
-        if let Some(to) = self.unanswered {
-            let unpushed = self.unpushed_changes(&gone)?;
-            let pending = rows_of(unpushed.iter().filter(|c| c.db_version <= to))?;
-            gone.retain(|r| !pending.contains(r));
-        }
+        let pending = rows_of(&self.unpushed_changes(&gone)?)?;
+        gone.retain(|r| !pending.contains(r));
         // While a full sync is pending, a row with a clock of this site
         // stays too, and settles once the syncs are done: its snapshot may
         // predate this site's change, which the server then sends back to
@@ -1406,33 +1405,12 @@ impl Replica {
             }
             gone.retain(|r| !kept.contains(r));
         }
-        if gone.is_empty() {
-            return Ok((0, 0));
-        }
-        let quarantined = self.quarantine_rows(
-            &gone,
-            &QuarantineTag {
-                reason: QuarantineReason::Evicted,
-                code: None,
-                detail: "the row left every subscription before this local change was pushed",
-                push_range: None,
-            },
-        )?;
         let mut removed = 0;
         for (table, pks) in group_by_table(gone.iter()) {
             self.conn.evict(&table, &pks)?;
             removed += pks.len();
         }
-        Ok((removed, quarantined))
-    }
-
-    /// Moves the unpushed local changes of `rows` to quarantine.
-    fn quarantine_rows(&mut self, rows: &[Row], tag: &QuarantineTag<'_>) -> Result<usize> {
-        let own = self.unpushed_changes(rows)?;
-        for c in &own {
-            self.insert_quarantine(c, tag, None)?;
-        }
-        Ok(own.len())
+        Ok(removed)
     }
 
     /// The local changes of `rows` the server does not hold yet (after the

@@ -308,20 +308,18 @@ fn an_eviction_keeps_a_row_another_subscription_holds() -> Result<()> {
     Ok(())
 }
 
+/// A row that leaves every subscription while it has a local change the
+/// server does not hold yet stays until the change is pushed and answered
+/// (PROTOCOL.md §11 rule 6): the write goes up like any other, and the row
+/// leaves (without a delete) once the push is acknowledged.
 #[test]
-fn evicting_a_row_with_unpushed_local_changes_quarantines_them_first() -> Result<()> {
-    let server = seeded()?;
+fn evicting_a_row_with_unpushed_local_changes_keeps_it_until_they_are_pushed() -> Result<()> {
+    let mut server = seeded()?;
     let mut r = synced(&server)?;
     let v0 = server.version();
     r.conn()
         .conn()
         .execute("UPDATE todos SET title = 'soy milk' WHERE id = 1", [])?;
-    let local = r.conn().changes(&ChangesQuery {
-        since: 0,
-        site: tenantsync_core::SiteFilter::Only(r.site_id()),
-        ..ChangesQuery::default()
-    })?;
-    assert_eq!(local.len(), 1);
     let v1 = server.exec("UPDATE todos SET list_id = 9 WHERE id = 1")?;
     let report = r
         .apply_changes(
@@ -330,22 +328,26 @@ fn evicting_a_row_with_unpushed_local_changes_quarantines_them_first() -> Result
             false,
         )?
         .unwrap();
-    assert_eq!((report.rows_removed, report.quarantined), (1, 1));
+    assert_eq!(report.rows_removed, 0);
+    assert!(
+        ids(&r).contains(&1),
+        "the row stays while its write is unpushed"
+    );
+    assert!(r.quarantine()?.is_empty());
+    let batch = r.next_push(1 << 20)?.expect("the write goes up");
+    assert_eq!(batch.changes.len(), 1);
+    assert_eq!(batch.changes[0].val, Value::Text("soy milk".into()));
+    server.db.apply(&batch.changes)?;
+    let pushed = server.version();
+    r.push_ok(batch.to, pushed)?;
+    r.settle_pushed(pushed)?;
     check(
         &r,
         &[(2, "bread"), (3, "tea")],
         &[("all", &[2, 3], Some(v1))],
     );
-    let q = r.quarantine()?;
-    assert_eq!(q.len(), 1);
-    assert_eq!(q[0].reason, QuarantineReason::Evicted);
-    assert_eq!(q[0].change, local[0]);
-    assert_eq!(q[0].change.val, Value::Text("soy milk".into()));
-    // The write is in quarantine, not pushed as a change of a row the
-    // replica no longer has.
-    assert_eq!(r.next_push(1 << 20)?, None);
-    assert_eq!(r.discard_quarantined(&[q[0].id])?, 1);
     assert!(r.quarantine()?.is_empty());
+    assert_eq!(r.next_push(1 << 20)?, None, "no delete of it is pushed");
     Ok(())
 }
 
@@ -880,7 +882,7 @@ fn an_eviction_during_a_push_in_flight_waits_for_the_answer() -> Result<()> {
                 false,
             )?
             .unwrap();
-        assert_eq!((report.rows_removed, report.quarantined), (0, 0));
+        assert_eq!(report.rows_removed, 0);
         assert!(ids(&r).contains(&3) && !held(&r, "all").contains(&3));
         if applied {
             server.db.apply(&batch.changes)?;

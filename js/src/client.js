@@ -114,8 +114,8 @@ export class TenantSyncClient {
 
   /**
    * Ends a subscription: the server forgets it, and rows no other
-   * subscription holds leave the replica (without a delete; unpushed
-   * changes of theirs go to the quarantine).
+   * subscription holds leave the replica (without a delete; one with
+   * unpushed changes once they are pushed and answered).
    */
   async unsubscribe(id) {
     await this.#drop(id);
@@ -124,8 +124,7 @@ export class TenantSyncClient {
 
   /** Drops a subscription from the replica (its rows as `unsubscribe` says). */
   async #drop(id) {
-    const inflightTo = this.#inflight ? this.#inflight.batch.to : null;
-    await this.#tx((r) => r.unsubscribe(id, inflightTo));
+    await this.#tx((r) => r.unsubscribe(id));
     this.#staged.delete(id);
     this.modes.delete(id);
     await this.#refreshQuarantine();
@@ -137,7 +136,7 @@ export class TenantSyncClient {
     return this.#tx((r) => r.subscriptions());
   }
 
-  /** The quarantined local changes (refused or evicted before a push). */
+  /** The quarantined local changes (refused by the server). */
   quarantine() {
     return this.#tx((r) => r.quarantined());
   }
@@ -456,9 +455,8 @@ export class TenantSyncClient {
   }
 
   async #apply(version, parts) {
-    const inflightTo = this.#inflight ? this.#inflight.batch.to : null;
     await this.#tx(async (r) => {
-      await r.applyParts(version, parts, inflightTo);
+      await r.applyParts(version, parts);
       await r.settle(version);
     });
     await this.#refreshQuarantine();

@@ -124,13 +124,14 @@ export class Replica {
 
   /**
    * Drops a subscription and its held keys; rows no other subscription
-   * holds leave the replica (their unpushed changes to the quarantine).
+   * holds leave the replica (one with unpushed changes once they are
+   * pushed and answered).
    */
-  async unsubscribe(id, inflightTo) {
+  async unsubscribe(id) {
     const keys = await this.heldKeys(id);
     await this.sql.all("DELETE FROM tenantsync_held WHERE sub = ?", [id]);
     await this.sql.all("DELETE FROM tenantsync_subs WHERE id = ?", [id]);
-    return this.removeUnheld([...keys], inflightTo);
+    return this.removeUnheld([...keys]);
   }
 
   async setCursor(sub, version) {
@@ -272,9 +273,9 @@ export class Replica {
    * Applies the parts of one sync or checkpoint at `version` (PROTOCOL.md
    * §5: held rows by causal length, `evict` after the changes, `reset`
    * releasing what no chunk delivered), then removes rows no subscription
-   * holds. `inflightTo` is the `to` of a push awaiting its answer.
+   * holds (`removeUnheld`).
    */
-  async applyParts(version, parts, inflightTo) {
+  async applyParts(version, parts) {
     const before = await this.dbVersion();
     for (const p of parts) await this.merge(p.changes);
     const candidates = new Set();
@@ -301,18 +302,18 @@ export class Replica {
       }
       await this.setCursor(p.sub, version);
     }
-    const removed = await this.removeUnheld([...candidates], inflightTo);
+    const removed = await this.removeUnheld([...candidates]);
     await this.recordMerged(before, await this.stampedSince(before));
     return removed;
   }
 
   /**
-   * Removes those of `keys` no subscription holds, quarantining their
-   * unpushed local changes first (rule 6). A row with changes in the push
-   * awaiting its answer stays until the answer; while a full sync is
-   * pending, a row with this site's clocks stays and settles after it.
+   * Removes those of `keys` no subscription holds (rule 6). A row with local
+   * changes not yet pushed, or in the push awaiting its answer, stays until
+   * they are pushed and answered; while a full sync is pending, a row with
+   * this site's clocks stays and settles after it.
    */
-  async removeUnheld(keys, inflightTo) {
+  async removeUnheld(keys) {
     const gone = [];
     for (const key of keys) if (!(await this.heldByAny(key))) gone.push(key);
     if (!gone.length) return 0;
@@ -329,13 +330,14 @@ export class Replica {
     const withClocks = (await this.syncPending()) ? byRow(await this.ownChanges(0, null, gone)) : new Map();
     let removed = 0;
     for (const key of gone) {
-      const own = unpushed.get(key) ?? [];
-      if (inflightTo !== null && own.some((c) => int(c[5]) <= inflightTo)) continue;
+      // A row with local changes the server does not hold yet stays,
+      // unheld, until they are pushed and answered (PROTOCOL.md §11 rule 6):
+      // the answer settles it like any pushed row, a refusal quarantines.
+      if (unpushed.has(key)) continue;
       if (withClocks.has(key)) {
         await this.recordSettle(key, 0);
         continue;
       }
-      for (const c of own) await this.quarantine(c, "evicted", null, "the row left every subscription before this local change was pushed");
       await this.forget(key);
       removed++;
     }

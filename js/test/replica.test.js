@@ -38,30 +38,39 @@ function row(id, title, site = SERVER, version = 1n) {
 const key = (id) => ({ table: "todos", pk: `0109${id.toString(16).padStart(2, "0")}` });
 const titles = (db) => db.execA("SELECT title FROM todos ORDER BY id").then((r) => r.map((x) => x[0]));
 
-test("an evicted row with an unpushed change moves it to the quarantine and leaves no delete", async () => {
+test("an evicted row with an unpushed change stays until the change is pushed and answered, then leaves without a delete", async () => {
   const { db, run } = await replica();
-  await run((r) => r.applyParts(5, [{ sub: "todos", reset: true, changes: row(7, "held"), evict: [] }], null));
+  await run((r) => r.applyParts(5, [{ sub: "todos", reset: true, changes: row(7, "held"), evict: [] }]));
   await db.exec("UPDATE todos SET title = 'mine, unpushed' WHERE id = 7");
-  const removed = await run((r) => r.applyParts(6, [{ sub: "todos", reset: false, changes: [], evict: [key(7)] }], null));
-  assert.equal(removed, 1);
-  assert.deepEqual(await titles(db), []);
-  const q = await run((r) => r.quarantined());
+  const removed = await run((r) => r.applyParts(6, [{ sub: "todos", reset: false, changes: [], evict: [key(7)] }]));
+  assert.equal(removed, 0);
+  assert.deepEqual(await titles(db), ["mine, unpushed"]);
+  assert.equal((await run((r) => r.quarantined())).length, 0);
+  // The write goes up, as any other.
+  const batch = await run((r) => r.nextPush(1 << 20));
   assert.deepEqual(
-    q.map((c) => [c.reason, c.cid, c.value]),
-    [["evicted", "title", "mine, unpushed"]],
+    batch.changes.map((c) => [c[2], c[3]]),
+    [["title", "mine, unpushed"]],
   );
-  // Forgotten, not deleted: no change of the row is left to push.
+  // Answered: no subscription holds the row, it leaves, and no delete of
+  // it is left to push.
+  await run(async (r) => {
+    await r.pushOk(batch, batch.to, 7);
+    await r.settle(7);
+  });
+  assert.deepEqual(await titles(db), []);
+  assert.equal((await run((r) => r.quarantined())).length, 0);
   assert.equal(await run((r) => r.nextPush(1 << 20).then((b) => b?.changes.length ?? 0)), 0);
 });
 
 test("a row whose change is in a push awaiting its answer stays until the answer, then settles", async () => {
   const { db, run } = await replica();
-  await run((r) => r.applyParts(5, [{ sub: "todos", reset: true, changes: row(8, "held"), evict: [] }], null));
+  await run((r) => r.applyParts(5, [{ sub: "todos", reset: true, changes: row(8, "held"), evict: [] }]));
   await db.exec("UPDATE todos SET done = 1 WHERE id = 8");
   const batch = await run((r) => r.nextPush(1 << 20));
   assert.equal(batch.changes.length, 1);
   // The evict of the row the push moved out arrives before its push_ok.
-  const removed = await run((r) => r.applyParts(9, [{ sub: "todos", reset: false, changes: [], evict: [key(8)] }], batch.to));
+  const removed = await run((r) => r.applyParts(9, [{ sub: "todos", reset: false, changes: [], evict: [key(8)] }]));
   assert.equal(removed, 0);
   assert.deepEqual(await titles(db), ["held"]);
   assert.equal((await run((r) => r.quarantined())).length, 0);
@@ -80,10 +89,10 @@ test("the peer's own rows sent back whole are not pushed again, and the push sti
   const first = await run((r) => r.nextPush(1 << 20));
   await run((r) => r.pushOk(first, first.to, 3));
   // The row leaves and comes back whole, with this site's own clocks.
-  await run((r) => r.applyParts(4, [{ sub: "todos", reset: true, changes: [], evict: [] }], null));
+  await run((r) => r.applyParts(4, [{ sub: "todos", reset: true, changes: [], evict: [] }]));
   await run((r) => r.settle(4));
   assert.deepEqual(await titles(db), []);
-  await run((r) => r.applyParts(6, [{ sub: "todos", reset: false, changes: row(9, "written here", site, 3n), evict: [] }], null));
+  await run((r) => r.applyParts(6, [{ sub: "todos", reset: false, changes: row(9, "written here", site, 3n), evict: [] }]));
   assert.deepEqual(await titles(db), ["written here"]);
   const next = await run((r) => r.nextPush(1 << 20));
   assert.deepEqual(next.changes, [], "merged copies of its own row are not pushed");
@@ -92,7 +101,7 @@ test("the peer's own rows sent back whole are not pushed again, and the push sti
 
 test("a local write after forgetting the newest row gets a version above what was pushed", async () => {
   const { db, run } = await replica();
-  await run((r) => r.applyParts(1, [{ sub: "todos", reset: true, changes: [], evict: [] }], null));
+  await run((r) => r.applyParts(1, [{ sub: "todos", reset: true, changes: [], evict: [] }]));
   await db.exec("INSERT INTO todos (id, tenant_id, owner, title, priority) VALUES (10, 'acme', 'u1', 'a', 1.5)");
   const b = await run((r) => r.nextPush(1 << 20));
   assert.ok(b.changes.some((c) => c[3] instanceof Real && c[3].value === 1.5), "a REAL stays a REAL");
