@@ -81,7 +81,7 @@ fn apply_push(c: &mut Criterion) {
         let _ = svc;
         for u in 0..100 {
             let (mut s, mut o) = service
-                .open_session(principal(&format!("u{u}"), "t0"), SiteId([u as u8 + 1; 16]), None)
+                .open_session(principal(&format!("u{u}"), "t0"), SiteId([u as u8 + 1; 16]), None, None)
                 .await
                 .unwrap();
             s.handle(ClientMsg::Subscribe {

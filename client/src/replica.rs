@@ -16,7 +16,7 @@ use serde::Serialize;
 use tenantsync_core::{
     ApplyStats, Change, ChangesQuery, CrrConnection, Options, PackedPk, SiteFilter, SiteId,
 };
-use tenantsync_protocol::http::{PullResponse, PushRequest, SchemaResponse};
+use tenantsync_protocol::http::{PullResponse, PushRequest, SchemaMigration, SchemaResponse};
 use tenantsync_protocol::ws::{PushRefusal, RefusedRow};
 use tenantsync_protocol::{ClientMsg, RowKey, SubPart};
 
@@ -478,46 +478,64 @@ impl Replica {
 
     /// Brings the replica to the server's schema (`GET /v1/schema`) in one
     /// transaction, keeping its rows, clocks, cursors and unpushed
-    /// changes: a new replica runs the whole script, one behind runs the
-    /// migrations above its version. Returns the versions before and after.
+    /// changes: the migrations above its version. Returns the versions
+    /// before and after.
     pub fn migrate(&mut self, schema: &SchemaResponse) -> Result<(i64, i64)> {
-        let from = self.schema_version()?;
-        if from >= schema.schema_version {
-            return Ok((from, from));
-        }
-        self.in_tx(|r| {
-            if from == 0 {
+        if schema.migrations.is_empty() && self.schema_version()? == 0 {
+            // A server that lists no migrations: its whole script.
+            self.in_tx(|r| {
                 r.sql()
                     .execute_batch(&schema.schema_sql)
                     .map_err(|e| ReplicaError::Schema(e.to_string()))?;
-            } else {
-                let mut next = from + 1;
-                for m in schema.migrations.iter().filter(|m| m.version > from) {
-                    if m.version != next {
-                        return Err(ReplicaError::Schema(format!(
-                            "the server's migrations skip from version {} to {}",
-                            next - 1,
-                            m.version
-                        )));
-                    }
-                    r.sql().execute_batch(&m.sql).map_err(|e| {
-                        ReplicaError::Schema(format!("migration to version {}: {e}", m.version))
-                    })?;
-                    next += 1;
-                }
-                if next <= schema.schema_version {
+                store::set_meta(r.sql(), store::SCHEMA_APPLIED, 1)?;
+                store::set_meta(r.sql(), store::SCHEMA_VERSION, schema.schema_version)?;
+                Ok(())
+            })?;
+            return Ok((0, schema.schema_version));
+        }
+        self.apply_migrations(schema.schema_version, &schema.migrations)
+    }
+
+    /// Runs, in one transaction, the migrations of `migrations` above the
+    /// replica's version, which must follow it without a hole, and records
+    /// version `to` (`welcome`, a `schema` message, `GET /v1/schema`).
+    /// Returns the versions before and after; nothing is applied on an
+    /// error.
+    pub fn apply_migrations(
+        &mut self,
+        to: i64,
+        migrations: &[SchemaMigration],
+    ) -> Result<(i64, i64)> {
+        let from = self.schema_version()?;
+        if from >= to {
+            return Ok((from, from));
+        }
+        self.in_tx(|r| {
+            let mut next = from + 1;
+            for m in migrations.iter().filter(|m| m.version > from) {
+                if m.version != next {
                     return Err(ReplicaError::Schema(format!(
-                        "the server is at schema version {} but lists migrations up to {}",
-                        schema.schema_version,
-                        next - 1
+                        "the server's migrations skip from version {} to {}",
+                        next - 1,
+                        m.version
                     )));
                 }
+                r.sql().execute_batch(&m.sql).map_err(|e| {
+                    ReplicaError::Schema(format!("migration to version {}: {e}", m.version))
+                })?;
+                next += 1;
+            }
+            if next <= to {
+                return Err(ReplicaError::Schema(format!(
+                    "the server is at schema version {to} but sent migrations up to {}",
+                    next - 1
+                )));
             }
             store::set_meta(r.sql(), store::SCHEMA_APPLIED, 1)?;
-            store::set_meta(r.sql(), store::SCHEMA_VERSION, schema.schema_version)?;
+            store::set_meta(r.sql(), store::SCHEMA_VERSION, to)?;
             Ok(())
         })?;
-        Ok((from, schema.schema_version))
+        Ok((from, to))
     }
 
     // ---- Subscriptions ----------------------------------------------------

@@ -14,15 +14,12 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use tenantsync_protocol::http::SchemaMigration;
 use tenantsync_protocol::ws::{ErrorMsg, PushRefusal};
 use tenantsync_protocol::{ClientMsg, ErrorCode, PROTOCOL_VERSION, ServerMsg};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
-
-/// How long a client waits for `GET /v1/schema` to show a version a
-/// `schema` message announced.
-const SCHEMA_WAIT: Duration = Duration::from_secs(10);
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
@@ -467,52 +464,19 @@ impl Worker {
         }
     }
 
-    /// Fetches and runs the server's schema when the replica is new.
-    async fn ensure_schema(&mut self) -> std::result::Result<(), String> {
-        if !self
-            .replica
-            .run(|r| r.is_new())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            return Ok(());
-        }
-        self.migrate_to(1).await
-    }
-
-    /// Migrates the replica to schema version `to` or later (at welcome
-    /// and at a `schema` message, before any later message is applied).
-    /// The message comes before the server's commit, so `GET /v1/schema`
-    /// is asked again until it shows the version (docs/PROTOCOL.md §5.4).
-    async fn migrate_to(&mut self, to: i64) -> std::result::Result<(), String> {
-        let local = self
-            .replica
-            .run(|r| r.schema_version())
-            .await
-            .map_err(|e| e.to_string())?;
-        if local >= to {
-            return Ok(());
-        }
-        let token = (self.cfg.token)();
-        let http =
-            crate::http::HttpClient::new(&self.cfg.url, &token).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + SCHEMA_WAIT;
-        let schema = loop {
-            let schema = http.schema().await.map_err(|e| e.to_string())?;
-            if schema.schema_version >= to {
-                break schema;
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the server announced schema version {to} but serves version {}",
-                    schema.schema_version
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+    /// Runs the server's migrations above the replica's schema version, to
+    /// version `to` (at `welcome` and at a `schema` message, before any
+    /// later message is applied; docs/PROTOCOL.md §5.4). Migrations that do
+    /// not follow the replica's version end the session: the next `welcome`
+    /// brings every one it lacks.
+    async fn migrate(
+        &mut self,
+        to: i64,
+        migrations: Vec<SchemaMigration>,
+    ) -> std::result::Result<(), String> {
         let (from, now) = self
             .replica
-            .run(move |r| r.migrate(&schema))
+            .run(move |r| r.apply_migrations(to, &migrations))
             .await
             .map_err(|e| format!("cannot migrate the replica's schema: {e}"))?;
         if now > from {
@@ -523,9 +487,6 @@ impl Worker {
 
     /// Connects and runs one session until it ends.
     async fn session(&mut self) -> End {
-        if let Err(reason) = self.ensure_schema().await {
-            return failed(format!("cannot get the server's schema: {reason}"), false);
-        }
         let token = (self.cfg.token)();
         let url = sync_url(&self.cfg.url);
         let mut request = match url.as_str().into_client_request() {
@@ -629,6 +590,11 @@ impl Worker {
             .call(|r| r.site_id())
             .await
             .map_err(|e| e.to_string())?;
+        let known_schema = self
+            .replica
+            .run(|r| r.schema_version())
+            .await
+            .map_err(|e| e.to_string())?;
         send(
             &mut s.sink,
             &ClientMsg::Hello {
@@ -636,6 +602,7 @@ impl Worker {
                 site_id: site,
                 client: Some(self.cfg.client_name.clone()),
                 token: None,
+                schema_version: Some(known_schema),
             },
         )
         .await?;
@@ -663,20 +630,21 @@ impl Worker {
         })
         .await
         .map_err(|_| "no welcome from the server in time".to_owned())??;
-        let (server_site, db_version, pushed_version, max_bytes, schema_version) = match welcome {
+        let (server_site, db_version, pushed_version, max_bytes, schema) = match welcome {
             ServerMsg::Welcome {
                 server_site_id,
                 db_version,
                 peer,
                 limits,
                 schema_version,
+                migrations,
                 ..
             } => (
                 server_site_id,
                 db_version,
                 peer.pushed_version,
                 limits.max_message_bytes,
-                schema_version,
+                (schema_version, migrations),
             ),
             ServerMsg::Error(e) => {
                 let _ = self.events.send(Event::ServerError(e.clone()));
@@ -689,7 +657,7 @@ impl Worker {
         };
         s.max_bytes = max_bytes;
         s.settle_up_to = db_version;
-        self.migrate_to(schema_version).await?;
+        self.migrate(schema.0, schema.1).await?;
         self.replica
             .run(move |r| {
                 r.drop_staged();
@@ -777,7 +745,10 @@ impl Worker {
         match msg {
             ServerMsg::Welcome { .. } | ServerMsg::Pong { .. } | ServerMsg::Unsubscribed { .. } => {
             }
-            ServerMsg::Schema { schema_version } => return self.migrate_to(schema_version).await,
+            ServerMsg::Schema {
+                schema_version,
+                migrations,
+            } => return self.migrate(schema_version, migrations).await,
             ServerMsg::Subscribed { id, table, .. } => {
                 s.syncing.insert(id.clone());
                 s.live.remove(&id);

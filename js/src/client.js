@@ -22,8 +22,8 @@ export class TenantSyncClient {
   /**
    * Opens a client on `db` (a crsqlite-wasm `DB`): installs its tables, runs
    * `schema` on a new replica (the server's schema version `schemaVersion`,
-   * 1 by default; without `schema`, the server's current one is fetched at
-   * the first connection), and connects. A replica behind the server's
+   * 1 by default; without `schema`, the server's current one comes with the
+   * first `welcome`), and connects. A replica behind the server's
    * schema version migrates in place (docs/PROTOCOL.md §5.4).
    * @param {{
    *   url: string,
@@ -218,12 +218,14 @@ export class TenantSyncClient {
       this.#setStatus({ error: `the token provider failed: ${e.message}` });
       return this.#retry();
     }
+    // The version the replica has: the welcome brings the migrations above it.
+    const schemaVersion = await this.#tx((r) => r.schemaVersion());
     if (this.#closed) return;
     const WS = this.#WebSocket ?? (await import("ws")).WebSocket;
     const ws = new WS(`${this.#url.replace(/^http/, "ws")}/v1/sync`);
     this.#ws = ws;
     ws.onopen = () => {
-      this.#send({ type: "hello", protocol: PROTOCOL, site_id: this.siteId, client: "tenantsync-js", token });
+      this.#send({ type: "hello", protocol: PROTOCOL, site_id: this.siteId, client: "tenantsync-js", token, schema_version: schemaVersion });
     };
     ws.onmessage = (ev) => {
       const text = typeof ev.data === "string" ? ev.data : new TextDecoder().decode(ev.data);
@@ -300,51 +302,31 @@ export class TenantSyncClient {
   }
 
   /**
-   * Brings the replica to the server's schema version `target` or later:
-   * fetches `GET /v1/schema` (asked again until it shows the version: the
-   * `schema` message comes before the server's commit) and runs, in one
-   * transaction, the migrations above the replica's version (the whole
-   * script on a replica without a schema). Rows, clocks, cursors and
-   * unpushed writes stay.
+   * Runs the server's migrations above the replica's schema version, up to
+   * version `to`, in one transaction (at `welcome` and at a `schema`
+   * message, before anything later is applied; docs/PROTOCOL.md §5.4).
+   * Rows, clocks, cursors and unpushed writes stay. Migrations that do not
+   * follow the replica's version throw: the session ends, and the next
+   * `welcome` brings every one the replica lacks.
    */
-  async #migrateTo(target) {
-    if ((await this.#tx((r) => r.schemaVersion())) >= target) return;
-    const base = this.#url.replace(/^ws/, "http");
-    const deadline = Date.now() + 10000;
-    let schema;
-    for (;;) {
-      const res = await fetch(`${base}/v1/schema`, {
-        headers: { authorization: `Bearer ${await this.#token()}` },
-      });
-      if (!res.ok) throw new Error(`GET /v1/schema answered ${res.status}`);
-      schema = parse(await res.text());
-      if (int(schema.schema_version ?? 1n) >= target) break;
-      if (Date.now() > deadline) {
-        throw new Error(`the server announced schema version ${target} but serves ${schema.schema_version}`);
-      }
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    const to = int(schema.schema_version ?? 1n);
-    await this.#tx(async (r) => {
+  async #migrate(to, migrations) {
+    const now = await this.#tx(async (r) => {
       const from = await r.schemaVersion();
-      if (from >= to) return;
-      if (from === 0) {
-        await r.sql.exec(schema.schema_sql);
-      } else {
-        let next = from + 1;
-        for (const m of schema.migrations ?? []) {
-          const v = int(m.version);
-          if (v <= from) continue;
-          if (v !== next) throw new Error(`the server's migrations skip from version ${next - 1} to ${v}`);
-          await r.sql.exec(m.sql);
-          next += 1;
-        }
-        if (next <= to) throw new Error(`the server is at schema version ${to} but lists migrations up to ${next - 1}`);
+      if (from >= to) return from;
+      let next = from + 1;
+      for (const m of migrations ?? []) {
+        const v = int(m.version);
+        if (v <= from) continue;
+        if (v !== next) throw new Error(`the server's migrations skip from version ${next - 1} to ${v}`);
+        await r.sql.exec(m.sql);
+        next += 1;
       }
+      if (next <= to) throw new Error(`the server is at schema version ${to} but sent migrations up to ${next - 1}`);
       await r.setMeta("schema_applied", 1n);
       await r.setMeta("schema_version", BigInt(to));
+      return to;
     });
-    this.#setStatus({ schemaVersion: to });
+    this.#setStatus({ schemaVersion: now });
   }
 
   async #refreshQuarantine() {
@@ -380,7 +362,7 @@ export class TenantSyncClient {
       case "error":
         return this.#error(m);
       case "schema":
-        return this.#migrateTo(int(m.schema_version));
+        return this.#migrate(int(m.schema_version), m.migrations);
       default:
         return; // pong, unsubscribed, later additions
     }
@@ -389,7 +371,7 @@ export class TenantSyncClient {
   async #welcome(m) {
     this.#attempt = 0;
     this.#maxBytes = int(m.limits?.max_message_bytes ?? 1048576n);
-    await this.#migrateTo(int(m.schema_version ?? 1n));
+    await this.#migrate(int(m.schema_version ?? 1n), m.migrations);
     const subs = await this.#tx(async (r) => {
       await r.setPushedVersion(int(m.peer.pushed_version));
       return r.subscriptions();

@@ -40,7 +40,7 @@ export interface ClientOptions {
   token: string | (() => string | Promise<string>);
   db: Database;
   /** The schema script, run once on a new replica (omitted: the server's
-   * current schema is fetched at the first connection). */
+   * current schema comes with the first `welcome`). */
   schema?: string;
   /** The server schema version `schema` is (default 1): a replica behind
    * the server's migrates in place (docs/PROTOCOL.md §5.4). */

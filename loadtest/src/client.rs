@@ -288,6 +288,7 @@ impl Client {
             site_id: self.who.site,
             client: Some("tenantsync-bench".into()),
             token: None,
+            schema_version: None,
         };
         ws.send(Message::text(json(&hello)))
             .await

@@ -25,6 +25,11 @@ pub enum ClientMsg {
         /// cannot set headers on a WebSocket).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// The server schema version the replica has (0: none yet): the
+        /// `welcome` then carries the migrations above it
+        /// (docs/PROTOCOL.md §5.4).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema_version: Option<i64>,
     },
     /// Start (or resume) a subscription.
     Subscribe {
@@ -214,9 +219,13 @@ pub enum ServerMsg {
         /// Limits of this session.
         limits: Limits,
         /// The server's schema version: a replica behind it migrates
-        /// (`GET /v1/schema`) before it subscribes (docs/PROTOCOL.md §5.4).
+        /// before it subscribes (docs/PROTOCOL.md §5.4).
         #[serde(default = "crate::http::first_schema_version")]
         schema_version: i64,
+        /// With the hello's `schema_version` below the server's: the
+        /// migrations above it, oldest first.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        migrations: Vec<crate::http::SchemaMigration>,
     },
     /// Answer to `subscribe` / `resync`.
     Subscribed {
@@ -287,12 +296,14 @@ pub enum ServerMsg {
     },
     /// A push was refused whole.
     PushRefused(PushRefusal),
-    /// The server's schema changed: the client migrates its replica to
-    /// `schema_version` (`GET /v1/schema`, which shows it once the change
-    /// committed) before it applies any later message.
+    /// The server's schema changed: the client runs `migrations` on its
+    /// replica before it applies any later message (docs/PROTOCOL.md
+    /// §5.4).
     Schema {
         /// The new schema version.
         schema_version: i64,
+        /// The new version's migration.
+        migrations: Vec<crate::http::SchemaMigration>,
     },
     /// Answer to `ping`.
     Pong {
@@ -417,6 +428,7 @@ mod tests {
                 site_id: site,
                 client: None,
                 token: None,
+                schema_version: None,
             },
         );
         check_client(

@@ -306,13 +306,15 @@ impl SyncService {
     /// Starts a WebSocket session after a valid `hello`: binds `site` to the
     /// principal's identity (or refuses with `site_bound_to_other_subject`),
     /// checks the connection limits, and queues `welcome` as the outbox's
-    /// first frame. The edge then feeds every further client message to
+    /// first frame (with the migrations above `known_schema`, the hello's
+    /// schema version). The edge then feeds every further client message to
     /// [`Session::handle`] and writes every frame [`Outbox::next`] yields.
     pub async fn open_session(
         &self,
         principal: Principal,
         site: tenantsync_core::SiteId,
         client: Option<String>,
+        known_schema: Option<i64>,
     ) -> Result<(Session, Outbox), ApiError> {
         self.inner.rates.forget_idle();
         let shard = self.shard(&principal).clone();
@@ -325,25 +327,8 @@ impl SyncService {
         ));
         let who = Who::new(&principal);
         let ok = shard
-            .open(who.clone(), site, client, outbox.clone())
+            .open(who.clone(), site, client, known_schema, outbox.clone())
             .await?;
-        let welcome = ServerMsg::Welcome {
-            protocol: tenantsync_protocol::PROTOCOL_VERSION,
-            server_site_id: shard.site_id(),
-            db_version: ok.db_version,
-            peer: tenantsync_protocol::ws::PeerInfo {
-                site_id: site,
-                pushed_version: ok.pushed_version,
-            },
-            limits: tenantsync_protocol::ws::Limits {
-                max_message_bytes: l.max_message_bytes,
-                max_subscriptions: l.max_subscriptions_per_connection,
-            },
-            schema_version: ok.schema_version,
-        };
-        outbox.push_frame(OutFrame::Text(
-            serde_json::to_string(&welcome).expect("messages serialise"),
-        ));
         Ok((
             Session {
                 shard,

@@ -212,15 +212,48 @@ async fn the_schema_message_comes_before_any_change_of_the_new_version() {
     let m = ws.msg().await;
     assert_eq!(m["type"], "schema", "{m}");
     assert_eq!(m["schema_version"], 2);
+    // It carries the new version's migration: no other request is needed.
+    assert_eq!(m["migrations"].as_array().unwrap().len(), 1, "{m}");
+    assert_eq!(m["migrations"][0]["version"], 2);
+    assert!(
+        m["migrations"][0]["sql"]
+            .as_str()
+            .unwrap()
+            .contains("ALTER TABLE todos ADD COLUMN due TEXT"),
+        "{m}"
+    );
     let m = ws.expect("changes").await;
     let changes = m["subs"]["todos"]["changes"].as_array().unwrap();
     assert!(
         changes.iter().any(|c| c[2] == "due" && c[3] == "friday"),
         "{m}"
     );
-    // A new connection hears the version at welcome; pulls carry it.
+    // A new connection hears the version at welcome, with the migrations
+    // above the version its hello says it has; pulls carry the version.
     let mut other = s.ws(Some(&alice)).await;
-    assert_eq!(other.open(site(2), Some(&alice)).await["schema_version"], 2);
+    let mut hello = edge_common::server::hello(site(2), Some(&alice));
+    hello["schema_version"] = json!(1);
+    other.send(hello).await;
+    let w = other.expect("welcome").await;
+    assert_eq!(w["schema_version"], 2);
+    assert_eq!(w["migrations"].as_array().unwrap().len(), 1, "{w}");
+    let mut fresh = s.ws(Some(&alice)).await;
+    let mut hello = edge_common::server::hello(site(4), Some(&alice));
+    hello["schema_version"] = json!(0);
+    fresh.send(hello).await;
+    let w = fresh.expect("welcome").await;
+    assert_eq!(
+        w["migrations"].as_array().unwrap().len(),
+        2,
+        "a new replica gets them all: {w}"
+    );
+    let mut legacy = s.ws(Some(&alice)).await;
+    let w = legacy.open(site(5), Some(&alice)).await;
+    assert_eq!(w["schema_version"], 2);
+    assert!(
+        w.get("migrations").is_none(),
+        "a hello without a version gets none: {w}"
+    );
     let pull: Json = reqwest::Client::new()
         .post(s.url("/v1/pull"))
         .bearer_auth(&alice)
@@ -369,7 +402,7 @@ async fn live_clients_migrate_in_place_keeping_rows_cursors_and_unpushed_writes(
                 break;
             }
             Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
-            Event::Synced(r) => panic!("resynced: {r:?}"),
+            Event::Resync { sub, cursor } => panic!("resync of {sub} from {cursor}"),
             _ => {}
         }
     }

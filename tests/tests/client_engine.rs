@@ -107,7 +107,7 @@ impl Peer {
         let site = self.replica.site_id();
         let (session, outbox) = server
             .service
-            .open_session(self.who.clone(), site, Some("client_engine".into()))
+            .open_session(self.who.clone(), site, Some("client_engine".into()), None)
             .await
             .unwrap();
         self.conn = Some((session, outbox));

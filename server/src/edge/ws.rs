@@ -203,6 +203,8 @@ pub(crate) struct Hello {
     pub principal: Principal,
     pub site: SiteId,
     pub client: Option<String>,
+    /// The schema version the replica has.
+    pub schema_version: Option<i64>,
 }
 
 /// The sink, shared by the writers of an open session.
@@ -323,6 +325,7 @@ where
                     site_id,
                     client,
                     token,
+                    schema_version,
                 }) => {
                     if protocol != PROTOCOL_VERSION {
                         return Err(End::Error(
@@ -356,6 +359,7 @@ where
                         principal,
                         site: site_id,
                         client,
+                        schema_version,
                     });
                 }
                 Ok(_) => ErrorMsg::new(
@@ -524,7 +528,12 @@ pub(crate) async fn run_session<S, R, E, E2>(
         );
         let expires_at = expiry(&hello.principal, ctx.auth);
         let opened = service
-            .open_session(hello.principal, hello.site, hello.client)
+            .open_session(
+                hello.principal,
+                hello.site,
+                hello.client,
+                hello.schema_version,
+            )
             .await;
         match opened {
             Ok((session, outbox)) => {

@@ -4,9 +4,10 @@
 //! hold stays valid, the policies still hold), the verdict goes back, and
 //! the engine commits or rolls back on the service's decision.
 //!
-//! Connections learn the new version from a `schema` message queued before
-//! the commit, so it precedes every later change they get; the pull
-//! answers carry the version their snapshot read (docs/PROTOCOL.md §5.4).
+//! Connections get the new version's migration in a `schema` message
+//! queued before the commit, so it precedes every later change they get;
+//! the pull answers carry the version their snapshot read (docs/PROTOCOL.md
+//! §5.4).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,11 +100,19 @@ impl Engine {
             });
             return;
         };
-        // Announced before the commit: the message precedes anything read
-        // after it on every connection (a client waits for `GET /v1/schema`
-        // to show the version).
+        // Queued before the commit: the message precedes anything read after
+        // it on every connection. (Should the commit fail, clients took a
+        // change the server lacks; it is idempotent, so posting the change
+        // again brings the server level.)
         let frame = serde_json::to_string(&ServerMsg::Schema {
             schema_version: version,
+            migrations: schema
+                .response
+                .migrations
+                .iter()
+                .filter(|m| m.version > self.schema.version())
+                .cloned()
+                .collect(),
         })
         .expect("schema message serialises");
         for c in self.subs.conns.values() {

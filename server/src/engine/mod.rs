@@ -93,12 +93,9 @@ impl Who {
     }
 }
 
+/// A session opened: its connection (the `welcome` is queued already).
 pub(crate) struct OpenOk {
     pub conn: ConnId,
-    pub pushed_version: i64,
-    pub db_version: i64,
-    /// Later changes reach the connection as `schema` messages.
-    pub schema_version: i64,
 }
 
 pub(crate) enum PushReply {
@@ -139,6 +136,8 @@ pub(crate) enum Cmd {
         who: Who,
         site: SiteId,
         client: Option<String>,
+        /// The schema version the peer's hello says it has.
+        known_schema: Option<i64>,
         outbox: Arc<OutboxShared>,
         reply: oneshot::Sender<Result<OpenOk, ApiError>>,
     },
@@ -558,10 +557,11 @@ impl Engine {
                 who,
                 site,
                 client,
+                known_schema,
                 outbox,
                 reply,
             } => {
-                let r = self.open(who, site, client, outbox);
+                let r = self.open(who, site, client, known_schema, outbox);
                 let _ = reply.send(r);
             }
             Cmd::Close { conn } => self.close(conn),

@@ -259,12 +259,14 @@ impl Shard {
         who: Who,
         site: SiteId,
         client: Option<String>,
+        known_schema: Option<i64>,
         outbox: Arc<OutboxShared>,
     ) -> Result<OpenOk, ApiError> {
         self.ask(|reply| Cmd::Open {
             who,
             site,
             client,
+            known_schema,
             outbox,
             reply,
         })

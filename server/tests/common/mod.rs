@@ -164,7 +164,7 @@ impl Replica {
 
     pub async fn connect(&mut self, s: &SyncService) {
         let (session, outbox) = s
-            .open_session(self.who.clone(), self.site, Some("test".into()))
+            .open_session(self.who.clone(), self.site, Some("test".into()), None)
             .await
             .unwrap();
         self.session = Some((session, outbox));

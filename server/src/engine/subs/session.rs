@@ -28,11 +28,15 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Registers a session and queues its `welcome` as the outbox's first
+    /// frame (here, so that a `schema` message of a later change comes
+    /// after it), with the migrations above `known_schema`.
     pub(in crate::engine) fn open(
         &mut self,
         who: Who,
         site: SiteId,
         client: Option<String>,
+        known_schema: Option<i64>,
         outbox: Arc<OutboxShared>,
     ) -> Result<OpenOk, ApiError> {
         if self.stopping {
@@ -62,6 +66,10 @@ impl Engine {
             ));
         }
         let pushed_version = self.bind_peer(&who, site)?;
+        outbox.push_frame(crate::contract::OutFrame::Text(
+            serde_json::to_string(&self.welcome(site, pushed_version, known_schema))
+                .expect("messages serialise"),
+        ));
         let id = self.subs.next_conn;
         self.subs.next_conn += 1;
         let tx = self.tx.clone();
@@ -88,12 +96,37 @@ impl Engine {
         );
         metrics::gauge!("tenantsync_connections", "shard" => self.stats.index.to_string())
             .set(self.subs.conns.len() as f64);
-        Ok(OpenOk {
-            conn: id,
-            pushed_version,
+        Ok(OpenOk { conn: id })
+    }
+
+    fn welcome(&self, site: SiteId, pushed_version: i64, known_schema: Option<i64>) -> ServerMsg {
+        let schema_version = self.schema.version();
+        let migrations = match known_schema {
+            Some(k) if k < schema_version => self
+                .schema
+                .response
+                .migrations
+                .iter()
+                .filter(|m| m.version > k)
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        ServerMsg::Welcome {
+            protocol: tenantsync_protocol::PROTOCOL_VERSION,
+            server_site_id: self.db.site_id(),
             db_version: self.version,
-            schema_version: self.schema.version(),
-        })
+            peer: tenantsync_protocol::ws::PeerInfo {
+                site_id: site,
+                pushed_version,
+            },
+            limits: tenantsync_protocol::ws::Limits {
+                max_message_bytes: self.limits.max_message_bytes,
+                max_subscriptions: self.limits.max_subscriptions_per_connection,
+            },
+            schema_version,
+            migrations,
+        }
     }
 
     pub(in crate::engine) fn close(&mut self, conn: ConnId) {
