@@ -560,6 +560,7 @@ async fn change_schema_midway(
     running: Vec<Arc<Running>>,
     after: Duration,
     log: ProgressBar,
+    plain: bool,
 ) -> anyhow::Result<(i64, Option<f64>)> {
     tokio::time::sleep(after).await;
     let t = Instant::now();
@@ -587,14 +588,19 @@ async fn change_schema_midway(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    log.println(format!(
+    let line = format!(
         "  schema: {SCHEMA_CHANGE} -> version {}; {} connected clients migrated in place{}",
         r.schema_version,
         connected.len(),
         live_ms.map_or(" (not all within 20 s)".to_owned(), |ms| format!(
             " within {ms:.0} ms"
         ))
-    ));
+    );
+    if plain {
+        eprintln!("{line}");
+    } else {
+        log.println(line);
+    }
     Ok((r.schema_version, live_ms))
 }
 
@@ -1246,6 +1252,7 @@ async fn scenario(
         running.clone(),
         Duration::from_secs_f64(args.seconds / 2.0),
         bar.clone(),
+        plain,
     ));
     let t0 = Instant::now();
     let mut last_line = Instant::now();

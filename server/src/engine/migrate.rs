@@ -181,6 +181,14 @@ pub(crate) fn run_script(db: &mut CrrConnection, sql: &str, mode: Mode) -> Resul
         if mode == Mode::Change {
             refuse_unsafe(&actions, &crrs)
                 .map_err(|why| format!("statement {n} ({stmt}): {why}"))?;
+        } else if actions.contains(&Seen::Pragma) {
+            // A replica runs it (in the first version's script); the
+            // server keeps its own settings, and cannot change its journal
+            // inside the script's transaction.
+            tracing::info!(statement = %stmt, "the schema file's PRAGMA is for replicas; the server keeps its own settings");
+            out.full.push_str(&format!("{stmt};\n"));
+            out.skipped.push(stmt);
+            continue;
         }
         let crr_alter = actions.iter().find_map(|a| match a {
             Seen::Alter(t) => crrs.iter().find(|c| c.eq_ignore_ascii_case(t)).cloned(),
@@ -473,13 +481,19 @@ mod tests {
     /// a CRR is wrapped in the alter protocol.
     #[test]
     fn a_start_script_runs_what_is_new_and_wraps_crr_alters() {
-        let mut db = db();
-        let first = "PRAGMA journal_mode = WAL;
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = CrrConnection::open(dir.path().join("s.db")).unwrap();
+        db.conn()
+            .execute_batch("PRAGMA journal_mode = WAL")
+            .unwrap();
+        // Inside the script's transaction this PRAGMA would fail: it is
+        // left to replicas.
+        let first = "PRAGMA journal_mode = DELETE;
             CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
             SELECT crsql_as_crr('t');";
         let log = start(&mut db, first, None).unwrap();
         assert_eq!(log.len(), 1);
-        assert!(log[0].sql.starts_with("PRAGMA journal_mode = WAL;\n"));
+        assert!(log[0].sql.starts_with("PRAGMA journal_mode = DELETE;\n"));
         let again = format!(
             "{first}
             CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
