@@ -546,3 +546,162 @@ mod tests {
         assert!(e.contains("not those of shard 0"), "{e}");
     }
 }
+
+/// The law of schema changes: a replica that runs the versions' scripts
+/// converges with the server, whatever the writes, merges and pushes from
+/// the older version around each change (a replica pushes what it wrote on
+/// its version at any time; it takes the server's changes only once it has
+/// the server's version, as the `schema` message and `welcome` ensure).
+#[cfg(test)]
+mod law {
+    use proptest::prelude::*;
+    use tenantsync_core::{ChangesQuery, CrrConnection, Options, SiteFilter, SiteId};
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// The server writes column `col` (of those it has) of row `id`.
+        Server { id: i64, col: usize, val: i64 },
+        /// The replica writes column `col` (of those it has) of row `id`.
+        Replica { id: i64, col: usize, val: i64 },
+        /// The replica pushes what it wrote since its last push.
+        Push,
+        /// The replica migrates to the server's version and pulls.
+        Pull,
+        /// The server adds a column (with a default, or nullable).
+        AddColumn { default: Option<i64> },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4i64, 0..4usize, 0..100i64).prop_map(|(id, col, val)| Op::Server { id, col, val }),
+            4 => (0..4i64, 0..4usize, 0..100i64).prop_map(|(id, col, val)| Op::Replica { id, col, val }),
+            2 => Just(Op::Push),
+            2 => Just(Op::Pull),
+            1 => proptest::option::of(0..5i64).prop_map(|default| Op::AddColumn { default }),
+        ]
+    }
+
+    const BASE: &str = "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, c0 INTEGER);
+        SELECT crsql_as_crr('t');";
+
+    fn open(site: u8) -> CrrConnection {
+        CrrConnection::open_with(
+            ":memory:",
+            Options {
+                site_id: Some(SiteId([site; 16])),
+                ..Options::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn columns(db: &CrrConnection) -> usize {
+        db.conn()
+            .query_row("SELECT count(*) - 1 FROM pragma_table_info('t')", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap() as usize
+    }
+
+    fn write(db: &CrrConnection, id: i64, col: usize, val: i64) {
+        let col = col % columns(db);
+        db.conn()
+            .execute(
+                &format!("INSERT INTO t (id, c{col}) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET c{col} = ?2"),
+                [id, val],
+            )
+            .unwrap();
+    }
+
+    fn rows(db: &CrrConnection) -> Vec<Vec<Option<i64>>> {
+        let mut st = db.conn().prepare("SELECT * FROM t ORDER BY id").unwrap();
+        let n = st.column_count();
+        st.query_map([], |r| (0..n).map(|i| r.get(i)).collect())
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    fn changes(
+        from: &CrrConnection,
+        since: i64,
+        site: Option<SiteId>,
+    ) -> Vec<tenantsync_core::Change> {
+        from.changes(&ChangesQuery {
+            since,
+            site: site.map_or(SiteFilter::Any, SiteFilter::Only),
+            ..ChangesQuery::default()
+        })
+        .unwrap()
+    }
+
+    /// The replica's side: its database, its schema version, and how far
+    /// it pushed and pulled.
+    struct Replica {
+        db: CrrConnection,
+        version: i64,
+        pushed: i64,
+        pulled: i64,
+    }
+
+    impl Replica {
+        fn push(&mut self, server: &mut CrrConnection) {
+            let c = changes(&self.db, self.pushed, Some(SiteId([2; 16])));
+            self.pushed = self.db.db_version().unwrap();
+            server.apply(&c).unwrap();
+        }
+
+        /// Migrates (the scripts above its version), then takes the
+        /// server's changes.
+        fn pull(&mut self, server: &CrrConnection) {
+            for m in read_log(server.conn()).unwrap() {
+                if m.version > self.version {
+                    self.db.conn().execute_batch(&m.sql).unwrap();
+                    self.version = m.version;
+                }
+            }
+            let c = changes(server, self.pulled, None);
+            self.pulled = server.db_version().unwrap();
+            self.db.apply(&c).unwrap();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn replicas_running_the_scripts_converge_with_the_server(ops in prop::collection::vec(op(), 1..40)) {
+            let mut server = open(1);
+            start(&mut server, BASE, None).unwrap();
+            let mut replica = Replica { db: open(2), version: 0, pushed: 0, pulled: 0 };
+            replica.pull(&server);
+            for op in &ops {
+                match op {
+                    Op::Server { id, col, val } => write(&server, *id, *col, *val),
+                    Op::Replica { id, col, val } => write(&replica.db, *id, *col, *val),
+                    Op::Push => replica.push(&mut server),
+                    Op::Pull => replica.pull(&server),
+                    Op::AddColumn { default } => {
+                        let name = format!("c{}", columns(&server));
+                        let sql = match default {
+                            Some(d) => format!("ALTER TABLE t ADD COLUMN {name} INTEGER NOT NULL DEFAULT {d}"),
+                            None => format!("ALTER TABLE t ADD COLUMN {name} INTEGER"),
+                        };
+                        server.conn().execute_batch("BEGIN").unwrap();
+                        let before = server.schema().unwrap();
+                        let a = run_script(&mut server, &sql, Mode::Change).unwrap();
+                        check_kept(&before, &server.schema().unwrap()).unwrap();
+                        record(server.conn(), &a.script).unwrap();
+                        server.conn().execute_batch("COMMIT").unwrap();
+                    }
+                }
+            }
+            replica.push(&mut server);
+            replica.pull(&server);
+            prop_assert_eq!(columns(&replica.db), columns(&server));
+            prop_assert_eq!(rows(&replica.db), rows(&server));
+        }
+    }
+}
