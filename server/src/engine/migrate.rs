@@ -125,22 +125,70 @@ fn is_crsql_table(t: &str) -> bool {
     t.starts_with("crsql_") || t.contains("__crsql_")
 }
 
+/// Records what SQLite's authorizer reports while a statement is
+/// prepared (installed on the connection for the script's run).
+struct Classifier {
+    log: Arc<Mutex<Option<Vec<Seen>>>>,
+}
+
+impl Classifier {
+    fn install(db: &mut CrrConnection) -> Result<Classifier, String> {
+        let log: Arc<Mutex<Option<Vec<Seen>>>> = Arc::default();
+        let hook = log.clone();
+        db.conn_mut()
+            .authorizer(Some(move |ctx: AuthContext<'_>| {
+                if let Some(v) = hook.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                    && ctx.accessor.is_none()
+                    && let Some(s) = seen(&ctx.action)
+                {
+                    v.push(s);
+                }
+                Authorization::Allow
+            }))
+            .map_err(|e| e.to_string())?;
+        Ok(Classifier { log })
+    }
+
+    /// Prepares `stmt`: whether SQLite takes it, and what it would do.
+    fn prepare(&self, db: &CrrConnection, stmt: &str) -> (rusqlite::Result<()>, Vec<Seen>) {
+        *self.log.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        let prepared = db.conn().prepare(stmt).map(drop);
+        let actions = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        (prepared, actions)
+    }
+}
+
+/// Runs one statement, an `ALTER TABLE` of the CRR `crr_alter` inside the
+/// alter protocol; with the text a replica runs for it.
+fn execute(
+    db: &CrrConnection,
+    stmt: &str,
+    crr_alter: Option<&str>,
+) -> (Result<(), String>, String) {
+    match crr_alter {
+        Some(t) => (
+            db.alter(t, |c| run_one(c, stmt)).map_err(|e| e.to_string()),
+            format!(
+                "SELECT crsql_begin_alter('{q}');\n{stmt};\nSELECT crsql_commit_alter('{q}');\n",
+                q = t.replace('\'', "''")
+            ),
+        ),
+        None => (
+            run_one(db.conn(), stmt).map_err(|e| e.to_string()),
+            format!("{stmt};\n"),
+        ),
+    }
+}
+
 /// Runs `sql` (inside the caller's transaction). The connection's
 /// authorizer is replaced while it runs: the caller installs its own again.
 pub(crate) fn run_script(db: &mut CrrConnection, sql: &str, mode: Mode) -> Result<Applied, String> {
-    let log: Arc<Mutex<Option<Vec<Seen>>>> = Arc::default();
-    let hook = log.clone();
-    db.conn_mut()
-        .authorizer(Some(move |ctx: AuthContext<'_>| {
-            if let Some(v) = hook.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
-                && ctx.accessor.is_none()
-                && let Some(s) = seen(&ctx.action)
-            {
-                v.push(s);
-            }
-            Authorization::Allow
-        }))
-        .map_err(|e| e.to_string())?;
+    let classifier = Classifier::install(db)?;
     let crrs: Vec<String> = db
         .schema()
         .map_err(|e| e.to_string())?
@@ -163,24 +211,18 @@ pub(crate) fn run_script(db: &mut CrrConnection, sql: &str, mode: Mode) -> Resul
             continue;
         }
         n += 1;
-        *log.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
-        let prepared = db.conn().prepare(&stmt).map(drop);
-        let actions = log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default();
+        let at = |why: &dyn std::fmt::Display| format!("statement {n} ({stmt}): {why}");
+        let (prepared, actions) = classifier.prepare(db, &stmt);
         if let Err(e) = prepared.and(next.prepared) {
-            if skippable(&e.to_string()) {
-                out.full.push_str(&format!("{stmt};\n"));
-                out.skipped.push(stmt);
-                continue;
+            if !skippable(&e.to_string()) {
+                return Err(at(&e));
             }
-            return Err(format!("statement {n} ({stmt}): {e}"));
+            out.full.push_str(&format!("{stmt};\n"));
+            out.skipped.push(stmt);
+            continue;
         }
         if mode == Mode::Change {
-            refuse_unsafe(&actions, &crrs)
-                .map_err(|why| format!("statement {n} ({stmt}): {why}"))?;
+            refuse_unsafe(&actions, &crrs).map_err(|why| at(&why))?;
         } else if actions.contains(&Seen::Pragma) {
             // A replica runs it (in the first version's script); the
             // server keeps its own settings, and cannot change its journal
@@ -191,26 +233,11 @@ pub(crate) fn run_script(db: &mut CrrConnection, sql: &str, mode: Mode) -> Resul
             continue;
         }
         let crr_alter = actions.iter().find_map(|a| match a {
-            Seen::Alter(t) => crrs.iter().find(|c| c.eq_ignore_ascii_case(t)).cloned(),
+            Seen::Alter(t) => crrs.iter().find(|c| c.eq_ignore_ascii_case(t)),
             _ => None,
         });
         let was = fingerprint(db.conn()).map_err(|e| e.to_string())?;
-        let ran = match &crr_alter {
-            Some(t) => db
-                .alter(t, |c| {
-                    run_one(c, &stmt)?;
-                    Ok(())
-                })
-                .map_err(|e| e.to_string()),
-            None => run_one(db.conn(), &stmt).map_err(|e| e.to_string()),
-        };
-        let text = match &crr_alter {
-            Some(t) => format!(
-                "SELECT crsql_begin_alter('{q}');\n{stmt};\nSELECT crsql_commit_alter('{q}');\n",
-                q = t.replace('\'', "''")
-            ),
-            None => format!("{stmt};\n"),
-        };
+        let (ran, text) = execute(db, &stmt, crr_alter.map(String::as_str));
         out.full.push_str(&text);
         match ran {
             // `IF NOT EXISTS`, `crsql_as_crr` of a CRR: nothing to replay.
@@ -222,7 +249,7 @@ pub(crate) fn run_script(db: &mut CrrConnection, sql: &str, mode: Mode) -> Resul
                 out.applied.push(stmt);
             }
             Err(e) if skippable(&e) => out.skipped.push(stmt),
-            Err(e) => return Err(format!("statement {n} ({stmt}): {e}")),
+            Err(e) => return Err(at(&e)),
         }
     }
     Ok(out)
