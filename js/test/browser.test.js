@@ -9,7 +9,7 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { startExampleServer } from "../serve-example.js";
-import { SECRET, serviceSql, startServer } from "./harness.js";
+import { SECRET, changeSchema, serviceSql, startServer } from "./harness.js";
 
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const ARTIFACTS = path.join(path.dirname(fileURLToPath(import.meta.url)), "../test-artifacts");
@@ -55,7 +55,7 @@ async function add(page, title, tenant) {
 const todos = (page) => page.$$eval("#todos li", (lis) => lis.map((li) => li.textContent));
 const shows = (page, text) => page.waitForSelector(`#todos li:text-is("${text}")`, { timeout: 15000 });
 
-test("two tenants in two browsers: live sync within what the policies allow, offline, reload, refusal", async () => {
+test("two tenants in two browsers: live sync within what the policies allow, offline, reload, refusal, a schema change", async () => {
   const alice = await open("alice", "acme");
   const carol = await open("carol", "acme");
   const bob = await open("bob", "globex");
@@ -96,6 +96,21 @@ test("two tenants in two browsers: live sync within what the policies allow, off
   const [[n]] = await serviceSql(server, ["SELECT count(*) FROM todos WHERE title = 'into globex'"]);
   assert.equal(n[0], 0);
   assert.deepEqual(await todos(bob.page), ["bob's secret"]);
+
+  // A schema change reaches the open pages, served from another origin
+  // than the server's: the migration comes on the WebSocket (no CORS).
+  const { status, body } = await changeSchema(server, "ALTER TABLE todos ADD COLUMN due TEXT");
+  assert.equal(status, 200, JSON.stringify(body));
+  for (const p of [alice.page, carol.page, bob.page]) {
+    await p.waitForFunction(() => window.tenantsync.status.schemaVersion === 2, null, { timeout: 15000 });
+    assert.equal(await p.getAttribute("#status", "data-state"), "live");
+  }
+  await serviceSql(server, ["UPDATE todos SET due = 'friday' WHERE title = 'milk'"]);
+  await carol.page.waitForFunction(
+    async () => JSON.stringify(await window.tenantsync.db.execA("SELECT due FROM todos WHERE title = 'milk'")) === '[["friday"]]',
+    null,
+    { timeout: 15000, polling: 100 },
+  );
 
   fs.mkdirSync(ARTIFACTS, { recursive: true });
   await alice.page.screenshot({ path: path.join(ARTIFACTS, "todo-app.png"), fullPage: true });
