@@ -602,11 +602,10 @@ impl Client {
                     ));
                 }
             }
-            // Rows are kept as column maps: a new schema needs no migration.
-            ServerMsg::Welcome { .. }
-            | ServerMsg::Unsubscribed { .. }
-            | ServerMsg::Pong { .. }
-            | ServerMsg::Schema { .. } => {}
+            // Rows are kept as ids: a new schema needs no migration.
+            ServerMsg::Schema { .. } => self.stats.schema_seen(),
+            ServerMsg::Welcome { .. } | ServerMsg::Unsubscribed { .. } | ServerMsg::Pong { .. } => {
+            }
         }
         Ok(())
     }

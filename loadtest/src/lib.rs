@@ -37,7 +37,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 pub use report::Report;
 use report::{
     LoadPhase, Memory, Modes, NoisyPhase, NoisyTenant, Phases, ReconnectPhase, ReloadPhase,
-    SnapshotPhase,
+    SchemaPhase, SnapshotPhase,
 };
 use server::{ChildOptions, ChildServer, ProcSample};
 use stats::{Phase, Stats};
@@ -396,6 +396,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         );
     }
 
+    // A schema change with every client connected and the writes stopped:
+    // how long its `schema` message takes to reach every connection. Not
+    // on an external server: its schema is not the bench's to change.
+    let schema = if ctx.cfg.servers.is_empty() {
+        schema_change(&ctx, &tokens.service(None)).await
+    } else {
+        SchemaPhase {
+            answer: serde_json::json!({ "skipped": "an external server's schema is not changed" }),
+            ..SchemaPhase::default()
+        }
+    };
+
     // What each shard holds, and where (the isolation check reads them).
     let shards = shard_status(&http, &bases[0], &tokens.service(None)).await;
     // Isolation.
@@ -483,6 +495,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 reload_ms,
                 answer: reload_answer,
             },
+            schema,
         },
         memory: Memory {
             rss_mb: after.map(|s| mb(Some(s.rss))),
@@ -570,6 +583,45 @@ async fn post_reload(ctx: &Ctx, service_token: &str) -> (f64, serde_json::Value)
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
     (started.elapsed().as_secs_f64() * 1000.0, answer)
+}
+
+/// The schema change of the settle phase (`ALTER TABLE todos ADD COLUMN
+/// bench_note TEXT`, `POST /v1/admin/schema`): its answer, and the delay
+/// until each connection received the `schema` message (waiting up to 30
+/// s for all of them).
+async fn schema_change(ctx: &Ctx, service_token: &str) -> SchemaPhase {
+    let started = Instant::now();
+    ctx.stats.schema_posted();
+    let r = ctx
+        .http
+        .post(format!("{}/v1/admin/schema", ctx.base))
+        .bearer_auth(service_token)
+        .json(&tenantsync_protocol::http::SchemaChangeRequest {
+            schema_sql: "ALTER TABLE todos ADD COLUMN bench_note TEXT".into(),
+        })
+        .send()
+        .await;
+    let answer_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let answer = match r {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
+    let connections = ctx.clients.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctx.stats.schema_delays().0 < connections && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (delivered, delay_ms) = ctx.stats.schema_delays();
+    SchemaPhase {
+        answer_ms,
+        answer,
+        connections,
+        delivered,
+        delay_ms,
+    }
 }
 
 /// `GET /v1/admin/status`'s shards (empty when it cannot be read).

@@ -42,6 +42,24 @@ pub struct Phases {
     pub reconnect: ReconnectPhase,
     /// A policy reload under the steady load.
     pub reload: ReloadPhase,
+    /// A schema change once the writes stopped.
+    pub schema: SchemaPhase,
+}
+
+/// The schema change after the settle phase: `ALTER TABLE todos ADD
+/// COLUMN bench_note TEXT` posted with every client connected.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SchemaPhase {
+    /// How long `POST /v1/admin/schema` took to answer.
+    pub answer_ms: f64,
+    /// The answer (`schema_version`, `changed`, ...), or the error.
+    pub answer: serde_json::Value,
+    /// Connections open.
+    pub connections: usize,
+    /// `schema` messages received (one per connection when all arrived).
+    pub delivered: usize,
+    /// From the post to each connection's `schema` message.
+    pub delay_ms: Percentiles,
 }
 
 /// The reload phase: the policy file with one more SELECT policy on
@@ -255,6 +273,20 @@ impl Report {
             p.reload.load.latency_ms.p99,
             p.reload.load.latency_ms.max
         );
+        if p.schema.connections == 0 {
+            let _ = writeln!(s, "schema: not changed (an external server)");
+        } else {
+            let _ = writeln!(
+                s,
+                "schema: POST /v1/admin/schema answered in {:.0} ms; the schema message reached {} of {} connections, p50 {:.0} / p99 {:.0} / max {:.0} ms after the post",
+                p.schema.answer_ms,
+                p.schema.delivered,
+                p.schema.connections,
+                p.schema.delay_ms.p50,
+                p.schema.delay_ms.p99,
+                p.schema.delay_ms.max
+            );
+        }
         let m = &self.memory;
         let f = |x: Option<f64>, d: usize| x.map_or("-".into(), |v| format!("{v:.d$}"));
         let _ = writeln!(

@@ -124,6 +124,10 @@ pub struct Stats {
     /// Nanoseconds (on the run clock) of the last data-bearing message any
     /// client received.
     pub last_data_ns: AtomicU64,
+    /// When the schema change was posted (ns on the run clock; 0: not yet).
+    schema_posted_ns: AtomicU64,
+    /// Per `schema` message received: µs since the post.
+    schema: Mutex<Vec<u32>>,
 }
 
 impl Default for Stats {
@@ -144,6 +148,8 @@ impl Default for Stats {
             errors: AtomicU64::new(0),
             error_samples: Mutex::new(Vec::new()),
             last_data_ns: AtomicU64::new(0),
+            schema_posted_ns: AtomicU64::new(0),
+            schema: Mutex::new(Vec::new()),
         }
     }
 }
@@ -191,6 +197,35 @@ impl Stats {
     /// The noisy tenant (`usize::MAX` when none).
     pub fn noisy_tenant(&self) -> usize {
         self.noisy.load(Ordering::Relaxed)
+    }
+
+    /// The schema change is being posted now.
+    pub fn schema_posted(&self) {
+        self.schema_posted_ns
+            .store(self.now_ns().max(1), Ordering::Release);
+    }
+
+    /// A client received the `schema` message.
+    pub fn schema_seen(&self) {
+        let posted = self.schema_posted_ns.load(Ordering::Acquire);
+        if posted == 0 {
+            return;
+        }
+        let us = (self.now_ns().saturating_sub(posted) / 1000).min(u64::from(u32::MAX)) as u32;
+        self.schema
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(us);
+    }
+
+    /// `schema` messages received since the post, and their delays.
+    pub fn schema_delays(&self) -> (usize, Percentiles) {
+        let mut v = self
+            .schema
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (v.len(), Percentiles::of(&mut v))
     }
 
     /// A new write id.
