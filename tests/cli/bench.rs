@@ -77,7 +77,12 @@ fn a_tiny_run_keeps_the_json_contract_with_no_leaks_and_no_misses() {
     // The schema change reached every connection.
     assert_eq!(has(&j, "phases.schema.answer.schema_version"), 2);
     assert_eq!(has(&j, "phases.schema.connections"), 6);
-    assert_eq!(has(&j, "phases.schema.delivered"), 6, "{:#}", j["phases"]["schema"]);
+    assert_eq!(
+        has(&j, "phases.schema.delivered"),
+        6,
+        "{:#}",
+        j["phases"]["schema"]
+    );
     assert!(has(&j, "phases.schema.delay_ms.p99").is_number());
     // Each shard's figures, with its database.
     assert_eq!(j["shards"].as_array().map(Vec::len), Some(1));
