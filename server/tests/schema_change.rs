@@ -179,6 +179,27 @@ async fn unsafe_changes_are_refused_whole_with_the_reason() {
             .await["results"][0]["rows"],
         json!([[0]])
     );
+    // The refused changes left the core's tracking as it was: a write
+    // after them is tracked and delivered whole.
+    s.sql("INSERT INTO todos (id, tenant_id, owner, title) VALUES (5, 'acme', 'alice', 'after')")
+        .await;
+    let pull: Json = reqwest::Client::new()
+        .post(s.url("/v1/pull"))
+        .bearer_auth(user_token("alice", "acme"))
+        .json(&json!({"site_id": site(9).to_string(), "subscriptions": [
+            {"id": "t", "query": "SELECT * FROM todos"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let changes = pull["subs"]["t"]["changes"].as_array().unwrap();
+    assert!(
+        changes.iter().any(|c| c[2] == "title" && c[3] == "after"),
+        "{pull}"
+    );
+    assert!(!changes.iter().any(|c| c[2] == "due"), "{pull}");
     // Only the service role changes the schema.
     let r = reqwest::Client::new()
         .post(s.url("/v1/admin/schema"))
