@@ -225,6 +225,14 @@ impl CrrConnection {
         crr::as_crr(&self.shared, &mut st, None, table)
     }
 
+    /// Whether `table` meets the rules of a CRR (`crsql_as_crr`'s checks:
+    /// one non-nullable primary key, no other unique index, no checked
+    /// foreign key, ...): for a CRR whose schema changed by other means
+    /// than `crsql_commit_alter` (an index created on it).
+    pub fn check_crr(&self, table: &str) -> Result<()> {
+        crate::schema::check_compatible(&self.conn, table).map(drop)
+    }
+
     /// Stops tracking a table (`crsql_as_table`).
     pub fn as_table(&self, table: &str) -> Result<()> {
         let mut st = self.shared.lock()?;

@@ -150,8 +150,12 @@ async fn unsafe_changes_are_refused_whole_with_the_reason() {
             "copies rows of todos",
         ),
         (
+            "ALTER TABLE todos ADD COLUMN list_ref INTEGER REFERENCES lists (id)",
+            "REFERENCES",
+        ),
+        (
             "CREATE UNIQUE INDEX todos_title ON todos (title)",
-            "unique on todos",
+            "unique index \"todos_title\" on (title)",
         ),
         ("CREATE TABLE broken (", "statement 1"),
         (

@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 
 use super::migrate::{self, Applied, Mode};
 use super::schema::ServerSchema;
-use super::{Engine, commit, longpoll, write};
+use super::write::{self, internal};
+use super::{Engine, commit, longpoll};
 use crate::contract::{ApiError, OutFrame};
 
 /// How long a shard holds its prepared change waiting for the others.
@@ -46,10 +47,6 @@ struct Staged {
 
 fn refused(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::SchemaRefused, message)
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
 impl Engine {
@@ -148,7 +145,7 @@ impl Engine {
         }
         let now = self.db.schema().map_err(internal)?;
         migrate::check_kept(&before, &now).map_err(refused)?;
-        migrate::check_no_unique(self.db.conn(), &now).map_err(refused)?;
+        migrate::check_crrs(&self.db, &now).map_err(refused)?;
         migrate::record(self.db.conn(), &applied.script).map_err(internal)?;
         let log = migrate::read_log(self.db.conn()).map_err(internal)?;
         let schema = Arc::new(self.schema.evolve(&self.db, log).map_err(internal)?);

@@ -21,7 +21,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use tenantsync_core::CrrConnection;
 use tenantsync_protocol::http::SchemaMigration;
 
-use super::schema::is_server_table;
+use super::schema::{is_crr_metadata, is_server_table, is_sqlite_table};
 
 pub(crate) const CREATE_LOG: &str = "CREATE TABLE IF NOT EXISTS tenantsync_schema_log (
   version INTEGER PRIMARY KEY,
@@ -113,16 +113,6 @@ fn seen(action: &AuthAction<'_>) -> Option<Seen> {
         CreateVtable { .. } | DropVtable { .. } => Seen::Other("a virtual table".into()),
         other => Seen::Other(format!("{other:?}")),
     })
-}
-
-fn is_sqlite_table(t: &str) -> bool {
-    let t = t.to_ascii_lowercase();
-    t.starts_with("sqlite_")
-}
-
-fn is_crsql_table(t: &str) -> bool {
-    let t = t.to_ascii_lowercase();
-    t.starts_with("crsql_") || t.contains("__crsql_")
 }
 
 /// Records what SQLite's authorizer reports while a statement is
@@ -282,10 +272,12 @@ fn skippable(message: &str) -> bool {
 /// What a change from the service role may not do.
 fn refuse_unsafe(actions: &[Seen], crrs: &[String]) -> Result<(), String> {
     let is_crr = |t: &str| crrs.iter().any(|c| c.eq_ignore_ascii_case(t));
-    let creates_table = actions.iter().any(|a| matches!(a, Seen::Creates(_)))
-        && actions.iter().any(|a| matches!(a, Seen::Reads(_)));
-    if creates_table
-        && let Some(Seen::Reads(t)) = actions.iter().find(|a| matches!(a, Seen::Reads(_)))
+    let read = actions.iter().find_map(|a| match a {
+        Seen::Reads(t) => Some(t),
+        _ => None,
+    });
+    if let Some(t) = read
+        && actions.iter().any(|a| matches!(a, Seen::Creates(_)))
     {
         return Err(format!(
             "it copies rows of {t} (CREATE TABLE ... AS SELECT); create the table, then fill it with POST /v1/sql"
@@ -298,7 +290,7 @@ fn refuse_unsafe(actions: &[Seen], crrs: &[String]) -> Result<(), String> {
             | Seen::Creates(t)
             | Seen::Touches(t)
             | Seen::Writes(t)
-                if is_server_table(t) || is_crsql_table(t) =>
+                if is_server_table(t) || is_crr_metadata(t) =>
             {
                 return Err(format!("it touches {t}, a table of the server's own"));
             }
@@ -370,29 +362,17 @@ pub(crate) fn check_kept(
     Ok(())
 }
 
-/// No CRR has a unique index besides its primary key: two replicas may
-/// each insert a row with the same value, and their merge could not take
-/// both (cr-sqlite refuses such tables in `crsql_as_crr` for the same
-/// reason).
-pub(crate) fn check_no_unique(
-    conn: &rusqlite::Connection,
+/// Every CRR still meets the rules of a CRR (core's `crsql_as_crr`
+/// checks): an `ALTER TABLE` is checked by `crsql_commit_alter`, but an
+/// index is created without it, and a unique one would let two replicas
+/// insert rows a merge cannot take both of.
+pub(crate) fn check_crrs(
+    db: &CrrConnection,
     schema: &tenantsync_core::Schema,
 ) -> Result<(), String> {
     for t in schema.tables.iter().filter(|t| t.is_crr) {
-        let unique: Option<String> = conn
-            .query_row(
-                "SELECT name FROM pragma_index_list(?1) WHERE origin != 'pk' AND \"unique\" = 1 LIMIT 1",
-                [&t.name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| e.to_string())?;
-        if let Some(index) = unique {
-            return Err(format!(
-                "index {index} is unique on {}, a synced table: replicas inserting the same value could not merge (only the primary key may be unique)",
-                t.name
-            ));
-        }
+        db.check_crr(&t.name)
+            .map_err(|e| format!("the change breaks a rule of synced tables: {e}"))?;
     }
     Ok(())
 }

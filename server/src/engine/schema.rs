@@ -14,6 +14,23 @@ pub(crate) fn is_server_table(name: &str) -> bool {
     name.to_ascii_lowercase().starts_with("tenantsync_")
 }
 
+/// cr-sqlite's tables (clocks, site ids, its master table).
+pub(crate) fn is_crr_metadata(name: &str) -> bool {
+    let l = name.to_ascii_lowercase();
+    l.starts_with("crsql_") || l.contains("__crsql_")
+}
+
+/// SQLite's own tables (`sqlite_master`, ...).
+pub(crate) fn is_sqlite_table(name: &str) -> bool {
+    name.to_ascii_lowercase().starts_with("sqlite_")
+}
+
+/// A table no client or service statement writes: SQLite's, cr-sqlite's
+/// or the server's.
+pub(crate) fn is_internal_table(name: &str) -> bool {
+    is_sqlite_table(name) || is_crr_metadata(name) || is_server_table(name)
+}
+
 /// One CRR as the engine uses it.
 #[derive(Debug)]
 pub(crate) struct Table {

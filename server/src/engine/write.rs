@@ -178,7 +178,7 @@ fn refusal_head(
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Internal, e.to_string())
 }
 
@@ -219,7 +219,10 @@ pub(crate) fn install_scope_guard(
         .collect::<rusqlite::Result<_>>()?;
     let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let col = q(tenant_column);
-    for table in tables.iter().filter(|t| !internal_table(t)) {
+    for table in tables
+        .iter()
+        .filter(|t| !crate::engine::schema::is_internal_table(t))
+    {
         let has: bool = conn.query_row(
             "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2 COLLATE NOCASE",
             [table.as_str(), tenant_column],
@@ -256,14 +259,6 @@ pub(crate) fn install_scope_guard(
 
 /// Tables of the engine's own (SQLite's, cr-sqlite's, tenantsync's): never
 /// written by service SQL.
-fn internal_table(name: &str) -> bool {
-    let l = name.to_ascii_lowercase();
-    l.starts_with("sqlite_")
-        || l.starts_with("crsql_")
-        || l.contains("__crsql_")
-        || l.starts_with("tenantsync_")
-}
-
 /// The SQLite authorizer for service SQL: no writes to internal tables, no
 /// schema changes, ATTACH, PRAGMA or transaction control. It is installed
 /// on the engine connection for good and judges only while `guard` is set,
@@ -290,7 +285,7 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
         AuthAction::Insert { table_name }
         | AuthAction::Delete { table_name }
         | AuthAction::Update { table_name, .. } => {
-            if internal_table(table_name) {
+            if crate::engine::schema::is_internal_table(table_name) {
                 Authorization::Deny
             } else {
                 Authorization::Allow
