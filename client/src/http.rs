@@ -334,21 +334,20 @@ pub struct RoundReport {
     pub version: Option<i64>,
 }
 
-/// Brings the replica to the server's schema, once the server serves at
-/// least version `at_least` (0: whatever it serves).
+/// Brings the replica to the server's schema when it is below version
+/// `at_least` (1: a new replica; a pull answer's `schema_version`): one
+/// `GET /v1/schema`, then the migrations above the replica's version.
 async fn migrate(
     replica: &ReplicaHandle,
     http: &HttpClient,
     at_least: i64,
     report: &mut RoundReport,
 ) -> Result<(), RoundError> {
-    let local = replica.run(|r| r.schema_version()).await?;
-    if at_least > 0 && local >= at_least {
+    if replica.run(|r| r.schema_version()).await? >= at_least {
         return Ok(());
     }
     let schema = http.schema().await?;
     let (from, to) = replica.run(move |r| r.migrate(&schema)).await?;
-    report.schema_version = to;
     if to > from {
         if from == 0 {
             report.schema_applied = true;
@@ -378,9 +377,9 @@ pub enum RoundError {
     },
 }
 
-/// One round over HTTP (docs/CLI.md, `tenantsync replica sync`): fetch the
-/// server's schema and run it on a new replica or migrate an older one
-/// (again before applying a pull read at a newer version); make the replica's subscriptions
+/// One round over HTTP (docs/CLI.md, `tenantsync replica sync`): fetch and
+/// run the server's schema on a new replica, and migrate the replica before
+/// applying a pull answer read at a newer schema version; make the replica's subscriptions
 /// `opts.subscriptions`; push every unsynced local change (a refused push
 /// is quarantined and restored, and the round goes on); pull every
 /// subscription up to date (and unsubscribe the removed ones), applied in
@@ -393,7 +392,7 @@ pub async fn sync_round(
 ) -> Result<RoundReport, RoundError> {
     let mut report = RoundReport::default();
     // 1. Schema.
-    migrate(replica, http, 0, &mut report).await?;
+    migrate(replica, http, 1, &mut report).await?;
     // 2. Subscriptions.
     if !opts.subscriptions.is_empty() {
         let wanted = opts.subscriptions.clone();
@@ -576,5 +575,6 @@ pub async fn sync_round(
     }
     report.subscriptions = parts.into_values().collect();
     report.pushed_version = replica.run(|r| r.pushed_version()).await?;
+    report.schema_version = replica.run(|r| r.schema_version()).await?;
     Ok(report)
 }
