@@ -630,34 +630,35 @@ impl Worker {
         })
         .await
         .map_err(|_| "no welcome from the server in time".to_owned())??;
-        let (server_site, db_version, pushed_version, max_bytes, schema) = match welcome {
-            ServerMsg::Welcome {
-                server_site_id,
-                db_version,
-                peer,
-                limits,
-                schema_version,
-                migrations,
-                ..
-            } => (
-                server_site_id,
-                db_version,
-                peer.pushed_version,
-                limits.max_message_bytes,
-                (schema_version, migrations),
-            ),
-            ServerMsg::Error(e) => {
-                let _ = self.events.send(Event::ServerError(e.clone()));
-                return Err(format!(
-                    "the server refused the session: {}: {}",
-                    e.code, e.message
-                ));
-            }
-            other => return Err(format!("expected welcome, got {other:?}")),
-        };
+        let (server_site, db_version, pushed_version, max_bytes, (schema_version, migrations)) =
+            match welcome {
+                ServerMsg::Welcome {
+                    server_site_id,
+                    db_version,
+                    peer,
+                    limits,
+                    schema_version,
+                    migrations,
+                    ..
+                } => (
+                    server_site_id,
+                    db_version,
+                    peer.pushed_version,
+                    limits.max_message_bytes,
+                    (schema_version, migrations),
+                ),
+                ServerMsg::Error(e) => {
+                    let _ = self.events.send(Event::ServerError(e.clone()));
+                    return Err(format!(
+                        "the server refused the session: {}: {}",
+                        e.code, e.message
+                    ));
+                }
+                other => return Err(format!("expected welcome, got {other:?}")),
+            };
         s.max_bytes = max_bytes;
         s.settle_up_to = db_version;
-        self.migrate(schema.0, schema.1).await?;
+        self.migrate(schema_version, migrations).await?;
         self.replica
             .run(move |r| {
                 r.drop_staged();

@@ -611,7 +611,7 @@ async fn schema_change(ctx: &Ctx, service_token: &str) -> SchemaPhase {
     };
     let connections = ctx.clients.len();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while ctx.stats.schema_delays().0 < connections && Instant::now() < deadline {
+    while ctx.stats.schema_count() < connections && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (delivered, delay_ms) = ctx.stats.schema_delays();

@@ -218,6 +218,11 @@ impl Stats {
             .push(us);
     }
 
+    /// `schema` messages received since the post.
+    pub fn schema_count(&self) -> usize {
+        self.schema.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// `schema` messages received since the post, and their delays.
     pub fn schema_delays(&self) -> (usize, Percentiles) {
         let mut v = self
