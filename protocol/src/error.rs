@@ -52,6 +52,10 @@ pub enum ErrorCode {
     SchemaRefused,
     /// The server is stopping.
     ShuttingDown,
+    /// In a cluster: the shard's log cannot take the write now (JetStream
+    /// unreachable, or this node just lost the shard); nothing was applied.
+    /// Retry (after reconnecting, for a session).
+    Unavailable,
     /// A bug or an IO error; nothing was half-applied.
     Internal,
 }
@@ -70,7 +74,7 @@ impl ErrorCode {
             TooLarge => 413,
             LimitExceeded | RateLimited => 429,
             Internal => 500,
-            ShuttingDown => 503,
+            ShuttingDown | Unavailable => 503,
         }
     }
 
@@ -85,6 +89,7 @@ impl ErrorCode {
                 | UnsupportedProtocol
                 | SiteBoundToOtherSubject
                 | ShuttingDown
+                | Unavailable
         )
     }
 
@@ -114,6 +119,7 @@ impl ErrorCode {
             SqlError => "sql_error",
             PolicyInvalid => "policy_invalid",
             ShuttingDown => "shutting_down",
+            Unavailable => "unavailable",
             SchemaRefused => "schema_refused",
             Internal => "internal",
         }
@@ -156,6 +162,7 @@ mod tests {
             SqlError,
             PolicyInvalid,
             ShuttingDown,
+            Unavailable,
             Internal,
         ] {
             assert_eq!(

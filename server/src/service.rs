@@ -123,8 +123,21 @@ impl PushRates {
     }
 }
 
+/// Where a shard runs for this node: here, or (in a cluster) on another
+/// node, while this one keeps a standby copy (`crate::cluster`).
+#[derive(Default)]
+struct Slot {
+    shard: std::sync::RwLock<Option<Shard>>,
+}
+
+impl Slot {
+    fn get(&self) -> Option<Shard> {
+        self.shard.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 struct Inner {
-    shards: Vec<Shard>,
+    shards: Vec<Slot>,
     placement: Placement,
     rates: Arc<PushRates>,
     limits: Limits,
@@ -160,30 +173,29 @@ impl SyncService {
             }
         }
         crate::engine::layout::check(&config.db_path, placement.shards())?;
-        let mut shards = Vec::with_capacity(placement.shards());
+        let mut shards: Vec<Shard> = Vec::with_capacity(placement.shards());
         for k in 0..placement.shards() {
-            shards.push(Shard::start(&ShardConfig {
-                index: k,
-                db_path: shard_path(&config.db_path, k),
-                schema_sql: config.schema_sql.clone(),
-                policy_name: config.policy_name.clone(),
-                policy_sql: config.policy_sql.clone(),
-                tenant_claim: config.tenant_claim.clone(),
-                limits: config.limits.clone(),
-                readers: config.readers,
-                synchronous: config.synchronous,
-                grace: config.idle_grace,
-                hook_tables: config.write_hook.as_ref().map(|h| h.tables.clone()),
-                leader_schema: shards
-                    .first()
-                    .map(|s: &Shard| s.schema().response.migrations.clone()),
-            })?);
+            let mut c = shard_config(&config, k, shard_path(&config.db_path, k));
+            c.leader_schema = shards
+                .first()
+                .map(|s: &Shard| s.schema().response.migrations.clone());
+            shards.push(Shard::start(&c)?);
         }
         crate::engine::layout::record(&config.db_path, placement.shards())?;
         crate::engine::layout::check_overrides(&config.db_path, &placement)?;
-        Ok(SyncService {
+        let service = SyncService::empty(config, placement);
+        for (k, s) in shards.into_iter().enumerate() {
+            service.install(k, s);
+        }
+        Ok(service)
+    }
+
+    /// A service that runs none of its shards yet: a cluster node installs
+    /// each as it takes it over (`crate::cluster`).
+    pub(crate) fn empty(config: ServiceConfig, placement: Placement) -> SyncService {
+        SyncService {
             inner: Arc::new(Inner {
-                shards,
+                shards: (0..placement.shards()).map(|_| Slot::default()).collect(),
                 placement,
                 rates: Arc::new(PushRates::new(&config.limits)),
                 limits: config.limits,
@@ -191,11 +203,43 @@ impl SyncService {
                 hook: config.write_hook.map(|h| Arc::new(HookClient::new(h))),
                 schema_change: tokio::sync::Mutex::new(()),
             }),
+        }
+    }
+
+    /// Runs `shard` as shard `k` of this node.
+    pub(crate) fn install(&self, k: usize, shard: Shard) {
+        *self.inner.shards[k]
+            .shard
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(shard);
+    }
+
+    /// Stops routing to shard `k` here (the caller stops it).
+    pub(crate) fn uninstall(&self, k: usize) -> Option<Shard> {
+        self.inner.shards[k]
+            .shard
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Shard `k`, when this node runs it.
+    pub(crate) fn shard_at(&self, k: usize) -> Result<Shard, ApiError> {
+        self.inner.shards[k].get().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("shard {k} is not served by this node now (it moved, or is moving); retry"),
+            )
         })
     }
 
-    fn shard(&self, p: &Principal) -> &Shard {
-        &self.inner.shards[self.inner.placement.shard_of(p.tenant.as_deref())]
+    /// The shards this node runs.
+    fn local(&self) -> Vec<Shard> {
+        self.inner.shards.iter().filter_map(Slot::get).collect()
+    }
+
+    fn shard(&self, p: &Principal) -> Result<Shard, ApiError> {
+        self.shard_at(self.inner.placement.shard_of(p.tenant.as_deref()))
     }
 
     /// The node's shards and the tenant rule.
@@ -211,7 +255,7 @@ impl SyncService {
     /// The site id of shard 0's database (every shard has its own; a peer
     /// sees its tenant's in `welcome.server_site_id`).
     pub fn server_site_id(&self) -> tenantsync_core::SiteId {
-        self.inner.shards[0].site_id()
+        self.local().first().map(Shard::site_id).unwrap_or_default()
     }
 
     /// The highest committed version of any shard.
@@ -222,34 +266,44 @@ impl SyncService {
     /// What each shard holds (version, connections, subscriptions, views,
     /// pull states, peers in memory), by shard, for `/v1/admin/status`.
     pub fn shard_status(&self) -> Vec<serde_json::Value> {
-        self.inner.shards.iter().map(Shard::status).collect()
+        self.local().iter().map(Shard::status).collect()
     }
 
     /// Why the service cannot take writes now (empty when it can): per
     /// shard, its engine not running or its last commit failed. Says
     /// nothing of any tenant.
     pub fn not_ready(&self) -> Vec<String> {
-        self.inner
-            .shards
+        self.local()
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.not_ready().map(|why| format!("shard {i}: {why}")))
+            .filter_map(|s| {
+                s.not_ready()
+                    .map(|why| format!("shard {}: {why}", s.index()))
+            })
             .collect()
     }
 
     /// Each shard's last committed version, by shard.
     pub fn db_versions(&self) -> Vec<i64> {
-        self.inner.shards.iter().map(Shard::db_version).collect()
+        self.local().iter().map(Shard::db_version).collect()
     }
 
     /// `GET /v1/schema`.
     pub fn schema(&self) -> SchemaResponse {
-        self.inner.shards[0].schema().response.clone()
+        match self.local().first() {
+            Some(s) => s.schema().response.clone(),
+            // A cluster node that runs no shard yet.
+            None => SchemaResponse {
+                schema_version: 0,
+                schema_sql: String::new(),
+                migrations: Vec::new(),
+                tables: Vec::new(),
+            },
+        }
     }
 
     /// The schema version in force.
     pub fn schema_version(&self) -> i64 {
-        self.inner.shards[0].schema().version()
+        self.local().first().map_or(0, |s| s.schema().version())
     }
 
     /// Applies a schema change on every shard, or on none: each shard
@@ -261,7 +315,14 @@ impl SyncService {
     pub async fn change_schema(&self, sql: &str) -> Result<SchemaChangeResponse, ApiError> {
         let _one = self.inner.schema_change.lock().await;
         let mut pending = Vec::new();
-        for shard in &self.inner.shards {
+        let local = self.local();
+        if local.len() < self.inner.shards.len() {
+            return Err(ApiError::new(
+                ErrorCode::SchemaRefused,
+                "schema changes are not supported in a cluster yet: change the schema file and start the cluster on a new directory, or run one node",
+            ));
+        }
+        for shard in &local {
             let (prepared, prepared_rx) = tokio::sync::oneshot::channel();
             let (decide_tx, decide) = std::sync::mpsc::channel();
             let (done, done_rx) = tokio::sync::oneshot::channel();
@@ -317,7 +378,7 @@ impl SyncService {
         known_schema: Option<i64>,
     ) -> Result<(Session, Outbox), ApiError> {
         self.inner.rates.forget_idle();
-        let shard = self.shard(&principal).clone();
+        let shard = self.shard(&principal)?;
         let l = shard.limits().clone();
         let outbox = Arc::new(OutboxShared::new(
             site,
@@ -348,7 +409,7 @@ impl SyncService {
 
     /// `POST /v1/push`.
     pub async fn push(&self, p: &Principal, req: PushRequest) -> Result<PushResponse, PushError> {
-        let shard = self.shard(p);
+        let shard = self.shard(p).map_err(PushError::Api)?;
         validate_push(
             &shard.schema(),
             &req.site_id,
@@ -369,12 +430,12 @@ impl SyncService {
             to: req.to,
             changes: req.changes,
         };
-        push.run(shard, self.inner.hook.as_deref()).await
+        push.run(&shard, self.inner.hook.as_deref()).await
     }
 
     /// `POST /v1/pull` (long-polls up to `min(wait_ms, limits.max_wait)`).
     pub async fn pull(&self, p: &Principal, req: PullRequest) -> Result<PullResponse, ApiError> {
-        let shard = self.shard(p);
+        let shard = self.shard(p)?;
         let (epoch, policy) = shard.policy();
         let mut subs = Vec::new();
         let mut seen = HashSet::new();
@@ -419,7 +480,7 @@ impl SyncService {
                 ),
             ));
         }
-        let shard = &self.inner.shards[self.inner.placement.shard_of(tenant.as_deref())];
+        let shard = self.shard_at(self.inner.placement.shard_of(tenant.as_deref()))?;
         let mut who = Who::new(p);
         who.scope = (shards > 1).then(|| Arc::from(tenant.as_deref().unwrap_or("")));
         shard.sql(who, req.statements).await
@@ -435,11 +496,15 @@ impl SyncService {
         policy_sql: &str,
     ) -> Result<PolicyReloadResponse, ApiError> {
         // Every shard has the same schema: the first validates for all.
-        let first = self.inner.shards[0]
-            .reload_policy(policy_name, policy_sql)
-            .await?;
-        let mut total = first;
-        for s in &self.inner.shards[1..] {
+        let local = self.local();
+        let Some((first, rest)) = local.split_first() else {
+            return Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "this node runs no shard now; reload the policies on a node that does",
+            ));
+        };
+        let mut total = first.reload_policy(policy_name, policy_sql).await?;
+        for s in rest {
             let r = s.reload_policy(policy_name, policy_sql).await?;
             total.changed_views += r.changed_views;
             total.moved_subscriptions += r.moved_subscriptions;
@@ -451,13 +516,15 @@ impl SyncService {
     /// the report of the shard that knows the site.
     pub async fn peer_report(&self, site: tenantsync_core::SiteId) -> Result<PeerReport, ApiError> {
         let mut last = None;
-        for s in &self.inner.shards {
+        for s in &self.local() {
             match s.peer_report(site).await {
                 Ok(r) => return Ok(r),
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.expect("at least one shard"))
+        Err(last.unwrap_or_else(|| {
+            ApiError::new(ErrorCode::Unavailable, "this node runs no shard now")
+        }))
     }
 
     /// Stops every shard: every session's outbox yields
@@ -466,8 +533,32 @@ impl SyncService {
     /// is checkpointed, the databases closed. Returns when done (bounded by
     /// `timeout`).
     pub async fn shutdown(&self, timeout: Duration) {
-        let all = self.inner.shards.iter().map(|s| s.shutdown(timeout));
+        let local = self.local();
+        let all = local.iter().map(|s| s.shutdown(timeout));
         futures_util::future::join_all(all).await;
+    }
+}
+
+/// The configuration of shard `k` of a node, its database at `db_path`.
+pub(crate) fn shard_config(
+    config: &ServiceConfig,
+    k: usize,
+    db_path: std::path::PathBuf,
+) -> ShardConfig {
+    ShardConfig {
+        index: k,
+        db_path,
+        schema_sql: config.schema_sql.clone(),
+        policy_name: config.policy_name.clone(),
+        policy_sql: config.policy_sql.clone(),
+        tenant_claim: config.tenant_claim.clone(),
+        limits: config.limits.clone(),
+        readers: config.readers,
+        synchronous: config.synchronous,
+        grace: config.idle_grace,
+        hook_tables: config.write_hook.as_ref().map(|h| h.tables.clone()),
+        leader_schema: None,
+        frozen_schema: false,
     }
 }
 

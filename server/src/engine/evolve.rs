@@ -57,6 +57,14 @@ impl Engine {
             decide,
             done,
         } = cmd;
+        if self.journal.is_some() {
+            // A changeset carries rows, not schema: the log has no entry
+            // for a schema change yet (docs/CLUSTER.md, "Not yet").
+            let _ = prepared.send(Err(refused(
+                "schema changes are not supported in a cluster yet: change the schema file and start the cluster on a new directory, or run one node",
+            )));
+            return;
+        }
         if let Err(e) = self.db.conn().execute_batch("BEGIN IMMEDIATE") {
             let _ = prepared.send(Err(internal(e)));
             return;

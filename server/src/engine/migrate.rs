@@ -426,6 +426,7 @@ pub(crate) fn start(
     db: &mut CrrConnection,
     file: &str,
     leader: Option<&[SchemaMigration]>,
+    frozen: bool,
 ) -> Result<Vec<SchemaMigration>, String> {
     let conn_err = |e: rusqlite::Error| e.to_string();
     db.conn().execute_batch(CREATE_LOG).map_err(conn_err)?;
@@ -439,6 +440,11 @@ pub(crate) fn start(
         check_kept(&before, &db.schema().map_err(|e| e.to_string())?)?;
         if log.is_empty() {
             record(db.conn(), &applied.full).map_err(conn_err)?;
+        } else if frozen && !applied.applied.is_empty() {
+            return Err(format!(
+                "the schema file adds {} statement(s) to the schema this cluster's shards hold; schema changes are not supported in a cluster yet (docs/CLUSTER.md)",
+                applied.applied.len()
+            ));
         } else if !applied.applied.is_empty() {
             let v = record(db.conn(), &applied.script).map_err(conn_err)?;
             tracing::info!(
@@ -498,7 +504,7 @@ mod tests {
         let first = "PRAGMA journal_mode = DELETE;
             CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
             SELECT crsql_as_crr('t');";
-        let log = start(&mut db, first, None).unwrap();
+        let log = start(&mut db, first, None, false).unwrap();
         assert_eq!(log.len(), 1);
         assert!(log[0].sql.starts_with("PRAGMA journal_mode = DELETE;\n"));
         let again = format!(
@@ -506,14 +512,14 @@ mod tests {
             CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY NOT NULL, a TEXT);
             ALTER TABLE t ADD COLUMN b TEXT;"
         );
-        let log = start(&mut db, &again, None).unwrap();
+        let log = start(&mut db, &again, None, false).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(
             log[1].sql,
             "SELECT crsql_begin_alter('t');\nALTER TABLE t ADD COLUMN b TEXT;\nSELECT crsql_commit_alter('t');\n"
         );
         // The same file at the next start: nothing new, no new version.
-        assert_eq!(start(&mut db, &again, None).unwrap().len(), 2);
+        assert_eq!(start(&mut db, &again, None, false).unwrap().len(), 2);
         // Writes after the alter are tracked with the new column.
         db.conn()
             .execute_batch("INSERT INTO t (id, a, b) VALUES (1, 'x', 'y')")
@@ -534,7 +540,7 @@ mod tests {
         let file =
             "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, a TEXT); SELECT crsql_as_crr('t');";
         let mut leader = db();
-        start(&mut leader, file, None).unwrap();
+        start(&mut leader, file, None, false).unwrap();
         leader.conn().execute_batch("BEGIN").unwrap();
         let applied =
             run_script(&mut leader, "ALTER TABLE t ADD COLUMN b TEXT", Mode::Change).unwrap();
@@ -543,13 +549,13 @@ mod tests {
         let log = read_log(leader.conn()).unwrap();
 
         let mut behind = db();
-        let caught = start(&mut behind, file, Some(&log)).unwrap();
+        let caught = start(&mut behind, file, Some(&log), false).unwrap();
         assert_eq!(caught, log);
         assert!(behind.conn().prepare("SELECT b FROM t").is_ok());
 
         let mut other = db();
         let diverged = format!("{file} CREATE INDEX t_a ON t (a);");
-        let e = start(&mut other, &diverged, Some(&log[..1])).unwrap_err();
+        let e = start(&mut other, &diverged, Some(&log[..1]), false).unwrap_err();
         assert!(e.contains("not those of shard 0"), "{e}");
     }
 }
@@ -681,7 +687,7 @@ mod law {
         #[test]
         fn replicas_running_the_scripts_converge_with_the_server(ops in prop::collection::vec(op(), 1..40)) {
             let mut server = open(1);
-            start(&mut server, BASE, None).unwrap();
+            start(&mut server, BASE, None, false).unwrap();
             let mut replica = Replica { db: open(2), version: 0, pushed: 0, pulled: 0 };
             replica.pull(&server);
             for op in &ops {

@@ -21,6 +21,7 @@ mod commit;
 pub(crate) mod evolve;
 pub(crate) mod fair;
 pub(crate) mod filters;
+pub(crate) mod journal;
 pub(crate) mod layout;
 mod longpoll;
 pub(crate) mod migrate;
@@ -242,6 +243,8 @@ pub(crate) struct ShardStats {
     /// Whether the last group commit failed to begin or commit (the shard
     /// cannot write: the server is not ready).
     pub write_failed: std::sync::atomic::AtomicBool,
+    /// In a cluster: another node appended to the shard's log.
+    pub fenced: std::sync::atomic::AtomicBool,
 }
 
 impl ShardStats {
@@ -375,6 +378,10 @@ pub(crate) struct Engine {
     hooked: Option<FxSet<u16>>,
     /// Whether the hook judges every table (tables added later too).
     hook_all: bool,
+    /// In a cluster: the shard's log, which every commit passes through.
+    journal: Option<Box<dyn journal::Journal>>,
+    /// Why the shard takes no more writes (another node appended to its log).
+    fenced: Option<String>,
 }
 
 impl Engine {
@@ -435,7 +442,16 @@ impl Engine {
             scope,
             hooked: None,
             hook_all: false,
+            journal: None,
+            fenced: None,
         })
+    }
+
+    /// Every commit passes through `journal` (a shard of a cluster).
+    pub fn with_journal(mut self, mut journal: Box<dyn journal::Journal>) -> Engine {
+        journal.restart(self.db.conn());
+        self.journal = Some(journal);
+        self
     }
 
     /// Pushed rows of `tables` (every table when empty) go to the backend's
@@ -510,6 +526,7 @@ impl Engine {
                 self.last_tick = Instant::now();
                 self.tick();
             }
+            self.seal_loose();
         }
     }
 
@@ -737,20 +754,15 @@ impl Engine {
         // The reload gets a version of its own: what subscribers see changes
         // at it, and a cursor names one state.
         let bumped = (|| {
-            self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
-            let v = self.db.bump_db_version();
-            match v {
-                Ok(_) => {
-                    self.db.conn().execute_batch("COMMIT")?;
-                    self.db.db_version()
-                }
-                Err(e) => {
-                    let _ = self.db.conn().execute_batch("ROLLBACK");
-                    Err(e)
-                }
+            self.begin_write()?;
+            if let Err(e) = self.db.bump_db_version() {
+                self.rollback_write();
+                return Err(journal::CommitError::Core(e));
             }
+            self.commit_write()?;
+            Ok(self.db.db_version()?)
         })();
-        let version = bumped.map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        let version = bumped.map_err(|e| e.to_api())?;
         self.version = version;
         self.stats
             .version

@@ -47,6 +47,9 @@ pub(crate) struct ShardConfig {
     /// Shard 0's schema versions (for the other shards: one behind runs
     /// what it lacks, [`migrate::start`]).
     pub leader_schema: Option<Vec<tenantsync_protocol::http::SchemaMigration>>,
+    /// A shard of a cluster: its schema is the one its log holds, and a
+    /// schema file that would change it is refused ([`migrate::start`]).
+    pub frozen_schema: bool,
 }
 
 struct Inner {
@@ -89,6 +92,15 @@ impl Shard {
     /// Opens the shard's database, applies the schema, loads and validates
     /// the policies, starts its engine thread and readers.
     pub fn start(config: &ShardConfig) -> Result<Shard, StartError> {
+        Shard::start_with(config, None)
+    }
+
+    /// [`Shard::start`], with every commit passing through `journal` (a
+    /// shard of a cluster, `crate::cluster`).
+    pub(crate) fn start_with(
+        config: &ShardConfig,
+        journal: Option<Box<dyn super::journal::Journal>>,
+    ) -> Result<Shard, StartError> {
         let db_err = |e| StartError::Database {
             path: config.db_path.clone(),
             source: e,
@@ -108,8 +120,13 @@ impl Shard {
         db.conn()
             .execute_batch(sync)
             .map_err(|e| db_err(e.into()))?;
-        let log = migrate::start(&mut db, &config.schema_sql, config.leader_schema.as_deref())
-            .map_err(StartError::Schema)?;
+        let log = migrate::start(
+            &mut db,
+            &config.schema_sql,
+            config.leader_schema.as_deref(),
+            config.frozen_schema,
+        )
+        .map_err(StartError::Schema)?;
         db.conn()
             .execute_batch(super::store::CREATE)
             .map_err(|e| StartError::Schema(e.to_string()))?;
@@ -168,6 +185,10 @@ impl Shard {
             Some(t) => engine.with_write_hook(t).map_err(StartError::Schema)?,
             None => engine,
         };
+        let engine = match journal {
+            Some(j) => engine.with_journal(j),
+            None => engine,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("tenantsync-engine-{}", config.index))
             .spawn(move || engine.run(rx))?;
@@ -186,6 +207,17 @@ impl Shard {
                 stopped: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Its index among the node's shards.
+    pub fn index(&self) -> usize {
+        self.inner.stats.index
+    }
+
+    /// Why it takes no writes, in a cluster: another node appended to its
+    /// log (it is to become a standby).
+    pub fn fenced(&self) -> bool {
+        self.inner.stats.fenced.load(Ordering::Acquire)
     }
 
     /// Its database's site id (the `server_site_id` its peers see).
@@ -487,7 +519,7 @@ mod tests {
             SELECT crsql_as_crr('a'); SELECT crsql_as_crr('b'); SELECT crsql_as_crr('c');
             SELECT crsql_as_crr('d'); SELECT crsql_as_crr('e');";
         let mut db = db;
-        let log = migrate::start(&mut db, sql, None).unwrap();
+        let log = migrate::start(&mut db, sql, None, false).unwrap();
         let schema = ServerSchema::read(&db, log).unwrap();
         assert_eq!(
             unindexed_tenant_tables(&db, &schema, "tenant_id"),

@@ -374,12 +374,12 @@ impl Engine {
         let mut sql_results: Vec<Option<Vec<SqlResult>>> = Vec::with_capacity(group.len());
         let mut pending_pv: FxMap<SiteId, i64> = FxMap::default();
         let mut touched: FxSet<u16> = FxSet::default();
-        if let Err(e) = self.db.conn().execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = self.begin_write() {
             self.stats
                 .write_failed
                 .store(true, std::sync::atomic::Ordering::Release);
             for w in group {
-                fail(w, internal(&e));
+                fail(w, e.to_api());
             }
             return;
         }
@@ -425,14 +425,13 @@ impl Engine {
                 },
             }
         }
-        if let Err(e) = self.db.conn().execute_batch("COMMIT") {
-            let _ = self.db.conn().execute_batch("ROLLBACK");
+        if let Err(e) = self.commit_write() {
             self.stats
                 .write_failed
                 .store(true, std::sync::atomic::Ordering::Release);
             tracing::error!(error = %e, "group commit failed");
             for w in group {
-                fail(w, internal(&e));
+                fail(w, e.to_api());
             }
             return;
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::engine::filters::FilterId;
+use crate::engine::journal::CommitError;
 use crate::engine::store;
 use crate::engine::{Engine, SubKey};
 
@@ -70,7 +71,7 @@ impl Engine {
             return;
         }
         let r = (|| {
-            self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
+            self.begin_write()?;
             for (key, query, table, cursor, held) in &rows {
                 // A cursor-only update of a row never stored writes it whole.
                 let exists =
@@ -87,10 +88,11 @@ impl Engine {
                     )?;
                 }
             }
-            self.db.conn().execute_batch("COMMIT")
+            Ok::<(), CommitError>(())
         })();
+        let r = r.and_then(|()| self.commit_write());
         if let Err(e) = r {
-            let _ = self.db.conn().execute_batch("ROLLBACK");
+            self.rollback_write();
             tracing::error!(error = %e, "persisting subscriptions failed");
         }
     }
@@ -109,16 +111,22 @@ impl Engine {
         if leaving.is_empty() {
             return;
         }
-        let conn = self.db.conn();
-        let r = (|| {
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            for ((site, sub), query, cursor, held) in &leaving {
+        let rows: Vec<_> = leaving
+            .into_iter()
+            .map(|((site, sub), query, cursor, held)| {
+                (*site, sub.clone(), query.clone(), cursor, held.clone())
+            })
+            .collect();
+        let r = self.begin_write().and_then(|()| {
+            let conn = self.db.conn();
+            for (site, sub, query, cursor, held) in &rows {
                 store::save_delivered(conn, site, sub, query, *cursor, held)?;
             }
-            conn.execute_batch("COMMIT")
-        })();
+            Ok::<(), CommitError>(())
+        });
+        let r = r.and_then(|()| self.commit_write());
         if let Err(e) = r {
-            let _ = conn.execute_batch("ROLLBACK");
+            self.rollback_write();
             tracing::warn!(error = %e, "keeping pulls' last answers failed");
         }
     }
