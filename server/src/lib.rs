@@ -12,6 +12,9 @@
 //!   [`Outbox`]), push, pull, service SQL, policy reload, peer reports,
 //!   shutdown; its bodies only talk to the engines by channels.
 //! - [`placement`]: [`Placement`], the stable tenant -> shard rule.
+//! - [`cluster`]: a node of a cluster (docs/CLUSTER.md): each shard's
+//!   commits appended to its NATS JetStream log before they are final,
+//!   standby copies following the logs, placement in JetStream KV.
 //! - `hook`: the backend's write hook (the rows a push would make, the
 //!   verdicts, the client that asks); `outbound`: outbound HTTP(S) calls
 //!   (the write hook, an identity provider's key set), a leaf.
@@ -47,6 +50,7 @@
 #[doc(hidden)]
 pub mod bench;
 
+pub mod cluster;
 pub mod contract;
 mod edge;
 mod engine;

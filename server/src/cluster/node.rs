@@ -1,0 +1,512 @@
+//! [`Node`]: one node of a cluster. Every half second it renews its lease
+//! (its key in the `nodes` bucket, which expires `lease` after the last
+//! renewal), reads the live nodes and each shard's owner (the `shards`
+//! bucket, changed only by compare-and-set on the key's revision), and
+//! acts:
+//!
+//! - each shard belongs to one live node, picked by rendezvous hashing of
+//!   (shard, node id), so a node joining or leaving moves only its share;
+//! - the picked node takes a shard over when no live node owns it (never
+//!   owned, or its owner's lease lapsed): it sets itself as owner (CAS),
+//!   lets its standby reach the log's end, appends a claim (fencing any
+//!   append of the old owner), and starts the shard's engine on its copy;
+//! - an owner that is not the picked node any more (a node joined) hands
+//!   the shard over: it stops its engine, then names the picked node owner
+//!   (CAS), which takes it over as above;
+//! - an owner whose append was refused (another node appended), or whose
+//!   key names another node, stops its engine and becomes a standby.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::journal::{CREATE_SEQ, LogJournal, set_seq};
+use super::log::{Kind, LogError, ShardLog};
+use super::standby::{Standby, open_copy, remove_db};
+use crate::contract::{ServiceConfig, StartError};
+use crate::engine::shard::Shard;
+use crate::placement::Placement;
+use crate::service::{SyncService, shard_config};
+
+/// How a node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS server URLs (comma-separated for several).
+    pub nats: String,
+    /// The cluster's name (its streams and buckets are named after it).
+    pub name: String,
+    /// This node's id, unique in the cluster and stable across restarts.
+    pub node_id: String,
+    /// The URL clients and other nodes reach this node at.
+    pub url: String,
+    /// Where this node keeps its copies of the shards.
+    pub dir: PathBuf,
+    /// Copies JetStream keeps of each log and bucket (3 on a cluster of 3
+    /// NATS servers).
+    pub replicas: usize,
+    /// How long a node's lease lasts after its last renewal.
+    pub lease: Duration,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Owner {
+    node: String,
+    term: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeRecord {
+    url: String,
+}
+
+enum Local {
+    Standby(Standby),
+    Owner {
+        shard: Shard,
+        seq: Arc<AtomicU64>,
+    },
+    /// Between the two (a takeover or a handover in progress).
+    Moving,
+}
+
+struct State {
+    locals: Vec<Local>,
+    /// Live nodes (id -> record) as last read.
+    live: BTreeMap<String, NodeRecord>,
+    /// Each shard's owner as last read.
+    owners: Vec<Option<Owner>>,
+}
+
+struct Inner {
+    config: ClusterConfig,
+    service_config: ServiceConfig,
+    service: SyncService,
+    logs: Vec<ShardLog>,
+    nodes: kv::Store,
+    shards: kv::Store,
+    state: tokio::sync::Mutex<State>,
+    status: Mutex<serde_json::Value>,
+    stopping: AtomicBool,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+fn js_err(e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::JetStream(e.to_string())
+}
+
+/// The node a shard belongs to among `live` (rendezvous hashing).
+fn pick(shard: usize, live: &BTreeMap<String, NodeRecord>) -> Option<&str> {
+    live.keys()
+        .max_by_key(|id| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for b in format!("{shard}/{id}").bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            h
+        })
+        .map(String::as_str)
+}
+
+impl Node {
+    /// Joins the cluster: opens the shards' logs and the placement
+    /// buckets, starts a standby of every shard, and the node's loop. The
+    /// returned service runs the shards this node comes to own.
+    pub async fn start(
+        config: ClusterConfig,
+        service_config: ServiceConfig,
+    ) -> Result<(Node, SyncService), ClusterError> {
+        let client = async_nats::connect(config.nats.as_str())
+            .await
+            .map_err(|e| ClusterError::Connect {
+                url: config.nats.clone(),
+                reason: e.to_string(),
+            })?;
+        let js = jetstream::new(client);
+        let bucket = |suffix: &str| format!("tenantsync_{}_{suffix}", config.name);
+        let nodes = js
+            .create_key_value(kv::Config {
+                bucket: bucket("nodes"),
+                history: 1,
+                max_age: config.lease,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
+        let shards = js
+            .create_key_value(kv::Config {
+                bucket: bucket("shards"),
+                history: 1,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
+        let placement = Placement::new(
+            service_config.shards,
+            service_config.shard_overrides.clone(),
+        );
+        std::fs::create_dir_all(&config.dir).map_err(|e| {
+            StartError::Layout(format!("cannot create {}: {e}", config.dir.display()))
+        })?;
+        let mut logs = Vec::new();
+        let mut locals = Vec::new();
+        for k in 0..placement.shards() {
+            let log = ShardLog::open(&js, &config.name, k, config.replicas).await?;
+            locals.push(Local::Standby(Standby::start(
+                log.clone(),
+                shard_file(&config, k),
+            )));
+            logs.push(log);
+        }
+        let service = SyncService::empty(service_config.clone(), placement.clone());
+        let node = Node {
+            inner: Arc::new(Inner {
+                state: tokio::sync::Mutex::new(State {
+                    locals,
+                    live: BTreeMap::new(),
+                    owners: vec![None; placement.shards()],
+                }),
+                config,
+                service_config,
+                service: service.clone(),
+                logs,
+                nodes,
+                shards,
+                status: Mutex::new(serde_json::Value::Null),
+                stopping: AtomicBool::new(false),
+            }),
+        };
+        let looping = node.clone();
+        tokio::spawn(async move { looping.run().await });
+        Ok((node, service))
+    }
+
+    async fn run(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.inner.stopping.load(Ordering::Acquire) {
+            tick.tick().await;
+            if let Err(e) = self.turn().await {
+                tracing::warn!(error = %e, "cluster: a placement round failed");
+            }
+        }
+    }
+
+    /// One round: renew the lease, read the placement, act on each shard.
+    async fn turn(&self) -> Result<(), ClusterError> {
+        let me = self.inner.config.node_id.clone();
+        let record = serde_json::to_vec(&NodeRecord {
+            url: self.inner.config.url.clone(),
+        })
+        .expect("a node record serializes");
+        self.inner
+            .nodes
+            .put(&me, record.into())
+            .await
+            .map_err(js_err)?;
+        let mut live = BTreeMap::new();
+        let mut keys = self.inner.nodes.keys().await.map_err(js_err)?;
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(js_err)?;
+            let v = self.inner.nodes.get(&k).await.map_err(js_err)?;
+            if let Some(r) = v.and_then(|v| serde_json::from_slice::<NodeRecord>(&v).ok()) {
+                live.insert(k, r);
+            }
+        }
+        let mut st = self.inner.state.lock().await;
+        st.live = live;
+        for k in 0..self.inner.logs.len() {
+            let key = format!("shard{k}");
+            let entry = self.inner.shards.entry(&key).await.map_err(js_err)?;
+            let (owner, revision) = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    (serde_json::from_slice::<Owner>(&e.value).ok(), e.revision)
+                }
+                Some(e) => (None, e.revision),
+                None => (None, 0),
+            };
+            st.owners[k] = owner.clone();
+            let picked = pick(k, &st.live).map(str::to_owned);
+            let owner_live = owner
+                .as_ref()
+                .is_some_and(|o| st.live.contains_key(&o.node));
+            let term = owner.as_ref().map_or(0, |o| o.term);
+            let mine = owner.as_ref().is_some_and(|o| o.node == me);
+            match &st.locals[k] {
+                Local::Owner { shard, .. } => {
+                    if !mine || shard.fenced() {
+                        self.demote(&mut st, k).await;
+                    } else if let Some(p) = picked.filter(|p| *p != me) {
+                        // A node joined and this shard is its share.
+                        self.demote(&mut st, k).await;
+                        let next = Owner {
+                            node: p.clone(),
+                            term: term + 1,
+                        };
+                        let v = serde_json::to_vec(&next).expect("serializes");
+                        if let Err(e) = self.inner.shards.update(&key, v.into(), revision).await {
+                            tracing::warn!(shard = k, error = %e, "cluster: handover lost a race");
+                        } else {
+                            tracing::info!(shard = k, to = %p, "cluster: shard handed over");
+                        }
+                    }
+                }
+                Local::Standby(_) if mine => {
+                    self.take_over(&mut st, k, term).await;
+                }
+                Local::Standby(_) if !owner_live && picked.as_deref() == Some(me.as_str()) => {
+                    let next = Owner {
+                        node: me.clone(),
+                        term: term + 1,
+                    };
+                    let v = serde_json::to_vec(&next).expect("serializes");
+                    let claimed = if entry.is_none() {
+                        self.inner
+                            .shards
+                            .create(&key, v.into())
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        self.inner
+                            .shards
+                            .update(&key, v.into(), revision)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    };
+                    match claimed {
+                        Ok(()) => {
+                            st.owners[k] = Some(next.clone());
+                            self.take_over(&mut st, k, next.term).await;
+                        }
+                        Err(e) => {
+                            tracing::info!(shard = k, error = %e, "cluster: another node claimed the shard first")
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.publish_status(&st);
+        Ok(())
+    }
+
+    /// Stops the shard's engine (if it runs here) and starts a standby.
+    async fn demote(&self, st: &mut State, k: usize) {
+        let old = std::mem::replace(&mut st.locals[k], Local::Moving);
+        if let Local::Owner { shard, .. } = old {
+            self.inner.service.uninstall(k);
+            shard.shutdown(Duration::from_secs(5)).await;
+            drop(shard);
+            tracing::info!(shard = k, "cluster: stopped owning the shard; standby now");
+        }
+        st.locals[k] = Local::Standby(Standby::start(
+            self.inner.logs[k].clone(),
+            shard_file(&self.inner.config, k),
+        ));
+    }
+
+    /// Takes shard `k` over: the copy reaches the log's end, a claim is
+    /// appended after it, and the engine starts on the copy. On any failure
+    /// the shard stays a standby here (the next round tries again).
+    async fn take_over(&self, st: &mut State, k: usize, term: u64) {
+        let log = self.inner.logs[k].clone();
+        let path = shard_file(&self.inner.config, k);
+        let Local::Standby(standby) = std::mem::replace(&mut st.locals[k], Local::Moving) else {
+            return;
+        };
+        let r = async {
+            let last = log.last_seq().await?;
+            if last == 0 {
+                standby.stop().await;
+                return self.genesis(k, &log, &path).await;
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while standby.applied() < last && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let applied = standby.stop().await;
+            let claim = serde_json::to_vec(&Owner {
+                node: self.inner.config.node_id.clone(),
+                term,
+            })
+            .expect("serializes");
+            let seq = log.append(applied, Kind::Claim, claim.into()).await?;
+            let db = open_copy(&path).map_err(StartError::Layout)?;
+            set_seq(db.conn(), seq).map_err(|e| StartError::Layout(e.to_string()))?;
+            drop(db);
+            self.start_shard(k, &log, seq)
+        }
+        .await;
+        match r {
+            Ok(local) => {
+                tracing::info!(shard = k, node = %self.inner.config.node_id, "cluster: took the shard over");
+                st.locals[k] = local;
+            }
+            Err(e) => {
+                tracing::warn!(shard = k, error = %e, "cluster: taking the shard over failed; standby again");
+                st.locals[k] = Local::Standby(Standby::start(log, path));
+            }
+        }
+    }
+
+    /// The first owner of a shard whose log is empty: creates its
+    /// database, appends it whole as the log's first entry, and starts it.
+    async fn genesis(
+        &self,
+        k: usize,
+        log: &ShardLog,
+        path: &std::path::Path,
+    ) -> Result<Local, ClusterError> {
+        remove_db(path);
+        let mut c = shard_config(&self.inner.service_config, k, path.to_owned());
+        c.frozen_schema = true;
+        let made = Shard::start(&c)?;
+        made.shutdown(Duration::from_secs(5)).await;
+        drop(made);
+        let image = {
+            let db = open_copy(path).map_err(StartError::Layout)?;
+            let conn = db.conn();
+            let err = |e: rusqlite::Error| StartError::Layout(format!("shard {k}: {e}"));
+            conn.execute_batch(CREATE_SEQ).map_err(err)?;
+            set_seq(conn, 1).map_err(err)?;
+            let tmp = path.with_extension("image");
+            let _ = std::fs::remove_file(&tmp);
+            conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
+                .map_err(err)?;
+            let bytes = std::fs::read(&tmp).map_err(|e| StartError::Layout(e.to_string()))?;
+            let _ = std::fs::remove_file(&tmp);
+            bytes
+        };
+        let seq = log.append(0, Kind::Image, image.into()).await?;
+        tracing::info!(shard = k, "cluster: created the shard and its log");
+        self.start_shard(k, log, seq)
+    }
+
+    fn start_shard(&self, k: usize, log: &ShardLog, seq: u64) -> Result<Local, ClusterError> {
+        let mut c = shard_config(
+            &self.inner.service_config,
+            k,
+            shard_file(&self.inner.config, k),
+        );
+        c.frozen_schema = true;
+        let shared = Arc::new(AtomicU64::new(seq));
+        let journal = LogJournal::new(
+            log.clone(),
+            tokio::runtime::Handle::current(),
+            seq,
+            shared.clone(),
+        );
+        let shard = Shard::start_with(&c, Some(Box::new(journal)))?;
+        self.inner.service.install(k, shard.clone());
+        Ok(Local::Owner { shard, seq: shared })
+    }
+
+    fn publish_status(&self, st: &State) {
+        let me = &self.inner.config.node_id;
+        let nodes: Vec<_> = st
+            .live
+            .iter()
+            .map(|(id, r)| serde_json::json!({"id": id, "url": r.url, "alive": true}))
+            .collect();
+        let shards: Vec<_> = st
+            .locals
+            .iter()
+            .enumerate()
+            .map(|(k, l)| {
+                let owner = st.owners[k].as_ref();
+                let applied = match l {
+                    Local::Owner { seq, .. } => seq.load(Ordering::Acquire),
+                    Local::Standby(s) => s.applied(),
+                    Local::Moving => 0,
+                };
+                serde_json::json!({
+                    "id": k,
+                    "owner": owner.map(|o| o.node.clone()),
+                    "owner_url": owner.and_then(|o| st.live.get(&o.node)).map(|r| r.url.clone()),
+                    "term": owner.map_or(0, |o| o.term),
+                    "here": match l { Local::Owner { .. } => "owner", Local::Standby(_) => "standby", Local::Moving => "moving" },
+                    "log_sequence_applied": applied,
+                })
+            })
+            .collect();
+        *self.inner.status.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
+            "node": me,
+            "nodes": nodes,
+            "shards": shards,
+        });
+    }
+
+    /// `GET /v1/admin/cluster`: the live nodes, each shard's owner and this
+    /// node's log position in it; with a tenant, its shard and owner.
+    pub fn status(&self, tenant: Option<&str>) -> serde_json::Value {
+        let mut v = self
+            .inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(t) = tenant {
+            let k = self.inner.service.shard_of(Some(t));
+            let shard = v["shards"][k].clone();
+            v["tenant"] = serde_json::json!({
+                "tenant": t,
+                "shard": k,
+                "owner": shard["owner"],
+                "owner_url": shard["owner_url"],
+            });
+        }
+        v
+    }
+
+    /// Leaves the cluster: stops the loop, the shards this node runs and
+    /// its standbys, and gives up its lease (its shards move at once).
+    pub async fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let mut st = self.inner.state.lock().await;
+        for k in 0..st.locals.len() {
+            match std::mem::replace(&mut st.locals[k], Local::Moving) {
+                Local::Owner { shard, .. } => {
+                    self.inner.service.uninstall(k);
+                    shard.shutdown(Duration::from_secs(5)).await;
+                }
+                Local::Standby(s) => {
+                    s.stop().await;
+                }
+                Local::Moving => {}
+            }
+        }
+        let _ = self.inner.nodes.delete(&self.inner.config.node_id).await;
+    }
+}
+
+fn shard_file(config: &ClusterConfig, k: usize) -> PathBuf {
+    config.dir.join(format!("shard-{k}.db"))
+}
