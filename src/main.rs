@@ -11,7 +11,8 @@
 //!   [`cmd::serve`] is `tenantsync serve` (contract: docs/CLI.md, the
 //!   protocol docs/PROTOCOL.md); [`cmd::bench`] is `tenantsync bench`, the
 //!   load benchmark (contract: docs/BENCH.md; the harness is
-//!   `tenantsync_loadtest`).
+//!   `tenantsync_loadtest`); [`cmd::cluster`] is `tenantsync cluster up`, a
+//!   local cluster (docs/CLUSTER.md).
 
 use std::process::ExitCode;
 
@@ -50,6 +51,9 @@ enum Command {
     /// The tenant-isolation load benchmark: a server, many tenants and
     /// WebSocket clients, throughput, latency, memory, leaks (docs/BENCH.md).
     Bench(Box<cmd::bench::BenchArgs>),
+    /// A local cluster: NATS and N nodes on loopback (docs/CLUSTER.md).
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
             &mut std::io::stderr().lock(),
         )),
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Cluster(c) => cmd::cluster::run(c),
         Command::Bench(args) => ExitCode::from(cmd::bench::run(
             args,
             &mut std::io::stdout().lock(),

@@ -59,7 +59,7 @@ mod outbound;
 pub mod placement;
 pub mod service;
 
-pub use edge::{app, auth, config, http, jwks, ws};
+pub use edge::{app, auth, config, forward, http, jwks, ws};
 
 const DEFAULT_MAX: usize = tenantsync_protocol::DEFAULT_MAX_MESSAGE_BYTES;
 

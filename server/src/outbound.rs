@@ -1,17 +1,84 @@
 //! Outbound HTTP(S) calls the server makes to other services (an identity
-//! provider's key set, the backend's write hook): HTTP/1.1 over hyper, TLS
-//! by rustls on ring with the system's root certificates. A leaf: imports
-//! nothing of the crate.
+//! provider's key set, the backend's write hook, the node that owns a
+//! shard in a cluster): HTTP/1.1 over hyper with one shared connection
+//! pool, TLS by rustls on ring with the system's root certificates. A
+//! leaf: imports nothing of the crate.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-/// Largest answer read.
+/// Largest answer [`call`] reads.
 const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn pool() -> Result<&'static Pool, String> {
+    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
+            .map_err(|e| format!("no TLS roots on this system: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Client::builder(TokioExecutor::new()).build(https))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// An answer: its status, headers and body.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Sends a request with `headers` and reads the whole answer (at most
+/// `max_bytes` of body): an error (in words) for no connection, a timeout
+/// or a body over the limit; any status is an answer.
+pub async fn exchange(
+    method: Method,
+    url: &str,
+    headers: HeaderMap,
+    body: Bytes,
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let inner = async {
+        let uri: axum::http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        *req.headers_mut() = headers;
+        let r = pool()?.request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = r.into_parts();
+        let body = Limited::new(body, max_bytes)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    match tokio::time::timeout(timeout, inner).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer in {} ms", timeout.as_millis())),
+    }
+}
 
 /// Sends a request and reads its answer's body: `GET` without a body,
 /// `POST` with a JSON one; an error (in words) for no connection, a
@@ -21,41 +88,20 @@ pub async fn call(
     json_body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<Vec<u8>, String> {
-    match tokio::time::timeout(timeout, call_inner(url, json_body)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer in {} ms", timeout.as_millis())),
-    }
-}
-
-async fn call_inner(url: &str, json_body: Option<Vec<u8>>) -> Result<Vec<u8>, String> {
-    let uri: axum::http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_native_roots(Arc::new(rustls::crypto::ring::default_provider()))
-        .map_err(|e| format!("no TLS roots on this system: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: Client<_, Full<axum::body::Bytes>> =
-        Client::builder(TokioExecutor::new()).build(https);
-    let mut req = axum::http::Request::builder().uri(uri);
-    let body = match json_body {
+    let mut headers = HeaderMap::new();
+    let (method, body) = match json_body {
         Some(b) => {
-            req = req
-                .method(axum::http::Method::POST)
-                .header(axum::http::header::CONTENT_TYPE, "application/json");
-            Full::new(axum::body::Bytes::from(b))
+            headers.insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            (Method::POST, Bytes::from(b))
         }
-        None => Full::new(axum::body::Bytes::new()),
+        None => (Method::GET, Bytes::new()),
     };
-    let req = req.body(body).map_err(|e| e.to_string())?;
-    let r = client.request(req).await.map_err(|e| e.to_string())?;
-    if !r.status().is_success() {
-        return Err(format!("HTTP {}", r.status()));
+    let a = exchange(method, url, headers, body, MAX_ANSWER_BYTES, timeout).await?;
+    if !a.status.is_success() {
+        return Err(format!("HTTP {}", a.status));
     }
-    let body = Limited::new(r.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer: {e}"))?
-        .to_bytes();
-    Ok(body.to_vec())
+    Ok(a.body.to_vec())
 }

@@ -128,6 +128,8 @@ impl PushRates {
 #[derive(Default)]
 struct Slot {
     shard: std::sync::RwLock<Option<Shard>>,
+    /// The URL of the node that runs it, when another node does.
+    elsewhere: std::sync::RwLock<Option<String>>,
 }
 
 impl Slot {
@@ -221,6 +223,28 @@ impl SyncService {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// Records which node runs shard `k` when this one does not (`None`:
+    /// this one, or none known).
+    pub(crate) fn set_elsewhere(&self, k: usize, url: Option<String>) {
+        *self.inner.shards[k]
+            .elsewhere
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = url;
+    }
+
+    /// The URL of the node a request of `tenant` goes to, when this node
+    /// does not run its shard and knows which does (a cluster).
+    pub fn forward_to(&self, tenant: Option<&str>) -> Option<String> {
+        let slot = &self.inner.shards[self.inner.placement.shard_of(tenant)];
+        if slot.get().is_some() {
+            return None;
+        }
+        slot.elsewhere
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Shard `k`, when this node runs it.

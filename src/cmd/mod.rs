@@ -1,6 +1,7 @@
 //! The subcommands of the `tenantsync` CLI, one module each.
 
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod policy;
 pub mod replica;

@@ -19,6 +19,7 @@ use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tenantsync_server::app::{self, AppState, Server};
 use tenantsync_server::auth::{Authenticator, JwtAlg};
+use tenantsync_server::cluster::Node;
 use tenantsync_server::config::{self, Config, LimitsConfig, LogFormat};
 use tenantsync_server::{SyncService, Synchronous};
 
@@ -101,6 +102,27 @@ pub struct ServeArgs {
     /// Bytes of changes pushed per second per tenant [default: 1048576] [env: TENANTSYNC_LIMITS_PUSH_BYTES_PER_TENANT]
     #[arg(long, value_name = "BYTES")]
     pub push_bytes_per_tenant: Option<f64>,
+    /// Run as a node of a cluster on these NATS servers (comma-separated; docs/CLUSTER.md) [env: TENANTSYNC_CLUSTER_NATS]
+    #[arg(long, value_name = "URLS")]
+    pub cluster_nats: Option<String>,
+    /// The cluster's name [default: tenantsync] [env: TENANTSYNC_CLUSTER_NAME]
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// This node's id, unique in the cluster and the same across restarts [env: TENANTSYNC_CLUSTER_NODE_ID]
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// The URL other nodes reach this one at [default: http://<listen>] [env: TENANTSYNC_CLUSTER_URL]
+    #[arg(long, value_name = "URL")]
+    pub node_url: Option<String>,
+    /// Where this node keeps its copies of the shards [default: <db>.cluster] [env: TENANTSYNC_CLUSTER_DIR]
+    #[arg(long, value_name = "DIR")]
+    pub cluster_dir: Option<PathBuf>,
+    /// Copies JetStream keeps of each shard's log [default: 1] [env: TENANTSYNC_CLUSTER_REPLICAS]
+    #[arg(long, value_name = "N")]
+    pub cluster_replicas: Option<usize>,
+    /// How long a node's lease outlives its last renewal, in ms [default: 3000] [env: TENANTSYNC_CLUSTER_LEASE_MS]
+    #[arg(long, value_name = "MS")]
+    pub cluster_lease_ms: Option<u64>,
 }
 
 fn parse_alg(s: &str) -> Result<JwtAlg, String> {
@@ -145,6 +167,15 @@ impl ServeArgs {
                 ..LimitsConfig::default()
             },
             ..Config::default()
+        };
+        c.cluster = config::ClusterSection {
+            nats: self.cluster_nats.clone(),
+            name: self.cluster_name.clone(),
+            node_id: self.node_id.clone(),
+            url: self.node_url.clone(),
+            dir: self.cluster_dir.clone(),
+            replicas: self.cluster_replicas,
+            lease_ms: self.cluster_lease_ms,
         };
         c.jwt.secret = self.jwt_secret.clone();
         c.jwt.public_key = self.jwt_public_key.clone();
@@ -259,13 +290,29 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
 
     let service_config = settings.service.clone();
     let db = service_config.db_path.clone();
-    let service = tokio::task::spawn_blocking(move || SyncService::start(service_config))
-        .await
-        .context("the service start panicked")?
-        .with_context(|| format!("cannot start the server on {}", db.display()))?;
+    let (service, node) = match settings.cluster.clone() {
+        Some(cluster) => {
+            let id = cluster.node_id.clone();
+            let (node, service) = Node::start(cluster, service_config)
+                .await
+                .with_context(|| format!("cannot start cluster node {id}"))?;
+            (service, Some(node))
+        }
+        None => {
+            let service = tokio::task::spawn_blocking(move || SyncService::start(service_config))
+                .await
+                .context("the service start panicked")?
+                .with_context(|| format!("cannot start the server on {}", db.display()))?;
+            (service, None)
+        }
+    };
 
     let render: app::MetricsRender = Arc::new(move || handle.render());
     let state = AppState::new(service.clone(), auth, settings.edge.clone(), Some(render));
+    let state = match &node {
+        Some(n) => state.with_cluster(n.clone()),
+        None => state,
+    };
     let server = match Server::bind(settings.listen, state).await {
         Ok(s) => s,
         Err(e) => {
@@ -296,6 +343,11 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
             }
         };
         signals.stop(reload).await;
+        if let Some(node) = node {
+            // Stops its shards first and gives the lease back: they move
+            // to other nodes at once.
+            node.stop().await;
+        }
     };
     server.run(signal).await;
     Ok(())

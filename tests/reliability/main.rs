@@ -8,9 +8,12 @@
 //!   applying a large pull, restarted until it converges.
 //! - `oracle`: seeded random policies, identities, subscriptions, writes and
 //!   disconnects; at quiescence every replica equals the oracle.
+//! - `cluster`: `tenantsync cluster up`, owners SIGKILLed (one during a
+//!   handover), clients resuming through a gateway node, the oracle.
 //! - `common`: the child-process server, tokens, clients, the oracle.
 
 mod client_crash;
+mod cluster;
 mod common;
 mod crash;
 mod oracle;

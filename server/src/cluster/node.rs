@@ -94,6 +94,8 @@ struct State {
     live: BTreeMap<String, NodeRecord>,
     /// Each shard's owner as last read.
     owners: Vec<Option<Owner>>,
+    /// Each shard's node by the placement rule, for the live nodes.
+    picks: Vec<Option<String>>,
 }
 
 struct Inner {
@@ -118,18 +120,39 @@ fn js_err(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::JetStream(e.to_string())
 }
 
-/// The node a shard belongs to among `live` (rendezvous hashing).
-fn pick(shard: usize, live: &BTreeMap<String, NodeRecord>) -> Option<&str> {
-    live.keys()
-        .max_by_key(|id| {
-            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-            for b in format!("{shard}/{id}").bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-            h
+/// Each shard's node among `live`: rendezvous hashing of (shard, node),
+/// capped so that no node gets more than its even share (`ceil(shards /
+/// nodes)`): a shard goes to the highest-ranked node with room. The same
+/// live set gives every node the same answer; a node joining or leaving
+/// moves few shards besides its share.
+fn assign(shards: usize, live: &BTreeMap<String, NodeRecord>) -> Vec<Option<String>> {
+    if live.is_empty() {
+        return vec![None; shards];
+    }
+    let cap = shards.div_ceil(live.len());
+    let mut load: BTreeMap<&str, usize> = live.keys().map(|k| (k.as_str(), 0)).collect();
+    (0..shards)
+        .map(|k| {
+            let mut ranked: Vec<&str> = live.keys().map(String::as_str).collect();
+            ranked.sort_by_key(|id| std::cmp::Reverse(weight(k, id)));
+            let pick = ranked
+                .into_iter()
+                .find(|id| load[id] < cap)
+                .expect("the caps hold every shard");
+            *load.get_mut(pick).expect("a live node") += 1;
+            Some(pick.to_owned())
         })
-        .map(String::as_str)
+        .collect()
+}
+
+/// Rendezvous weight of (shard, node): FNV-1a of `shard/node`.
+fn weight(shard: usize, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{shard}/{node}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 impl Node {
@@ -140,33 +163,42 @@ impl Node {
         config: ClusterConfig,
         service_config: ServiceConfig,
     ) -> Result<(Node, SyncService), ClusterError> {
-        let client = async_nats::connect(config.nats.as_str())
+        let connect_err = |reason: String| ClusterError::Connect {
+            url: config.nats.clone(),
+            reason,
+        };
+        let servers = config
+            .nats
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| connect_err(e.to_string()))?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(servers)
             .await
-            .map_err(|e| ClusterError::Connect {
-                url: config.nats.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| connect_err(e.to_string()))?;
         let js = jetstream::new(client);
         let bucket = |suffix: &str| format!("tenantsync_{}_{suffix}", config.name);
-        let nodes = js
-            .create_key_value(kv::Config {
+        let nodes = settle(|| {
+            js.create_key_value(kv::Config {
                 bucket: bucket("nodes"),
                 history: 1,
                 max_age: config.lease,
                 num_replicas: config.replicas,
                 ..Default::default()
             })
-            .await
-            .map_err(js_err)?;
-        let shards = js
-            .create_key_value(kv::Config {
+        })
+        .await?;
+        let shards = settle(|| {
+            js.create_key_value(kv::Config {
                 bucket: bucket("shards"),
                 history: 1,
                 num_replicas: config.replicas,
                 ..Default::default()
             })
-            .await
-            .map_err(js_err)?;
+        })
+        .await?;
         let placement = Placement::new(
             service_config.shards,
             service_config.shard_overrides.clone(),
@@ -177,7 +209,7 @@ impl Node {
         let mut logs = Vec::new();
         let mut locals = Vec::new();
         for k in 0..placement.shards() {
-            let log = ShardLog::open(&js, &config.name, k, config.replicas).await?;
+            let log = settle(|| ShardLog::open(&js, &config.name, k, config.replicas)).await?;
             locals.push(Local::Standby(Standby::start(
                 log.clone(),
                 shard_file(&config, k),
@@ -191,6 +223,7 @@ impl Node {
                     locals,
                     live: BTreeMap::new(),
                     owners: vec![None; placement.shards()],
+                    picks: vec![None; placement.shards()],
                 }),
                 config,
                 service_config,
@@ -241,7 +274,9 @@ impl Node {
         }
         let mut st = self.inner.state.lock().await;
         st.live = live;
-        for k in 0..self.inner.logs.len() {
+        let picks = assign(self.inner.logs.len(), &st.live);
+        st.picks = picks.clone();
+        for (k, picked) in picks.into_iter().enumerate() {
             let key = format!("shard{k}");
             let entry = self.inner.shards.entry(&key).await.map_err(js_err)?;
             let (owner, revision) = match &entry {
@@ -252,7 +287,6 @@ impl Node {
                 None => (None, 0),
             };
             st.owners[k] = owner.clone();
-            let picked = pick(k, &st.live).map(str::to_owned);
             let owner_live = owner
                 .as_ref()
                 .is_some_and(|o| st.live.contains_key(&o.node));
@@ -313,6 +347,14 @@ impl Node {
                 }
                 _ => {}
             }
+        }
+        for k in 0..st.owners.len() {
+            let elsewhere = st.owners[k]
+                .as_ref()
+                .filter(|o| o.node != me)
+                .and_then(|o| st.live.get(&o.node))
+                .map(|r| r.url.clone());
+            self.inner.service.set_elsewhere(k, elsewhere);
         }
         self.publish_status(&st);
         Ok(())
@@ -452,6 +494,9 @@ impl Node {
                     "owner": owner.map(|o| o.node.clone()),
                     "owner_url": owner.and_then(|o| st.live.get(&o.node)).map(|r| r.url.clone()),
                     "term": owner.map_or(0, |o| o.term),
+                    // Owned by the node the placement rule picks (no
+                    // handover due).
+                    "placed": owner.is_some_and(|o| st.picks[k].as_deref() == Some(o.node.as_str())),
                     "here": match l { Local::Owner { .. } => "owner", Local::Standby(_) => "standby", Local::Moving => "moving" },
                     "log_sequence_applied": applied,
                 })
@@ -507,6 +552,56 @@ impl Node {
     }
 }
 
+/// How long a node waits at start for JetStream to take its streams and
+/// buckets (a NATS cluster elects its JetStream leader after it starts).
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Runs `f` until it succeeds, for at most [`SETTLE`].
+async fn settle<T, E: std::fmt::Display, F, Fut>(mut f: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(js_err(e)),
+            Err(e) => {
+                tracing::info!(error = %e, "cluster: JetStream not ready yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
 fn shard_file(config: &ClusterConfig, k: usize) -> PathBuf {
     config.dir.join(format!("shard-{k}.db"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(ids: &[&str]) -> BTreeMap<String, NodeRecord> {
+        ids.iter()
+            .map(|id| (id.to_string(), NodeRecord { url: String::new() }))
+            .collect()
+    }
+
+    #[test]
+    fn shards_spread_evenly_and_a_join_moves_only_what_it_must() {
+        let three = assign(12, &live(&["a", "b", "c"]));
+        for id in ["a", "b", "c"] {
+            assert_eq!(three.iter().filter(|o| o.as_deref() == Some(id)).count(), 4);
+        }
+        let four = assign(12, &live(&["a", "b", "c", "d"]));
+        for id in ["a", "b", "c", "d"] {
+            assert_eq!(four.iter().filter(|o| o.as_deref() == Some(id)).count(), 3);
+        }
+        let moved = three.iter().zip(&four).filter(|(x, y)| x != y).count();
+        assert!(moved <= 6, "{moved} of 12 moved for a fourth node");
+        assert_eq!(assign(3, &live(&[])), vec![None, None, None]);
+        assert_eq!(assign(5, &live(&["a", "b"])), assign(5, &live(&["b", "a"])));
+    }
 }

@@ -57,6 +57,8 @@ struct Inner {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
+    /// Set when this server is a node of a cluster.
+    cluster: Option<crate::cluster::Node>,
 }
 
 impl AppState {
@@ -76,8 +78,22 @@ impl AppState {
                 shutdown: CancellationToken::new(),
                 hard_stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                cluster: None,
             }),
         }
+    }
+
+    /// This state for a node of a cluster (before the state is shared).
+    pub fn with_cluster(mut self, node: crate::cluster::Node) -> AppState {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_cluster before the state is shared")
+            .cluster = Some(node);
+        self
+    }
+
+    /// The cluster node this server is, if it is one.
+    pub fn cluster(&self) -> Option<&crate::cluster::Node> {
+        self.inner.cluster.as_ref()
     }
 
     /// The service.
@@ -134,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/policy", post(crate::http::reload_policy))
         .route("/v1/admin/schema", post(crate::http::change_schema))
         .route("/v1/admin/status", get(crate::http::admin_status))
+        .route("/v1/admin/cluster", get(crate::http::admin_cluster))
         .route("/v1/admin/peers/{site_id}", get(crate::http::peer_report))
         .fallback(crate::http::not_found)
         .method_not_allowed_fallback(crate::http::method_not_allowed)

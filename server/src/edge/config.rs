@@ -77,6 +77,116 @@ pub struct Config {
     /// The backend's write hook.
     #[serde(default, skip_serializing_if = "WriteHookConfig::is_empty")]
     pub write_hook: WriteHookConfig,
+    /// Running as a node of a cluster (docs/CLUSTER.md).
+    #[serde(default, skip_serializing_if = "ClusterSection::is_empty")]
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]` (docs/CLUSTER.md): set `nats` to run as a node of a cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// NATS server URLs, comma-separated (JetStream enabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+    /// The cluster's name (default `tenantsync`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// This node's id: unique in the cluster, the same across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// The URL other nodes reach this one at (default `http://<listen>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Where this node keeps its copies of the shards (default: `<db>.cluster`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Copies JetStream keeps of each log (default 1; 3 on 3 NATS servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<usize>,
+    /// How long a node's lease outlives its last renewal, in ms (default 3000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+}
+
+impl ClusterSection {
+    fn is_empty(&self) -> bool {
+        self == &ClusterSection::default()
+    }
+
+    fn resolve(
+        &self,
+        db: &Path,
+        listen: SocketAddr,
+    ) -> Result<Option<crate::cluster::ClusterConfig>, ConfigError> {
+        let Some(nats) = &self.nats else {
+            if self.is_empty() {
+                return Ok(None);
+            }
+            return Err(invalid(
+                "cluster.nats",
+                "the other [cluster] keys need cluster.nats (the NATS servers)",
+            ));
+        };
+        let node_id = self.node_id.clone().ok_or_else(|| {
+            invalid(
+                "cluster.node_id",
+                "a node of a cluster needs an id, unique in the cluster and the same across restarts",
+            )
+        })?;
+        if node_id.is_empty()
+            || !node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "cluster.node_id",
+                format!("{node_id:?}: letters, digits, - and _ only"),
+            ));
+        }
+        let name = self.name.clone().unwrap_or_else(|| "tenantsync".into());
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(invalid(
+                "cluster.name",
+                format!("{name:?}: letters, digits and _ only"),
+            ));
+        }
+        let url = match &self.url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None if listen.port() == 0 => {
+                return Err(invalid(
+                    "cluster.url",
+                    "with listen on port 0 the node's URL cannot be known: give cluster.url or a port",
+                ));
+            }
+            None => format!("http://{listen}"),
+        };
+        let replicas = self.replicas.unwrap_or(1);
+        if !(1..=5).contains(&replicas) {
+            return Err(invalid("cluster.replicas", "must be between 1 and 5"));
+        }
+        let lease = self.lease_ms.unwrap_or(3000);
+        if !(1000..=60_000).contains(&lease) {
+            return Err(invalid(
+                "cluster.lease_ms",
+                "must be between 1000 and 60000",
+            ));
+        }
+        let dir = self.dir.clone().unwrap_or_else(|| {
+            let mut d = db.as_os_str().to_owned();
+            d.push(".cluster");
+            PathBuf::from(d)
+        });
+        Ok(Some(crate::cluster::ClusterConfig {
+            nats: nats.clone(),
+            name,
+            node_id,
+            url,
+            dir,
+            replicas,
+            lease: Duration::from_millis(lease),
+        }))
+    }
 }
 
 /// `[write_hook]` (docs/SAAS.md, "Backend write validation").
@@ -317,6 +427,13 @@ const KEYS: &[(&str, Kind)] = &[
     ("write_hook.timeout_ms", Kind::Integer),
     ("write_hook.retries", Kind::Integer),
     ("write_hook.on_failure", Kind::Text),
+    ("cluster.nats", Kind::Text),
+    ("cluster.name", Kind::Text),
+    ("cluster.node_id", Kind::Text),
+    ("cluster.url", Kind::Text),
+    ("cluster.dir", Kind::Text),
+    ("cluster.replicas", Kind::Integer),
+    ("cluster.lease_ms", Kind::Integer),
 ];
 
 /// The prefix of the environment variables the configuration reads.
@@ -499,6 +616,7 @@ impl Config {
             &mut self.schema,
             &mut self.policy,
             &mut self.jwt.public_key,
+            &mut self.cluster.dir,
         ]
         .into_iter()
         .flatten()
@@ -591,7 +709,9 @@ impl Config {
         service.shards = shards;
         service.shard_overrides = shard_overrides;
         service.write_hook = self.write_hook.resolve()?;
+        let cluster = self.cluster.resolve(&service.db_path, listen)?;
         Ok(Settings {
+            cluster,
             service,
             listen,
             jwt,
@@ -832,6 +952,8 @@ pub struct Settings {
     pub schema_path: PathBuf,
     /// How log lines are written (the binary installs the subscriber).
     pub log_format: LogFormat,
+    /// Set: this server is a node of a cluster (docs/CLUSTER.md).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// How the server writes its log lines.

@@ -17,7 +17,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{
-    FromRequest, FromRequestParts, OptionalFromRequestParts, Path, Request, State,
+    FromRequest, FromRequestParts, OptionalFromRequestParts, Path, Query, Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -187,6 +187,7 @@ fn refuse_when_shutting_down(state: &AppState) -> Result<(), HttpError> {
 /// without one the session must bring it in `hello.token`.
 pub async fn sync(
     State(state): State<AppState>,
+    headers: HeaderMap,
     caller: Option<Caller>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
@@ -198,6 +199,10 @@ pub async fn sync(
         )
     })?;
     let principal = caller.map(|Caller(p)| p);
+    let relay = crate::ws::Relay {
+        upgrade_auth: headers.get(header::AUTHORIZATION).cloned(),
+        forwarded: headers.contains_key(crate::forward::FORWARDED),
+    };
     let max = state.edge().max_message_bytes;
     let cap = crate::ws::transport_cap(max);
     let tracker = state.tracker().clone();
@@ -218,6 +223,7 @@ pub async fn sync(
                     state.ws_context(),
                     state.service(),
                     principal,
+                    relay,
                 )
                 .await;
                 metrics::gauge!("tenantsync_ws_sockets").decrement(1.0);
@@ -228,11 +234,15 @@ pub async fn sync(
 /// `POST /v1/push`.
 pub async fn push(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Caller(p): Caller,
     JsonBody(req): JsonBody<PushRequest>,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
     tracing::Span::current().record("peer", tracing::field::display(&req.site_id));
+    if let Some(base) = crate::forward::target(&state, &headers, p.tenant.as_deref()) {
+        return Ok(forward_json(&state, &base, "/v1/push", &headers, &req).await);
+    }
     match state.service().push(&p, req).await {
         Ok(r) => Ok(json(r)),
         Err(PushError::Refused(refusal)) => {
@@ -246,17 +256,48 @@ pub async fn push(
 /// `POST /v1/pull` (long-poll with `wait_ms`).
 pub async fn pull(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Caller(p): Caller,
     JsonBody(req): JsonBody<PullRequest>,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
     tracing::Span::current().record("peer", tracing::field::display(&req.site_id));
+    if let Some(base) = crate::forward::target(&state, &headers, p.tenant.as_deref()) {
+        return Ok(forward_json(&state, &base, "/v1/pull", &headers, &req).await);
+    }
     Ok(json(state.service().pull(&p, req).await?))
 }
 
 /// `GET /v1/schema`.
-pub async fn schema(State(state): State<AppState>, Caller(_): Caller) -> Response {
+pub async fn schema(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Caller(p): Caller,
+) -> Response {
+    if let Some(base) = crate::forward::target(&state, &headers, p.tenant.as_deref()) {
+        return crate::forward::http(
+            &state,
+            &base,
+            Method::GET,
+            "/v1/schema",
+            &headers,
+            Vec::new(),
+        )
+        .await;
+    }
     json(state.service().schema())
+}
+
+/// Passes a request with a JSON body on to the node running the shard.
+async fn forward_json<T: serde::Serialize>(
+    state: &AppState,
+    base: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: &T,
+) -> Response {
+    let body = serde_json::to_vec(body).expect("a request serializes");
+    crate::forward::http(state, base, Method::POST, path, headers, body).await
 }
 
 /// `GET /v1/health` (no token): 200 `{status: "ok"}`, 503 `shutting_down`
@@ -318,10 +359,15 @@ pub async fn metrics(State(state): State<AppState>, _caller: ServiceCaller) -> R
 /// `POST /v1/sql` (service role).
 pub async fn sql(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ServiceCaller(p): ServiceCaller,
     JsonBody(req): JsonBody<SqlRequest>,
 ) -> Result<Response, HttpError> {
     refuse_when_shutting_down(&state)?;
+    let tenant = req.tenant.as_deref().or(p.tenant.as_deref());
+    if let Some(base) = crate::forward::target(&state, &headers, tenant) {
+        return Ok(forward_json(&state, &base, "/v1/sql", &headers, &req).await);
+    }
     let statements = req.statements.len();
     let result = state.service().sql(&p, req).await;
     match &result {
@@ -399,6 +445,35 @@ pub async fn admin_status(
         "schema_version": service.schema_version(),
         "shards": shards,
     })))
+}
+
+/// `GET /v1/admin/cluster[?tenant=T]` (service role): the live nodes
+/// (id, url, alive), the shards (id, owner, term, this node's place in it
+/// and the log sequence it applied) and, with a tenant, its shard and
+/// owner (docs/CLUSTER.md). 404 on a server that is not a node of a
+/// cluster.
+pub async fn admin_cluster(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    Query(q): Query<ClusterQuery>,
+) -> Response {
+    match state.cluster() {
+        Some(node) => json(node.status(q.tenant.as_deref())),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            &ApiError::new(
+                ErrorCode::BadMessage,
+                "this server is not a node of a cluster (docs/CLUSTER.md)",
+            ),
+        ),
+    }
+}
+
+/// The query of `GET /v1/admin/cluster`.
+#[derive(Debug, serde::Deserialize)]
+pub struct ClusterQuery {
+    /// A tenant whose shard and owner to show.
+    pub tenant: Option<String>,
 }
 
 /// `GET /v1/admin/peers/{site_id}` (service role).

@@ -200,11 +200,23 @@ pub(crate) struct Context<'a> {
 
 /// A `hello` that opened a session.
 pub(crate) struct Hello {
+    /// The message as it came (relayed as it is to another node).
+    pub raw: String,
     pub principal: Principal,
     pub site: SiteId,
     pub client: Option<String>,
     /// The schema version the replica has.
     pub schema_version: Option<i64>,
+}
+
+/// What a session needs to be relayed to the node running its tenant's
+/// shard (a cluster, [`crate::forward`]).
+#[derive(Debug, Clone, Default)]
+pub struct Relay {
+    /// The upgrade request's `Authorization` header, passed on.
+    pub upgrade_auth: Option<axum::http::HeaderValue>,
+    /// The session was relayed here already: it is never relayed again.
+    pub forwarded: bool,
 }
 
 /// The sink, shared by the writers of an open session.
@@ -356,6 +368,7 @@ where
                         ));
                     }
                     return Ok(Hello {
+                        raw: text.as_str().to_owned(),
                         principal,
                         site: site_id,
                         client,
@@ -508,6 +521,7 @@ pub(crate) async fn run_session<S, R, E, E2>(
     ctx: Context<'_>,
     service: &SyncService,
     upgrade_principal: Option<Principal>,
+    relay: Relay,
 ) where
     S: Sink<Message, Error = E> + Unpin,
     R: Stream<Item = Result<Message, E2>> + Unpin,
@@ -526,6 +540,19 @@ pub(crate) async fn run_session<S, R, E, E2>(
             tenant = hello.principal.tenant.as_deref().unwrap_or(""),
             client = hello.client.as_deref().unwrap_or(""),
         );
+        if !relay.forwarded
+            && let Some(base) = service.forward_to(hello.principal.tenant.as_deref())
+        {
+            break crate::forward::ws(
+                &sink,
+                &mut stream,
+                &base,
+                hello.raw,
+                relay.upgrade_auth.clone(),
+                ctx.edge.max_message_bytes,
+            )
+            .await;
+        }
         let expires_at = expiry(&hello.principal, ctx.auth);
         let opened = service
             .open_session(
