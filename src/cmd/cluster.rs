@@ -320,8 +320,8 @@ async fn start_all(
     Ok(())
 }
 
-/// Waits until every shard is owned by the node the placement rule picks
-/// (asked of the first node).
+/// Waits until every node sees every shard owned by the node the
+/// placement rule picks.
 async fn wait_owned(args: &UpArgs, l: &Layout) -> anyhow::Result<()> {
     let token = super::token::mint(
         &super::token::TokenArgs {
@@ -335,22 +335,33 @@ async fn wait_owned(args: &UpArgs, l: &Layout) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{}/v1/admin/cluster", l.node_ports[0]);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let v: Option<serde_json::Value> = match client.get(&url).bearer_auth(&token).send().await {
-            Ok(r) if r.status().is_success() => r.json().await.ok(),
-            _ => None,
-        };
-        let owned = v
-            .as_ref()
-            .and_then(|v| v["shards"].as_array())
-            .is_some_and(|s| {
+        let mut views = Vec::new();
+        for port in &l.node_ports[..args.nodes] {
+            let url = format!("http://127.0.0.1:{port}/v1/admin/cluster");
+            let v: Option<serde_json::Value> =
+                match client.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().is_success() => r.json().await.ok(),
+                    _ => None,
+                };
+            views.push(v.unwrap_or_default());
+        }
+        // Every node sees every shard owned where the rule puts it, and
+        // each owner runs its shards.
+        let all = views.iter().all(|v| {
+            v["shards"].as_array().is_some_and(|s| {
                 s.len() == l.shards
-                    && s.iter()
-                        .all(|s| s["owner_url"].is_string() && s["placed"] == true)
-            });
-        if owned {
+                    && s.iter().enumerate().all(|(k, s)| {
+                        s["owner_url"].is_string()
+                            && s["placed"] == true
+                            && views.iter().any(|o| {
+                                o["node"] == s["owner"] && o["shards"][k]["here"] == "owner"
+                            })
+                    })
+            })
+        });
+        if all {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -10,226 +10,24 @@
 //! of the clients' syncs after a reconnect were refetches rather than
 //! resumes is printed (docs/CLUSTER.md, "Not yet").
 //!
+//! `nats_servers_die_and_come_back_and_nothing_acknowledged_is_lost`: one
+//! of the three NATS servers SIGKILLed under load (writes go on), then the
+//! other two (writes are refused `unavailable`, none acknowledged), then all
+//! three restarted (service resumes); every acknowledged write is there.
+//!
 //! `a_paused_owner_acknowledges_nothing_it_lost`: an owner SIGSTOPped until
 //! its lease lapses, then SIGCONTed with a write waiting for it, cannot
 //! acknowledge a write the log does not hold, and rejoins as a standby.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value as Json;
 use tenantsync_client::{Event, Replica, SyncClient};
 use tenantsync_policy::Identity;
 
 use crate::common::*;
-
-/// A node: its id, URL and process id.
-#[derive(Clone, Debug)]
-struct NodeInfo {
-    id: String,
-    url: String,
-    pid: u32,
-}
-
-/// `tenantsync cluster up` running, and the nodes the test joined.
-struct Cluster {
-    up: Child,
-    dir: PathBuf,
-    nodes: Vec<NodeInfo>,
-    joined: Vec<Child>,
-}
-
-impl Cluster {
-    fn up(dir: &Path, nodes: usize, shards: usize) -> Cluster {
-        let mut up = Command::new(bin())
-            .args(["cluster", "up", "--nodes", &nodes.to_string(), "--dir"])
-            .arg(dir)
-            .arg("--schema")
-            .arg(examples("schema.sql"))
-            .arg("--policy")
-            .arg(examples("policy.sql"))
-            .args(["--jwt-secret", SECRET, "--shards", &shards.to_string()])
-            .args(["--lease-ms", "2000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("tenantsync cluster up");
-        let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-        let mut infos = Vec::new();
-        loop {
-            let line = lines
-                .next()
-                .expect("cluster up ended before `cluster ready`")
-                .unwrap();
-            if line == "cluster ready" {
-                break;
-            }
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!((f[0], f[3]), ("node", "pid"), "{line}");
-            infos.push(NodeInfo {
-                id: f[1].into(),
-                url: f[2].into(),
-                pid: f[4].parse().unwrap(),
-            });
-        }
-        assert_eq!(infos.len(), nodes);
-        std::thread::spawn(move || for _ in lines {});
-        Cluster {
-            up,
-            dir: dir.to_owned(),
-            nodes: infos,
-            joined: Vec::new(),
-        }
-    }
-
-    /// Starts another node (`tenantsync serve` with cluster flags) on the
-    /// cluster's NATS servers.
-    fn join(&mut self, id: &str, shards: usize) -> NodeInfo {
-        let layout: Json =
-            serde_json::from_slice(&std::fs::read(self.dir.join("cluster.json")).unwrap()).unwrap();
-        let nats: Vec<String> = layout["nats_ports"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("http://127.0.0.1:{port}");
-        let ndir = self.dir.join(id);
-        std::fs::create_dir_all(&ndir).unwrap();
-        let mut child = Command::new(bin())
-            .args(["serve", "--db"])
-            .arg(ndir.join("server.db"))
-            .arg("--schema")
-            .arg(examples("schema.sql"))
-            .arg("--policy")
-            .arg(examples("policy.sql"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--jwt-secret", SECRET, "--shards", &shards.to_string()])
-            .args(["--cluster-nats", &nats.join(",")])
-            .args(["--node-id", id, "--node-url", &url])
-            .args(["--cluster-replicas", &nats.len().to_string()])
-            .args(["--cluster-lease-ms", "2000"])
-            .arg("--cluster-dir")
-            .arg(ndir.join("shards"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("listening on"), "{id}: {line:?}");
-        let info = NodeInfo {
-            id: id.into(),
-            url,
-            pid: child.id(),
-        };
-        self.joined.push(child);
-        self.nodes.push(info.clone());
-        info
-    }
-
-    fn node(&self, id: &str) -> &NodeInfo {
-        self.nodes.iter().find(|n| n.id == id).unwrap()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.joined {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // SAFETY: a plain kill(2) of the child this test started.
-        unsafe { libc::kill(self.up.id() as i32, libc::SIGTERM) };
-        let _ = self.up.wait();
-    }
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: a plain kill(2) of a process this test's cluster started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-}
-
-/// `GET /v1/admin/cluster?tenant=T` on `url`: (shard, owner id).
-async fn owner_of(http: &reqwest::Client, url: &str, tenant: &str) -> Option<(usize, String)> {
-    let v: Json = http
-        .get(format!("{url}/v1/admin/cluster?tenant={tenant}"))
-        .bearer_auth(service_token())
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    Some((
-        v["tenant"]["shard"].as_u64()? as usize,
-        v["tenant"]["owner"].as_str()?.to_owned(),
-    ))
-}
-
-/// `GET /v1/admin/cluster` on `url` (null when it does not answer).
-async fn cluster_status(http: &reqwest::Client, url: &str) -> Json {
-    let r = http
-        .get(format!("{url}/v1/admin/cluster"))
-        .bearer_auth(service_token())
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match r {
-        Ok(r) => r.json().await.unwrap_or(Json::Null),
-        Err(_) => Json::Null,
-    }
-}
-
-/// Service SQL for one tenant through `url`.
-async fn tenant_sql(
-    http: &reqwest::Client,
-    url: &str,
-    tenant: &str,
-    sql: &str,
-) -> Result<Json, String> {
-    let r = http
-        .post(format!("{url}/v1/sql"))
-        .bearer_auth(service_token())
-        .json(&serde_json::json!({"tenant": tenant, "statements": [{"sql": sql, "params": []}]}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = r.status();
-    let body: Json = r.json().await.map_err(|e| e.to_string())?;
-    if status == 200 {
-        Ok(body)
-    } else {
-        Err(format!("{status}: {body}"))
-    }
-}
-
-/// Service SQL retried while the tenant's shard moves (at most 15 s).
-async fn settled_sql(http: &reqwest::Client, url: &str, tenant: &str, sql: &str) -> Json {
-    let at = Instant::now();
-    loop {
-        match tenant_sql(http, url, tenant, sql).await {
-            Ok(r) => return r,
-            Err(e) if at.elapsed() > Duration::from_secs(15) => panic!("{tenant}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
 
 const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 
@@ -544,4 +342,147 @@ async fn a_paused_owner_acknowledges_nothing_it_lost() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("the woken owner answered {answer:?}");
+}
+
+/// The NATS server of `cluster up` number `i`: its pid.
+fn nats_pid(dir: &std::path::Path, i: usize) -> Option<u32> {
+    let conf = dir.join(format!("nats-{i}")).join("nats.conf");
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("nats-server -c {}", conf.display())])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_servers_die_and_come_back_and_nothing_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::up(dir.path(), 3, 3);
+    let http = reqwest::Client::new();
+    let urls: Vec<String> = cluster.nodes.iter().map(|n| n.url.clone()).collect();
+    let answered: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, answered, failures, http, urls) = (
+            stop.clone(),
+            answered.clone(),
+            failures.clone(),
+            http.clone(),
+            urls.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                n += 1;
+                let t = TENANTS[n as usize % TENANTS.len()];
+                let sql = format!(
+                    "INSERT INTO todos (id, tenant_id, owner, title) VALUES ({n}, '{t}', 'backend', 'b')"
+                );
+                match tenant_sql(&http, &urls[n as usize % urls.len()], t, &sql).await {
+                    Ok(_) => answered.lock().unwrap().push((t.to_owned(), n)),
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let count = || answered.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // One of three NATS servers dies: writes go on.
+    sigkill(nats_pid(dir.path(), 1).expect("nats-server 1"));
+    let before = count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        count() > before + 20,
+        "writes stopped with one NATS server of three dead"
+    );
+
+    // All of them: writes fail, clearly.
+    for i in [0, 2] {
+        sigkill(nats_pid(dir.path(), i).expect("nats-server"));
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let stalled = count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(),
+        stalled,
+        "a write was acknowledged with every NATS server dead"
+    );
+    {
+        let f = failures.lock().unwrap();
+        let last = f.last().expect("failures while NATS is down");
+        assert!(
+            last.contains("503") && last.contains("unavailable"),
+            "{last}"
+        );
+    }
+
+    // They come back: so does service.
+    let mut restarted = Vec::new();
+    for i in 0..3 {
+        let conf = dir.path().join(format!("nats-{i}")).join("nats.conf");
+        restarted.push(
+            std::process::Command::new("nats-server")
+                .arg("-c")
+                .arg(conf)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let at = Instant::now();
+    while count() < stalled + 20 {
+        assert!(
+            at.elapsed() < Duration::from_secs(60),
+            "no service 60 s after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "service resumed {:?} after the NATS servers restarted",
+        at.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+
+    // Every acknowledged write is in the cluster.
+    let answered = answered.lock().unwrap().clone();
+    for t in TENANTS {
+        let sql = format!("SELECT id FROM todos WHERE tenant_id = '{t}'");
+        let r = settled_sql(&http, &urls[0], t, &sql).await;
+        let there: std::collections::BTreeSet<i64> = r["results"][0]["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row[0].as_i64().unwrap())
+            .collect();
+        let missing: Vec<i64> = answered
+            .iter()
+            .filter(|(tt, id)| tt == t && !there.contains(id))
+            .map(|(_, id)| *id)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{t}: acknowledged writes lost: {missing:?}"
+        );
+    }
+    eprintln!(
+        "{} writes acknowledged, {} refused while NATS was down",
+        answered.len(),
+        failures.lock().unwrap().len()
+    );
+    drop(cluster);
+    for mut c in restarted {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

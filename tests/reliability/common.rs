@@ -328,3 +328,213 @@ async fn inside(c: &SyncClient) -> String {
     .await
     .unwrap_or_else(|e| format!("  unreadable: {e}"))
 }
+
+// --- A cluster of real processes (docs/CLUSTER.md) ---
+
+/// A node: its id, URL and process id.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub id: String,
+    pub url: String,
+    pub pid: u32,
+}
+
+/// `tenantsync cluster up` running, and the nodes the test joined.
+pub struct Cluster {
+    up: Child,
+    pub dir: PathBuf,
+    pub nodes: Vec<NodeInfo>,
+    joined: Vec<Child>,
+}
+
+impl Cluster {
+    pub fn up(dir: &Path, nodes: usize, shards: usize) -> Cluster {
+        Cluster::up_with(dir, nodes, shards, &examples("policy.sql"))
+    }
+
+    /// [`Cluster::up`] with another policy file.
+    pub fn up_with(dir: &Path, nodes: usize, shards: usize, policy: &Path) -> Cluster {
+        let mut up = Command::new(bin())
+            .args(["cluster", "up", "--nodes", &nodes.to_string(), "--dir"])
+            .arg(dir)
+            .arg("--schema")
+            .arg(examples("schema.sql"))
+            .arg("--policy")
+            .arg(policy)
+            .args(["--jwt-secret", SECRET, "--shards", &shards.to_string()])
+            .args(["--lease-ms", "2000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tenantsync cluster up");
+        let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+        let mut infos = Vec::new();
+        loop {
+            let line = lines
+                .next()
+                .expect("cluster up ended before `cluster ready`")
+                .unwrap();
+            if line == "cluster ready" {
+                break;
+            }
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!((f[0], f[3]), ("node", "pid"), "{line}");
+            infos.push(NodeInfo {
+                id: f[1].into(),
+                url: f[2].into(),
+                pid: f[4].parse().unwrap(),
+            });
+        }
+        assert_eq!(infos.len(), nodes);
+        std::thread::spawn(move || for _ in lines {});
+        Cluster {
+            up,
+            dir: dir.to_owned(),
+            nodes: infos,
+            joined: Vec::new(),
+        }
+    }
+
+    /// Starts another node (`tenantsync serve` with cluster flags) on the
+    /// cluster's NATS servers.
+    pub fn join(&mut self, id: &str, shards: usize) -> NodeInfo {
+        let layout: Json =
+            serde_json::from_slice(&std::fs::read(self.dir.join("cluster.json")).unwrap()).unwrap();
+        let nats: Vec<String> = layout["nats_ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let ndir = self.dir.join(id);
+        std::fs::create_dir_all(&ndir).unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--db"])
+            .arg(ndir.join("server.db"))
+            .arg("--schema")
+            .arg(examples("schema.sql"))
+            .arg("--policy")
+            .arg(examples("policy.sql"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--jwt-secret", SECRET, "--shards", &shards.to_string()])
+            .args(["--cluster-nats", &nats.join(",")])
+            .args(["--node-id", id, "--node-url", &url])
+            .args(["--cluster-replicas", &nats.len().to_string()])
+            .args(["--cluster-lease-ms", "2000"])
+            .arg("--cluster-dir")
+            .arg(ndir.join("shards"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("listening on"), "{id}: {line:?}");
+        let info = NodeInfo {
+            id: id.into(),
+            url,
+            pid: child.id(),
+        };
+        self.joined.push(child);
+        self.nodes.push(info.clone());
+        info
+    }
+
+    pub fn node(&self, id: &str) -> &NodeInfo {
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.joined {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // SAFETY: a plain kill(2) of the child this test started.
+        unsafe { libc::kill(self.up.id() as i32, libc::SIGTERM) };
+        let _ = self.up.wait();
+    }
+}
+
+pub fn sigkill(pid: u32) {
+    // SAFETY: a plain kill(2) of a process this test's cluster started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// `GET /v1/admin/cluster?tenant=T` on `url`: (shard, owner id).
+pub async fn owner_of(http: &reqwest::Client, url: &str, tenant: &str) -> Option<(usize, String)> {
+    let v: Json = http
+        .get(format!("{url}/v1/admin/cluster?tenant={tenant}"))
+        .bearer_auth(service_token())
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some((
+        v["tenant"]["shard"].as_u64()? as usize,
+        v["tenant"]["owner"].as_str()?.to_owned(),
+    ))
+}
+
+/// `GET /v1/admin/cluster` on `url` (null when it does not answer).
+pub async fn cluster_status(http: &reqwest::Client, url: &str) -> Json {
+    let r = http
+        .get(format!("{url}/v1/admin/cluster"))
+        .bearer_auth(service_token())
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    match r {
+        Ok(r) => r.json().await.unwrap_or(Json::Null),
+        Err(_) => Json::Null,
+    }
+}
+
+/// Service SQL for one tenant through `url`.
+pub async fn tenant_sql(
+    http: &reqwest::Client,
+    url: &str,
+    tenant: &str,
+    sql: &str,
+) -> Result<Json, String> {
+    let r = http
+        .post(format!("{url}/v1/sql"))
+        .bearer_auth(service_token())
+        .json(&serde_json::json!({"tenant": tenant, "statements": [{"sql": sql, "params": []}]}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let body: Json = r.json().await.map_err(|e| e.to_string())?;
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(format!("{status}: {body}"))
+    }
+}
+
+/// Service SQL retried while the tenant's shard moves (at most 15 s).
+pub async fn settled_sql(http: &reqwest::Client, url: &str, tenant: &str, sql: &str) -> Json {
+    let at = Instant::now();
+    loop {
+        match tenant_sql(http, url, tenant, sql).await {
+            Ok(r) => return r,
+            Err(e) if at.elapsed() > Duration::from_secs(15) => panic!("{tenant}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

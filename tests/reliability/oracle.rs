@@ -330,27 +330,85 @@ struct Peer {
     client: SyncClient,
 }
 
-async fn one_seed(seed: u64, steps: usize) {
+/// What a seed runs against: one `tenantsync serve`, or a cluster of
+/// three nodes (`tenantsync cluster up`, 6 shards) whose every node serves
+/// every client (the peers are spread over them).
+enum Target {
+    Single(Serve, ServeSpec),
+    Cluster(Box<Cluster>, tenantsync_server::Placement),
+}
+
+impl Target {
+    fn start(cluster: bool, dir: &std::path::Path, policy: std::path::PathBuf) -> Target {
+        if cluster {
+            let shards = 6;
+            Target::Cluster(
+                Box::new(Cluster::up_with(&dir.join("cluster"), 3, shards, &policy)),
+                tenantsync_server::Placement::new(shards, Default::default()),
+            )
+        } else {
+            let spec = ServeSpec {
+                db: dir.join("server.db"),
+                schema: examples("schema.sql"),
+                policy,
+                synchronous: "normal",
+            };
+            Target::Single(Serve::start(&spec, 0), spec)
+        }
+    }
+
+    /// The URL the `k`-th client or call goes to.
+    fn url(&self, k: usize) -> String {
+        match self {
+            Target::Single(s, _) => s.url(),
+            Target::Cluster(c, _) => c.nodes[k % c.nodes.len()].url.clone(),
+        }
+    }
+
+    /// The database holding a tenant's rows (the first node's copy of its
+    /// shard, in a cluster).
+    fn db_of(&self, tenant: &str) -> std::path::PathBuf {
+        match self {
+            Target::Single(_, spec) => spec.db.clone(),
+            Target::Cluster(c, p) => c
+                .dir
+                .join(&c.nodes[0].id)
+                .join("shards")
+                .join(format!("shard-{}.db", p.shard_of(Some(tenant)))),
+        }
+    }
+
+    /// Every database (each shard's, in a cluster).
+    fn dbs(&self) -> Vec<std::path::PathBuf> {
+        match self {
+            Target::Single(_, spec) => vec![spec.db.clone()],
+            Target::Cluster(c, p) => (0..p.shards())
+                .map(|k| {
+                    c.dir
+                        .join(&c.nodes[0].id)
+                        .join("shards")
+                        .join(format!("shard-{k}.db"))
+                })
+                .collect(),
+        }
+    }
+}
+
+async fn one_seed(seed: u64, steps: usize, cluster: bool) {
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let policy_sql = policy(&mut rng);
     eprintln!("  policy:\n{policy_sql}");
     let policy_path = dir.path().join("policy.sql");
     std::fs::write(&policy_path, &policy_sql).unwrap();
-    let spec = ServeSpec {
-        db: dir.path().join("server.db"),
-        schema: examples("schema.sql"),
-        policy: policy_path,
-        synchronous: "normal",
-    };
-    let serve = Serve::start(&spec, 0);
-    let url = serve.url();
+    let target = Target::start(cluster, dir.path(), policy_path);
     let http = reqwest::Client::new();
     for l in 1..=4 {
         let (t, u) = (TENANTS[l % 2], USERS[l % USERS.len()]);
-        service_sql(
+        tenant_sql(
             &http,
-            &url,
+            &target.url(l),
+            t,
             &format!("INSERT INTO lists VALUES ({l}, '{t}', '{u}', 'list{l}')"),
         )
         .await
@@ -362,7 +420,7 @@ async fn one_seed(seed: u64, steps: usize) {
         let user = *USERS.choose(&mut rng).unwrap();
         let tenant = *TENANTS.choose(&mut rng).unwrap();
         let cl = claims(user, tenant);
-        let client = client(&url, &cl, Replica::open_in_memory().unwrap());
+        let client = client(&target.url(k), &cl, Replica::open_in_memory().unwrap());
         for (i, q) in some(&mut rng, QUERIES, 3).into_iter().enumerate() {
             eprintln!("  peer{k} ({user}@{tenant}) subscribes s{i}: {q}");
             client.subscribe(&format!("s{i}"), q).await.unwrap();
@@ -411,7 +469,17 @@ async fn one_seed(seed: u64, steps: usize) {
                 let t = *TENANTS.choose(&mut rng).unwrap();
                 let sql = random_write(&mut rng, u, t);
                 eprintln!("  {step}: service writes: {sql}");
-                service_sql(&http, &url, &sql).await.unwrap();
+                match tenant_sql(&http, &target.url(step), t, &sql).await {
+                    Ok(_) => {}
+                    // With several shards, service SQL writes one tenant's
+                    // rows only (docs/CLI.md, "Shards"): a REPLACE over
+                    // another tenant's row of the same shard is refused,
+                    // whole.
+                    Err(e) if cluster && e.contains("scoped to one tenant") => {
+                        eprintln!("  {step}: refused (another tenant's row): {e}");
+                    }
+                    Err(e) => panic!("seed {seed}: service write failed: {e}"),
+                }
             }
             14 => {
                 eprintln!("  {step}: {who} reconnects");
@@ -437,7 +505,7 @@ async fn one_seed(seed: u64, steps: usize) {
                     let (body, text) = evil_push(&mut rng, &attackers[k], &honest_sites);
                     let a = &mut attackers[k];
                     let r = http
-                        .post(format!("{url}/v1/push"))
+                        .post(format!("{}/v1/push", target.url(step + k)))
                         .bearer_auth(&a.token)
                         .json(&body)
                         .send()
@@ -464,22 +532,32 @@ async fn one_seed(seed: u64, steps: usize) {
     for p in &peers {
         p.client.set_online(true);
     }
-    let view: Vec<(&SyncClient, &Identity, &str)> = peers
-        .iter()
-        .map(|p| (&p.client, &p.who, p.name.as_str()))
-        .collect();
-    let converged = tokio::time::timeout(
-        Duration::from_secs(90),
-        converge(&view, &spec.db, &policy_sql, Duration::from_secs(30)),
-    )
-    .await;
-    assert!(converged.is_ok(), "seed {seed}: no convergence");
-    drop(view);
+    for t in TENANTS {
+        let view: Vec<(&SyncClient, &Identity, &str)> = peers
+            .iter()
+            .filter(|p| p.tenant == *t)
+            .map(|p| (&p.client, &p.who, p.name.as_str()))
+            .collect();
+        let converged = tokio::time::timeout(
+            Duration::from_secs(90),
+            converge(
+                &view,
+                &target.db_of(t),
+                &policy_sql,
+                Duration::from_secs(30),
+            ),
+        )
+        .await;
+        assert!(converged.is_ok(), "seed {seed}: no convergence");
+    }
     // Nothing an attacker sent left a trace.
-    for a in &attackers {
+    for (a, db) in attackers
+        .iter()
+        .flat_map(|a| target.dbs().into_iter().map(move |db| (a, db)))
+    {
         for table in ["todos", "lists", "members"] {
             let reader = tenantsync_core::CrrConnection::open_with(
-                &spec.db,
+                &db,
                 tenantsync_core::Options {
                     read_only: true,
                     ..tenantsync_core::Options::default()
@@ -503,7 +581,9 @@ async fn one_seed(seed: u64, steps: usize) {
     for p in peers {
         p.client.close().await.unwrap();
     }
-    serve.stop();
+    if let Target::Single(serve, _) = target {
+        serve.stop();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,11 +596,33 @@ async fn random_policies_identities_subscriptions_and_writes_converge_to_the_ora
             "oracle: seed {seed} (TENANTSYNC_ORACLE_SEED={seed} TENANTSYNC_ORACLE_SEEDS=1 reruns it)"
         );
         let t = std::time::Instant::now();
-        let r = tokio::spawn(one_seed(seed, steps)).await;
+        let r = tokio::spawn(one_seed(seed, steps, false)).await;
         if let Err(e) = r {
             panic!("seed {seed} failed: {e}");
         }
         eprintln!("oracle: seed {seed} converged in {:?}", t.elapsed());
     }
     eprintln!("oracle: {seeds} seeds converged");
+}
+
+/// The same oracle against a cluster of three nodes (issue 13): peers,
+/// service writes and attackers spread over the nodes, every request
+/// relayed to the owner of its tenant's shard. `TENANTSYNC_ORACLE_CLUSTER_SEEDS`
+/// (default 2) seeds from `TENANTSYNC_ORACLE_SEED` (default 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oracle_holds_against_a_three_node_cluster() {
+    let seeds = env_or("TENANTSYNC_ORACLE_CLUSTER_SEEDS", 2);
+    let first = env_or("TENANTSYNC_ORACLE_SEED", 1);
+    let steps = env_or("TENANTSYNC_ORACLE_STEPS", 40) as usize;
+    for seed in first..first + seeds {
+        eprintln!("oracle on a cluster: seed {seed}");
+        let t = std::time::Instant::now();
+        if let Err(e) = tokio::spawn(one_seed(seed, steps, true)).await {
+            panic!("seed {seed} failed on a cluster: {e}");
+        }
+        eprintln!(
+            "oracle on a cluster: seed {seed} converged in {:?}",
+            t.elapsed()
+        );
+    }
 }

@@ -37,33 +37,57 @@ pub(crate) fn remove_db(path: &Path) {
 }
 
 /// Opens a copy for applying entries: with the core's functions (the
-/// CRRs' triggers call them), and its sync bit set so they record nothing
-/// (the entries carry the clocks).
+/// CRRs' triggers call them), its sync bit set so they record nothing (the
+/// entries carry the clocks), and `synchronous = NORMAL`.
 pub(crate) fn open_copy(path: &Path) -> Result<CrrConnection, String> {
     let db = CrrConnection::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
     db.conn()
         .query_row("SELECT crsql_internal_sync_bit(1)", [], |_| Ok(()))
         .map_err(|e| e.to_string())?;
+    // The log is the truth: a copy that loses its last transactions to a
+    // power cut applies them again from the log (WAL keeps it whole).
+    db.conn()
+        .execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(|e| e.to_string())?;
     Ok(db)
 }
 
+/// Why an entry did not apply.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    /// The copy is not the one the entry follows: it must be rebuilt.
+    #[error("the copy diverged from the log: {0}")]
+    Diverged(String),
+    /// Something that may pass (the database busy): apply it again.
+    #[error("{0}")]
+    Transient(String),
+}
+
 /// Applies one entry to a copy that applied every entry before it.
-pub(crate) fn apply(db: &CrrConnection, e: &Entry) -> Result<(), String> {
+pub(crate) fn apply(db: &CrrConnection, e: &Entry) -> Result<(), ApplyError> {
     let conn = db.conn();
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string())?;
+    let transient = |x: rusqlite::Error| ApplyError::Transient(x.to_string());
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(transient)?;
     let r = match e.kind {
-        Kind::Changeset => changeset::apply(conn, &e.payload).map_err(|x| x.to_string()),
-        Kind::Claim => set_seq(conn, e.seq).map_err(|x| x.to_string()),
-        Kind::Image => Err("an image past the log's first entry".to_owned()),
+        Kind::Changeset => changeset::apply(conn, &e.payload).map_err(|x| match x {
+            changeset::ChangesetError::Conflict => ApplyError::Diverged(x.to_string()),
+            other => ApplyError::Transient(other.to_string()),
+        }),
+        Kind::Claim => set_seq(conn, e.seq).map_err(transient),
+        Kind::Image => Err(ApplyError::Diverged(
+            "an image past the log's first entry".to_owned(),
+        )),
     }
     .and_then(|()| match applied_seq(conn) {
         Ok(s) if s == e.seq => Ok(()),
-        Ok(s) => Err(format!("after entry {} the copy records {s}", e.seq)),
-        Err(x) => Err(x.to_string()),
+        Ok(s) => Err(ApplyError::Diverged(format!(
+            "after entry {} the copy records {s}",
+            e.seq
+        ))),
+        Err(x) => Err(transient(x)),
     });
     let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    conn.execute_batch(end).map_err(|e| e.to_string())?;
+    conn.execute_batch(end).map_err(transient)?;
     r
 }
 
@@ -199,8 +223,15 @@ fn follow(
                         seq = entry.seq;
                         applied.store(seq, Ordering::Release);
                     }
+                    Err(ApplyError::Transient(e)) => {
+                        tracing::warn!(shard, seq = entry.seq, error = %e, "standby: an entry did not apply; applying it again");
+                        if wait_or_stop(&stop, retry, &applied) {
+                            return;
+                        }
+                        break;
+                    }
                     Err(e) => {
-                        tracing::error!(shard, seq = entry.seq, error = %e, "standby: the copy diverged from the log; rebuilding it");
+                        tracing::error!(shard, seq = entry.seq, error = %e, "standby: rebuilding the copy from the log");
                         drop(tail);
                         drop(db);
                         remove_db(&path);
