@@ -66,6 +66,9 @@ pub struct Config {
     pub todos_per_tenant: usize,
     /// External servers (none: start a child).
     pub servers: Vec<String>,
+    /// Start a local cluster of this many nodes (`tenantsync cluster up`)
+    /// instead of one server; clients are spread over the nodes.
+    pub cluster: Option<usize>,
     /// The external server's database (for the isolation check).
     pub server_db: Option<PathBuf>,
     /// The HS256 secret tokens are signed with.
@@ -104,6 +107,7 @@ impl Default for Config {
             reconnect_share: 0.2,
             todos_per_tenant: 40,
             servers: Vec::new(),
+            cluster: None,
             server_db: None,
             jwt_secret: "tenantsync-bench-secret-0123456789".into(),
             synchronous: "full".into(),
@@ -161,11 +165,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
 
     // The server.
-    let child = if cfg.servers.is_empty() {
-        let exe = match &cfg.exe {
-            Some(e) => e.clone(),
-            None => std::env::current_exe().context("cannot find the tenantsync binary")?,
-        };
+    let exe = match &cfg.exe {
+        Some(e) => e.clone(),
+        None => std::env::current_exe().context("cannot find the tenantsync binary")?,
+    };
+    let cluster = match cfg.cluster {
+        Some(n) if cfg.servers.is_empty() => {
+            let shards = if cfg.shards > 1 {
+                cfg.shards
+            } else {
+                2 * n.max(1)
+            };
+            Some(server::ClusterChild::start(
+                &exe,
+                &cfg.jwt_secret,
+                n.max(1),
+                shards,
+            )?)
+        }
+        Some(_) => bail!("--cluster starts its own nodes: not with --server"),
+        None => None,
+    };
+    let child = if cfg.servers.is_empty() && cluster.is_none() {
         Some(ChildServer::start(&ChildOptions {
             exe,
             secret: cfg.jwt_secret.clone(),
@@ -176,9 +197,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     } else {
         None
     };
-    let bases: Vec<String> = match &child {
-        Some(c) => vec![c.url.clone()],
-        None => cfg.servers.clone(),
+    let bases: Vec<String> = match (&child, &cluster) {
+        (Some(c), _) => vec![c.url.clone()],
+        (None, Some(c)) => c.nodes.iter().map(|n| n.url.clone()).collect(),
+        (None, None) => cfg.servers.clone(),
     };
     let pid = child.as_ref().map(ChildServer::pid);
     note(&format!("server: {} (pid {pid:?})", bases.join(", ")));
@@ -331,8 +353,31 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let dur = Duration::from_secs_f64(cfg.duration_secs);
     let noisy_t = 0usize;
 
-    // Steady.
+    // Steady (and, in a cluster, each node's CPU during it).
+    let node_cpu0: Vec<Option<f64>> = cluster
+        .iter()
+        .flat_map(|c| &c.nodes)
+        .map(|n| server::sample(Some(n.pid)).map(|s| s.cpu))
+        .collect();
     let steady = load_phase(&ctx, &mp, Phase::Steady, dur, pid, |_| {}).await;
+    let nodes: Vec<serde_json::Value> = cluster
+        .iter()
+        .flat_map(|c| &c.nodes)
+        .zip(node_cpu0)
+        .map(|(n, c0)| {
+            let cpu = server::sample(Some(n.pid))
+                .map(|s| s.cpu)
+                .zip(c0)
+                .map(|(c1, c0)| c1 - c0);
+            let writes = steady.writes_per_s * steady.seconds;
+            serde_json::json!({
+                "id": n.id,
+                "url": n.url,
+                "steady_cpu_cores": cpu.map(|c| c / steady.seconds.max(1e-9)),
+                "steady_cpu_us_per_write": cpu.filter(|_| writes > 0.0).map(|c| c / writes * 1e6),
+            })
+        })
+        .collect();
     // Noisy neighbour.
     stats.set_noisy_tenant(noisy_t);
     let noisy = load_phase(&ctx, &mp, Phase::Noisy, dur, pid, |ctx| {
@@ -399,21 +444,35 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // A schema change with every client connected and the writes stopped:
     // how long its `schema` message takes to reach every connection. Not
     // on an external server: its schema is not the bench's to change.
-    let schema = if ctx.cfg.servers.is_empty() {
+    let schema = if ctx.cfg.servers.is_empty() && ctx.cfg.cluster.is_none() {
         schema_change(&ctx, &tokens.service(None)).await
     } else {
         SchemaPhase {
-            answer: serde_json::json!({ "skipped": "an external server's schema is not changed" }),
+            answer: serde_json::json!({ "skipped": if ctx.cfg.cluster.is_some() {
+                "a cluster refuses schema changes (docs/CLUSTER.md, \"Not yet\")"
+            } else {
+                "an external server's schema is not changed"
+            } }),
             ..SchemaPhase::default()
         }
     };
 
+    if let Some(c) = &cluster
+        && !copies_current(&http, &c.nodes, &tokens.service(None)).await
+    {
+        note(
+            "warning: the first node's copies did not catch up with the shards' owners in 30 s; the isolation check may count stale rows",
+        );
+    }
     // What each shard holds, and where (the isolation check reads them).
     let shards = shard_status(&http, &bases[0], &tokens.service(None)).await;
     // Isolation.
     let spin = mp.add(ProgressBar::new_spinner().with_message("isolation check"));
     spin.enable_steady_tick(Duration::from_millis(200));
     let dbs: Vec<PathBuf> = match (&child, &cfg.server_db) {
+        (None, _) if cluster.is_some() => {
+            cluster.as_ref().map(|c| c.dbs.clone()).unwrap_or_default()
+        }
         (Some(_), _) => shards
             .iter()
             .filter_map(|s| s["db"].as_str().map(PathBuf::from))
@@ -510,6 +569,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             samples: mem_samples,
         },
         shards,
+        nodes,
         isolation,
         errors,
     })
@@ -625,6 +685,48 @@ async fn schema_change(ctx: &Ctx, service_token: &str) -> SchemaPhase {
 }
 
 /// `GET /v1/admin/status`'s shards (empty when it cannot be read).
+/// In a cluster, waits (at most 30 s) until the first node's copy of
+/// every shard has applied what the shard's owner has appended, so the
+/// isolation check reads current copies. Whether it got there.
+async fn copies_current(
+    http: &reqwest::Client,
+    nodes: &[server::ClusterNode],
+    service_token: &str,
+) -> bool {
+    let status = |url: String| async move {
+        let r = http
+            .get(format!("{url}/v1/admin/cluster"))
+            .bearer_auth(service_token)
+            .send()
+            .await
+            .ok()?;
+        r.json::<serde_json::Value>().await.ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let mut views = Vec::new();
+        for n in nodes {
+            views.push(status(n.url.clone()).await.unwrap_or_default());
+        }
+        let first = &views[0];
+        let current = first["shards"].as_array().is_some_and(|shards| {
+            shards.iter().enumerate().all(|(k, s)| {
+                let owner = nodes.iter().position(|n| s["owner"] == n.id.as_str());
+                owner.is_some_and(|o| {
+                    let appended = views[o]["shards"][k]["log_sequence_applied"].as_u64();
+                    let here = s["log_sequence_applied"].as_u64();
+                    appended.zip(here).is_some_and(|(a, h)| h >= a)
+                })
+            })
+        });
+        if current {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 async fn shard_status(
     http: &reqwest::Client,
     base: &str,

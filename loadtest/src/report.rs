@@ -23,6 +23,10 @@ pub struct Report {
     /// /v1/admin/status`: db_version, connections, subscriptions, views,
     /// pull_states, peers_in_memory, long_polls, pull_reads, db).
     pub shards: Vec<serde_json::Value>,
+    /// With `--cluster`: each node (id, url) and its CPU during the steady
+    /// phase (cores, and microseconds per accepted write).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<serde_json::Value>,
     /// The isolation check at quiescence.
     pub isolation: Isolation,
     /// Error messages seen (the first few).
@@ -248,6 +252,20 @@ impl Report {
             p.noisy.load.rate_limited,
             q(&p.noisy.noisy_tenant.latency_ms)
         );
+        for n in &self.nodes {
+            let _ = writeln!(
+                s,
+                "node {} ({}): steady {} cores, {} us of CPU per write",
+                n["id"].as_str().unwrap_or("?"),
+                n["url"].as_str().unwrap_or("?"),
+                n["steady_cpu_cores"]
+                    .as_f64()
+                    .map_or("-".into(), |c| format!("{c:.2}")),
+                n["steady_cpu_us_per_write"]
+                    .as_f64()
+                    .map_or("-".into(), |c| format!("{c:.0}")),
+            );
+        }
         let _ = writeln!(
             s,
             "snapshot: {} connections, {} subscriptions live in {:.2} s, {} rows",
@@ -274,7 +292,10 @@ impl Report {
             p.reload.load.latency_ms.max
         );
         if p.schema.connections == 0 {
-            let _ = writeln!(s, "schema: not changed (an external server)");
+            let why = p.schema.answer["skipped"]
+                .as_str()
+                .unwrap_or("an external server's schema is not changed");
+            let _ = writeln!(s, "schema: not changed ({why})");
         } else {
             let _ = writeln!(
                 s,

@@ -124,6 +124,103 @@ impl Drop for ChildServer {
     }
 }
 
+/// A node of a local cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub url: String,
+    pub pid: u32,
+}
+
+/// `tenantsync cluster up` as a child: NATS and N nodes on loopback, with
+/// the bench's schema and policy.
+pub struct ClusterChild {
+    child: Child,
+    /// Its nodes, as it printed them.
+    pub nodes: Vec<ClusterNode>,
+    /// The first node's copy of each shard (the isolation check reads them).
+    pub dbs: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterChild {
+    /// Starts the cluster and waits for `cluster ready`.
+    pub fn start(
+        exe: &Path,
+        secret: &str,
+        nodes: usize,
+        shards: usize,
+    ) -> anyhow::Result<ClusterChild> {
+        let dir = tempfile::tempdir().context("cannot create a temp directory")?;
+        let schema = dir.path().join("schema.sql");
+        let policy = dir.path().join("policy.sql");
+        std::fs::write(&schema, SCHEMA_SQL)?;
+        std::fs::write(&policy, POLICY_SQL)?;
+        let mut child = Command::new(exe)
+            .args(["cluster", "up", "--nodes", &nodes.to_string()])
+            .arg("--dir")
+            .arg(dir.path().join("cluster"))
+            .arg("--schema")
+            .arg(&schema)
+            .arg("--policy")
+            .arg(&policy)
+            .args(["--shards", &shards.to_string()])
+            .env("TENANTSYNC_JWT_SECRET", secret)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {} cluster up", exe.display()))?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut found = Vec::new();
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                bail!("cluster up ended before `cluster ready`");
+            }
+            let line = line.trim();
+            if line == "cluster ready" {
+                break;
+            }
+            let f: Vec<&str> = line.split(' ').collect();
+            if let ["node", id, url, "pid", pid] = f[..] {
+                found.push(ClusterNode {
+                    id: id.to_owned(),
+                    url: url.to_owned(),
+                    pid: pid.parse()?,
+                });
+            }
+        }
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while out.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        let first = dir.path().join("cluster").join(&found[0].id).join("shards");
+        let dbs = (0..shards)
+            .map(|k| first.join(format!("shard-{k}.db")))
+            .collect();
+        Ok(ClusterChild {
+            child,
+            nodes: found,
+            dbs,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for ClusterChild {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid: it stops what it started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// What /proc says about a process.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcSample {

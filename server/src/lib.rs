@@ -46,6 +46,8 @@
 //!   - [`http`]: the HTTP handlers, their extractors and error answers.
 //!   - [`ws`]: the WebSocket session (hello, then the reader, outbox pump and
 //!     pinger loops), generic over `Sink`/`Stream`.
+//!   - [`forward`]: in a cluster, a request for a shard another node runs
+//!     passed on to it (HTTP), a session relayed to it (WebSocket).
 
 #[doc(hidden)]
 pub mod bench;

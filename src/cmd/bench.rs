@@ -43,6 +43,11 @@ pub struct BenchArgs {
     /// (repeatable: clients are spread over them).
     #[arg(long = "server", value_name = "URL")]
     pub servers: Vec<String>,
+    /// Run against a local cluster of N nodes (`tenantsync cluster up`,
+    /// NATS from PATH) instead of one server: clients spread over the
+    /// nodes, per-node CPU in the output (docs/BENCH.md, "Cluster").
+    #[arg(long, value_name = "N")]
+    pub cluster: Option<usize>,
     /// The external server's database file, opened read-only for the
     /// isolation check.
     #[arg(long, value_name = "PATH")]
@@ -95,6 +100,7 @@ pub fn run(args: &BenchArgs, out: &mut impl Write, err: &mut impl Write) -> u8 {
         reconnect_share: args.reconnect_share.clamp(0.0, 1.0),
         todos_per_tenant: args.todos_per_tenant,
         servers: args.servers.clone(),
+        cluster: args.cluster,
         server_db: args.server_db.clone(),
         jwt_secret: args.jwt_secret.clone(),
         synchronous: args.synchronous.clone(),

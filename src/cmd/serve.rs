@@ -336,10 +336,20 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
             let service = service.clone();
             let path = policy_path.clone();
             let schema = schema_path.clone();
+            let node = node.clone();
             async move {
                 // Failures are logged by the reloads, with every diagnostic.
                 let _ = app::reload_schema_file(&service, &schema).await;
-                let _ = app::reload_policy_file(&service, &path).await;
+                let reloaded = app::reload_policy_file(&service, &path).await;
+                // In a cluster, the file becomes the cluster's.
+                if let (Ok(_), Some(node)) = (reloaded, node)
+                    && let Ok(text) = tokio::fs::read_to_string(&path).await
+                    && let Err(e) = node
+                        .publish_policy(&path.display().to_string(), &text)
+                        .await
+                {
+                    tracing::error!(error = %e, "the reloaded policies did not reach the cluster");
+                }
             }
         };
         signals.stop(reload).await;

@@ -115,3 +115,48 @@ fn a_tiny_run_keeps_the_json_contract_with_no_leaks_and_no_misses() {
         }
     }
 }
+
+/// `--cluster 3`: the same bench on a local cluster (`tenantsync cluster
+/// up`, NATS from PATH), clients spread over the nodes, each node's CPU in
+/// the JSON, the isolation check over the first node's copies of every
+/// shard.
+#[test]
+fn a_tiny_run_on_a_cluster_of_three_checks_isolation_and_reports_each_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tenantsync"))
+        .args([
+            "bench",
+            "--cluster",
+            "3",
+            "--tenants",
+            "6",
+            "--clients-per-tenant",
+            "2",
+            "--duration",
+            "1",
+            "--rate",
+            "50",
+            "--quiet",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run tenantsync bench --cluster 3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
+    let j: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let nodes = has(&j, "nodes");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(3), "{nodes:#}");
+    for n in nodes.as_array().unwrap() {
+        assert!(
+            n["url"].is_string() && n["steady_cpu_cores"].is_number(),
+            "{n:#}"
+        );
+    }
+    assert!(has(&j, "phases.steady.writes_per_s").as_f64().unwrap() > 0.0);
+    assert_eq!(has(&j, "isolation.quiescent"), true);
+    assert_eq!(has(&j, "isolation.clients_checked"), 12);
+    assert_eq!(has(&j, "isolation.leaks"), 0, "{:#}", j["isolation"]);
+    assert_eq!(has(&j, "isolation.misses"), 0, "{:#}", j["isolation"]);
+}

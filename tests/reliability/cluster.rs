@@ -486,3 +486,104 @@ async fn nats_servers_die_and_come_back_and_nothing_acknowledged_is_lost() {
         let _ = c.wait();
     }
 }
+
+/// The rows of `todos` a user's fresh HTTP pull gets, through `url`.
+async fn pulled_todos(
+    http: &reqwest::Client,
+    url: &str,
+    sub: &str,
+    tenant: &str,
+    site: u8,
+) -> usize {
+    let at = Instant::now();
+    loop {
+        let r = http
+            .post(format!("{url}/v1/pull"))
+            .bearer_auth(token(&claims(sub, tenant)))
+            .json(&serde_json::json!({
+                "site_id": format!("{site:02x}").repeat(16),
+                "subscriptions": [{"id": "all", "query": "SELECT * FROM todos"}],
+            }))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(r) = r
+            && r.status() == 200
+        {
+            let v: serde_json::Value = r.json().await.unwrap();
+            let changes = v["subs"]["all"]["changes"].as_array().map_or(0, Vec::len);
+            // A todo row travels as one change per column (its pk aside).
+            return changes;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(15),
+            "{tenant}: no pull answer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A policy reload on one node is the cluster's: every node's shards take
+/// it, and so does a shard that moves to another node afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reload_on_one_node_holds_on_every_shard_wherever_it_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = 4;
+    let cluster = Cluster::up(dir.path(), 2, shards);
+    let http = reqwest::Client::new();
+    let placement = tenantsync_server::Placement::new(shards, BTreeMap::new());
+    let tenants: Vec<String> = (0..shards)
+        .map(|k| {
+            (0..)
+                .map(|i| format!("p{i}"))
+                .find(|t| placement.shard_of(Some(t)) == k)
+                .unwrap()
+        })
+        .collect();
+    for t in &tenants {
+        let sql = format!(
+            "INSERT INTO todos (id, tenant_id, owner, title) VALUES (1, '{t}', 'u', 'mine')"
+        );
+        settled_sql(&http, &cluster.nodes[0].url, t, &sql).await;
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        assert!(pulled_todos(&http, &cluster.nodes[1].url, "u", t, i as u8 + 1).await > 0);
+    }
+    // Hide every todo, posted to one node.
+    let policy = std::fs::read_to_string(examples("policy.sql")).unwrap()
+        + "\nCREATE POLICY todos_hidden ON todos AS RESTRICTIVE FOR SELECT TO authenticated USING (false);\n";
+    let r = http
+        .post(format!("{}/v1/admin/policy", cluster.nodes[0].url))
+        .bearer_auth(service_token())
+        .json(&serde_json::json!({"policy_sql": policy}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    // Every shard, whichever node runs it, within a placement round.
+    let at = Instant::now();
+    loop {
+        let mut seen = 0;
+        for (i, t) in tenants.iter().enumerate() {
+            seen += pulled_todos(&http, &cluster.nodes[1].url, "u", t, 16 + i as u8).await;
+        }
+        if seen == 0 {
+            break;
+        }
+        assert!(
+            at.elapsed() < Duration::from_secs(10),
+            "a shard still shows todos"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The node that took the reload dies: its shards move, still hidden.
+    sigkill(cluster.nodes[0].pid);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (i, t) in tenants.iter().enumerate() {
+        assert_eq!(
+            pulled_todos(&http, &cluster.nodes[1].url, "u", t, 32 + i as u8).await,
+            0,
+            "{t}: a moved shard forgot the reloaded policies"
+        );
+    }
+}

@@ -21,6 +21,8 @@ use rusqlite::ffi;
 type sqlite3_session = c_void;
 #[allow(non_camel_case_types)]
 type sqlite3_changeset_iter = c_void;
+#[allow(non_camel_case_types)]
+type sqlite3_changegroup = c_void;
 
 unsafe extern "C" {
     fn sqlite3session_create(
@@ -46,6 +48,14 @@ unsafe extern "C" {
         >,
         p_ctx: *mut c_void,
     ) -> c_int;
+    fn sqlite3changegroup_new(pp: *mut *mut sqlite3_changegroup) -> c_int;
+    fn sqlite3changegroup_add(p: *mut sqlite3_changegroup, n: c_int, data: *mut c_void) -> c_int;
+    fn sqlite3changegroup_output(
+        p: *mut sqlite3_changegroup,
+        pn: *mut c_int,
+        pp: *mut *mut c_void,
+    ) -> c_int;
+    fn sqlite3changegroup_delete(p: *mut sqlite3_changegroup);
 }
 
 /// `SQLITE_CHANGESET_ABORT`: a conflict handler's answer that undoes the
@@ -135,6 +145,45 @@ impl Drop for Recorder {
     }
 }
 
+/// Several changesets, in order, as one: what applying them one after the
+/// other would do (SQLite's changegroup), so a copy that is behind applies
+/// a run of entries with one pass over each table.
+pub fn combine(changesets: &[&[u8]]) -> Result<Vec<u8>, ChangesetError> {
+    let mut group = ptr::null_mut();
+    // SAFETY: a new changegroup, deleted below on every path.
+    check("sqlite3changegroup_new", unsafe {
+        sqlite3changegroup_new(&mut group)
+    })?;
+    let r = (|| {
+        for cs in changesets {
+            let n = c_int::try_from(cs.len()).map_err(|_| ChangesetError::TooLarge(cs.len()))?;
+            // SAFETY: SQLite reads `n` bytes of the buffer, which outlives
+            // the call.
+            check("sqlite3changegroup_add", unsafe {
+                sqlite3changegroup_add(group, n, cs.as_ptr() as *mut c_void)
+            })?;
+        }
+        let mut n: c_int = 0;
+        let mut p: *mut c_void = ptr::null_mut();
+        // SAFETY: a valid changegroup; SQLite allocates the output, copied
+        // and freed here.
+        let rc = unsafe { sqlite3changegroup_output(group, &mut n, &mut p) };
+        let out = if p.is_null() || n <= 0 {
+            Vec::new()
+        } else {
+            // SAFETY: SQLite wrote `n` bytes at `p`.
+            unsafe { std::slice::from_raw_parts(p as *const u8, n as usize) }.to_vec()
+        };
+        // SAFETY: `p` came from SQLite's allocator (or is NULL).
+        unsafe { ffi::sqlite3_free(p) };
+        check("sqlite3changegroup_output", rc)?;
+        Ok(out)
+    })();
+    // SAFETY: created above, deleted once.
+    unsafe { sqlite3changegroup_delete(group) };
+    r
+}
+
 unsafe extern "C" fn abort_on_conflict(
     _ctx: *mut c_void,
     _kind: c_int,
@@ -222,6 +271,24 @@ mod tests {
             b.execute_batch("COMMIT").unwrap();
             assert_eq!(dump(&a), dump(&b), "after {sql}");
         }
+    }
+
+    #[test]
+    fn combined_changesets_replay_as_the_run_of_them() {
+        let (a, b) = pair();
+        let mut sets = Vec::new();
+        for sql in [
+            "INSERT INTO t VALUES (1, 'x'), (2, 'y')",
+            "UPDATE t SET a = 'z' WHERE id = 1; INSERT INTO w VALUES ('k', 1, x'01')",
+            "DELETE FROM t WHERE id = 2; UPDATE w SET v = x'02'",
+        ] {
+            let rec = Recorder::start(&a).unwrap();
+            a.execute_batch(sql).unwrap();
+            sets.push(rec.changeset().unwrap());
+        }
+        let refs: Vec<&[u8]> = sets.iter().map(Vec::as_slice).collect();
+        apply(&b, &combine(&refs).unwrap()).unwrap();
+        assert_eq!(dump(&a), dump(&b));
     }
 
     #[test]

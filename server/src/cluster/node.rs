@@ -80,9 +80,11 @@ struct NodeRecord {
 
 enum Local {
     Standby(Standby),
+    /// Running the shard's engine, since the claim of `term`.
     Owner {
         shard: Shard,
         seq: Arc<AtomicU64>,
+        term: u64,
     },
     /// Between the two (a takeover or a handover in progress).
     Moving,
@@ -96,6 +98,8 @@ struct State {
     owners: Vec<Option<Owner>>,
     /// Each shard's node by the placement rule, for the live nodes.
     picks: Vec<Option<String>>,
+    /// The revision of the cluster's policy key this node applied.
+    policy_rev: u64,
 }
 
 struct Inner {
@@ -108,6 +112,9 @@ struct Inner {
     state: tokio::sync::Mutex<State>,
     status: Mutex<serde_json::Value>,
     stopping: AtomicBool,
+    /// The cluster's policy file (name, text) when one was reloaded since
+    /// the nodes started: what a shard this node takes over starts with.
+    policy: Mutex<Option<(String, String)>>,
 }
 
 /// A running node. Cheap to clone.
@@ -224,6 +231,7 @@ impl Node {
                     live: BTreeMap::new(),
                     owners: vec![None; placement.shards()],
                     picks: vec![None; placement.shards()],
+                    policy_rev: 0,
                 }),
                 config,
                 service_config,
@@ -233,6 +241,7 @@ impl Node {
                 shards,
                 status: Mutex::new(serde_json::Value::Null),
                 stopping: AtomicBool::new(false),
+                policy: Mutex::new(None),
             }),
         };
         let looping = node.clone();
@@ -274,6 +283,7 @@ impl Node {
         }
         let mut st = self.inner.state.lock().await;
         st.live = live;
+        self.follow_policy(&mut st).await?;
         let picks = assign(self.inner.logs.len(), &st.live);
         st.picks = picks.clone();
         for (k, picked) in picks.into_iter().enumerate() {
@@ -293,8 +303,12 @@ impl Node {
             let term = owner.as_ref().map_or(0, |o| o.term);
             let mine = owner.as_ref().is_some_and(|o| o.node == me);
             match &st.locals[k] {
-                Local::Owner { shard, .. } => {
-                    if !mine || shard.fenced() {
+                Local::Owner {
+                    shard, term: ran, ..
+                } => {
+                    // Another term (even one naming this node again): the
+                    // engine runs on a copy another owner has moved past.
+                    if !mine || shard.fenced() || *ran != term {
                         self.demote(&mut st, k).await;
                     } else if let Some(p) = picked.filter(|p| *p != me) {
                         // A node joined and this shard is its share.
@@ -314,7 +328,11 @@ impl Node {
                 Local::Standby(_) if mine => {
                     self.take_over(&mut st, k, term).await;
                 }
-                Local::Standby(_) if !owner_live && picked.as_deref() == Some(me.as_str()) => {
+                Local::Standby(_)
+                    if !owner_live
+                        && picked.as_deref() == Some(me.as_str())
+                        && !self.alive(owner.as_ref()).await =>
+                {
                     let next = Owner {
                         node: me.clone(),
                         term: term + 1,
@@ -360,6 +378,62 @@ impl Node {
         Ok(())
     }
 
+    /// Applies the cluster's policy file when another node reloaded it
+    /// (`publish_policy`): this node's shards take it, and so does every
+    /// shard it takes over later.
+    async fn follow_policy(&self, st: &mut State) -> Result<(), ClusterError> {
+        let Some(e) = self.inner.shards.entry(POLICY_KEY).await.map_err(js_err)? else {
+            return Ok(());
+        };
+        if e.revision <= st.policy_rev {
+            return Ok(());
+        }
+        st.policy_rev = e.revision;
+        let Ok((name, sql)) = serde_json::from_slice::<(String, String)>(&e.value) else {
+            tracing::error!("cluster: the policy key is not (name, text); ignored");
+            return Ok(());
+        };
+        *self.inner.policy.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((name.clone(), sql.clone()));
+        match self.inner.service.reload_policy(&name, &sql).await {
+            Ok(r) => {
+                tracing::info!(policy = %name, changed_views = r.changed_views, "cluster: took the cluster's new policies")
+            }
+            Err(e) if e.code == tenantsync_protocol::ErrorCode::Unavailable => {}
+            Err(e) => {
+                tracing::error!(policy = %name, error = %e.message, "cluster: the cluster's new policies do not load here")
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a policy file reloaded on this node (already in force on its
+    /// shards) the cluster's: every other node takes it at its next round,
+    /// and every shard that starts later starts with it.
+    pub async fn publish_policy(&self, name: &str, sql: &str) -> Result<(), ClusterError> {
+        let v = serde_json::to_vec(&(name, sql)).expect("serializes");
+        let mut st = self.inner.state.lock().await;
+        let rev = self
+            .inner
+            .shards
+            .put(POLICY_KEY, v.into())
+            .await
+            .map_err(js_err)?;
+        st.policy_rev = rev;
+        *self.inner.policy.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((name.to_owned(), sql.to_owned()));
+        Ok(())
+    }
+
+    /// Whether `owner`'s lease is held, read now (the live list of the
+    /// round may predate a node that just started).
+    async fn alive(&self, owner: Option<&Owner>) -> bool {
+        match owner {
+            Some(o) => matches!(self.inner.nodes.get(&o.node).await, Ok(Some(_))),
+            None => false,
+        }
+    }
+
     /// Stops the shard's engine (if it runs here) and starts a standby.
     async fn demote(&self, st: &mut State, k: usize) {
         let old = std::mem::replace(&mut st.locals[k], Local::Moving);
@@ -388,7 +462,7 @@ impl Node {
             let last = log.last_seq().await?;
             if last == 0 {
                 standby.stop().await;
-                return self.genesis(k, &log, &path).await;
+                return self.genesis(k, &log, &path, term).await;
             }
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while standby.applied() < last && tokio::time::Instant::now() < deadline {
@@ -404,7 +478,7 @@ impl Node {
             let db = open_copy(&path).map_err(StartError::Layout)?;
             set_seq(db.conn(), seq).map_err(|e| StartError::Layout(e.to_string()))?;
             drop(db);
-            self.start_shard(k, &log, seq)
+            self.start_shard(k, &log, seq, term)
         }
         .await;
         match r {
@@ -426,6 +500,7 @@ impl Node {
         k: usize,
         log: &ShardLog,
         path: &std::path::Path,
+        term: u64,
     ) -> Result<Local, ClusterError> {
         remove_db(path);
         let mut c = shard_config(&self.inner.service_config, k, path.to_owned());
@@ -449,16 +524,32 @@ impl Node {
         };
         let seq = log.append(0, Kind::Image, image.into()).await?;
         tracing::info!(shard = k, "cluster: created the shard and its log");
-        self.start_shard(k, log, seq)
+        self.start_shard(k, log, seq, term)
     }
 
-    fn start_shard(&self, k: usize, log: &ShardLog, seq: u64) -> Result<Local, ClusterError> {
+    fn start_shard(
+        &self,
+        k: usize,
+        log: &ShardLog,
+        seq: u64,
+        term: u64,
+    ) -> Result<Local, ClusterError> {
         let mut c = shard_config(
             &self.inner.service_config,
             k,
             shard_file(&self.inner.config, k),
         );
         c.frozen_schema = true;
+        let policy = self
+            .inner
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((name, sql)) = policy {
+            c.policy_name = name;
+            c.policy_sql = sql;
+        }
         let shared = Arc::new(AtomicU64::new(seq));
         let journal = LogJournal::new(
             log.clone(),
@@ -468,7 +559,11 @@ impl Node {
         );
         let shard = Shard::start_with(&c, Some(Box::new(journal)))?;
         self.inner.service.install(k, shard.clone());
-        Ok(Local::Owner { shard, seq: shared })
+        Ok(Local::Owner {
+            shard,
+            seq: shared,
+            term,
+        })
     }
 
     fn publish_status(&self, st: &State) {
@@ -551,6 +646,9 @@ impl Node {
         let _ = self.inner.nodes.delete(&self.inner.config.node_id).await;
     }
 }
+
+/// The key of the `shards` bucket holding the cluster's policy file.
+const POLICY_KEY: &str = "policy";
 
 /// How long a node waits at start for JetStream to take its streams and
 /// buckets (a NATS cluster elects its JetStream leader after it starts).

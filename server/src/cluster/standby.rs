@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tenantsync_core::CrrConnection;
 use tokio::sync::oneshot;
 
@@ -89,6 +89,34 @@ pub(crate) fn apply(db: &CrrConnection, e: &Entry) -> Result<(), ApplyError> {
     let end = if r.is_ok() { "COMMIT" } else { "ROLLBACK" };
     conn.execute_batch(end).map_err(transient)?;
     r
+}
+
+/// The most entries a copy applies as one run.
+const MAX_RUN: usize = 512;
+
+/// Applies consecutive entries: one alone as it is, a run of changesets
+/// combined into one (the sequence row then moves from the run's first
+/// predecessor to its last entry, which [`apply`] checks).
+fn apply_run(db: &CrrConnection, run: &[Entry]) -> Result<(), ApplyError> {
+    let [first, .., last] = run else {
+        return apply(db, &run[0]);
+    };
+    if run.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+        return Err(ApplyError::Diverged(format!(
+            "entries {} to {} are not consecutive",
+            first.seq, last.seq
+        )));
+    }
+    let sets: Vec<&[u8]> = run.iter().map(|e| &e.payload[..]).collect();
+    let combined = changeset::combine(&sets).map_err(|e| ApplyError::Transient(e.to_string()))?;
+    apply(
+        db,
+        &Entry {
+            seq: last.seq,
+            kind: Kind::Changeset,
+            payload: combined.into(),
+        },
+    )
 }
 
 /// Writes the log's first entry (the database whole) as the copy at `path`.
@@ -207,37 +235,58 @@ fn follow(
                 continue;
             }
         };
+        // An entry read while gathering a run, to apply after it.
+        let mut held: Option<Entry> = None;
         loop {
             if let Ok(reply) = stop.try_recv() {
                 let _ = reply.send(seq);
                 return;
             }
-            let next = rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(100), tail.next()).await
-            });
+            let next = match held.take() {
+                Some(e) => Ok(Some(Ok(e))),
+                None => rt.block_on(async {
+                    tokio::time::timeout(Duration::from_millis(100), tail.next()).await
+                }),
+            };
             match next {
                 Err(_) => continue,
                 Ok(Some(Ok(entry))) if entry.seq <= seq => continue,
-                Ok(Some(Ok(entry))) => match apply(&db, &entry) {
-                    Ok(()) => {
-                        seq = entry.seq;
-                        applied.store(seq, Ordering::Release);
-                    }
-                    Err(ApplyError::Transient(e)) => {
-                        tracing::warn!(shard, seq = entry.seq, error = %e, "standby: an entry did not apply; applying it again");
-                        if wait_or_stop(&stop, retry, &applied) {
-                            return;
+                Ok(Some(Ok(entry))) => {
+                    // A copy that is behind applies the changesets already
+                    // read as one run (one transaction, one pass per table).
+                    let mut run = vec![entry];
+                    while run.len() < MAX_RUN && run[0].kind == Kind::Changeset {
+                        match tail.next().now_or_never() {
+                            Some(Some(Ok(e))) if e.kind == Kind::Changeset => run.push(e),
+                            Some(Some(Ok(e))) => {
+                                held = Some(e);
+                                break;
+                            }
+                            _ => break,
                         }
-                        break;
                     }
-                    Err(e) => {
-                        tracing::error!(shard, seq = entry.seq, error = %e, "standby: rebuilding the copy from the log");
-                        drop(tail);
-                        drop(db);
-                        remove_db(&path);
-                        break;
+                    let last = run[run.len() - 1].seq;
+                    match apply_run(&db, &run) {
+                        Ok(()) => {
+                            seq = last;
+                            applied.store(seq, Ordering::Release);
+                        }
+                        Err(ApplyError::Transient(e)) => {
+                            tracing::warn!(shard, seq = last, error = %e, "standby: entries did not apply; applying them again");
+                            if wait_or_stop(&stop, retry, &applied) {
+                                return;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(shard, seq = last, error = %e, "standby: rebuilding the copy from the log");
+                            drop(tail);
+                            drop(db);
+                            remove_db(&path);
+                            break;
+                        }
                     }
-                },
+                }
                 Ok(Some(Err(e))) => {
                     tracing::warn!(shard, error = %e, "standby: reading the log failed; reading again");
                     break;

@@ -390,6 +390,16 @@ pub async fn reload_policy(
     const SOURCE: &str = "POST /v1/admin/policy";
     match state.service().reload_policy(SOURCE, &req.policy_sql).await {
         Ok(r) => {
+            if let Some(node) = state.cluster()
+                && let Err(e) = node.publish_policy(SOURCE, &req.policy_sql).await
+            {
+                return Err(HttpError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the policies are in force on this node's shards, but the cluster did not take them ({e}); post them again"
+                    ),
+                ));
+            }
             tracing::info!(target: "tenantsync::service_call", subject = %p.subject,
                 endpoint = "/v1/admin/policy", changed_views = r.changed_views,
                 moved_subscriptions = r.moved_subscriptions, "policies reloaded");
