@@ -45,8 +45,9 @@ impl Placement {
     }
 }
 
-/// 64-bit FNV-1a: small, stable across versions and platforms.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+/// 64-bit FNV-1a: small, stable across versions and platforms (also the
+/// cluster's rendezvous weight, `cluster::node`).
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

@@ -155,10 +155,20 @@ pub fn service_token() -> String {
 
 /// Service SQL over HTTP: Ok when the server answered 200 (acknowledged).
 pub async fn service_sql(http: &reqwest::Client, url: &str, sql: &str) -> Result<Json, String> {
+    post_sql(
+        http,
+        url,
+        json!({"statements": [{"sql": sql, "params": []}]}),
+    )
+    .await
+}
+
+/// `POST /v1/sql` with a service token and `body`: the answer when 200.
+async fn post_sql(http: &reqwest::Client, url: &str, body: Json) -> Result<Json, String> {
     let r = http
         .post(format!("{url}/v1/sql"))
         .bearer_auth(service_token())
-        .json(&json!({"statements": [{"sql": sql, "params": []}]}))
+        .json(&body)
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -510,21 +520,8 @@ pub async fn tenant_sql(
     tenant: &str,
     sql: &str,
 ) -> Result<Json, String> {
-    let r = http
-        .post(format!("{url}/v1/sql"))
-        .bearer_auth(service_token())
-        .json(&serde_json::json!({"tenant": tenant, "statements": [{"sql": sql, "params": []}]}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = r.status();
-    let body: Json = r.json().await.map_err(|e| e.to_string())?;
-    if status == 200 {
-        Ok(body)
-    } else {
-        Err(format!("{status}: {body}"))
-    }
+    let body = json!({"tenant": tenant, "statements": [{"sql": sql, "params": []}]});
+    post_sql(http, url, body).await
 }
 
 /// Service SQL retried while the tenant's shard moves (at most 15 s).

@@ -154,12 +154,7 @@ fn assign(shards: usize, live: &BTreeMap<String, NodeRecord>) -> Vec<Option<Stri
 
 /// Rendezvous weight of (shard, node): FNV-1a of `shard/node`.
 fn weight(shard: usize, node: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{shard}/{node}").bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    crate::placement::fnv1a64(format!("{shard}/{node}").as_bytes())
 }
 
 impl Node {
